@@ -1,0 +1,76 @@
+# taming-pipeline: `make demo` runs the pipeline end to end, `make test` runs the tests.
+# Every target installs what it needs into .venv/ first (a no-op when up to date).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# pip prints one warning per package missing from this machine's extra local indexes: hide them
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test bench lint format up down submit data tokenize clean help
+
+help:
+	@echo "make demo     run the whole pipeline on Fashion-MNIST with embedded defaults"
+	@echo "make test     run the test suite (starts its own Ray, MLflow server and S3 server)"
+	@echo "make bench    run the benchmarks in tests/bench/ (slow; prints ratios vs references)"
+	@echo "make lint     ruff check + format check"
+	@echo "make up/down  start/stop a local Ray head, MLflow server and S3 server (state in .local/)"
+	@echo "make submit   submit the demo pipeline as a Ray job to the 'make up' cluster"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "installing into $(VENV) (torch/torchvision pinned by constraints.txt) ..."
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]' 2>&1 | $(QUIET_PIP)
+	@$(BIN)/python -c "import torch, torchvision, ray, mlflow, s3fs, pyarrow, timm, lpips"
+	@touch $(STAMP)
+
+data:
+	@if [ ! -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST not found in $(FASHION_MNIST): installing the Debian package dataset-fashion-mnist"; \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+	      || { echo "ERROR: could not install dataset-fashion-mnist; install it (apt-get install dataset-fashion-mnist) and rerun"; exit 1; }; \
+	  else \
+	    echo "ERROR: not root; run: sudo apt-get install dataset-fashion-mnist"; exit 1; \
+	  fi; \
+	fi
+
+demo: install data
+	$(BIN)/python pipelines/full.py --config pipelines/configs/demo.yaml $(ARGS)
+	@echo
+	@echo "Outputs: .local/runs/demo/   MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.local/mlflow.db"
+
+test: install
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+bench: install data
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+up: install
+	$(BIN)/python -m infra.services up --root .local
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m infra.services down --root .local; fi
+
+submit: install data
+	source .local/env.sh && $(BIN)/ray job submit --working-dir . -- \
+	  python pipelines/full.py --config pipelines/configs/demo.yaml run.root_uri=$(CURDIR)/.local/runs/demo-job $(ARGS)
+
+clean:
+	rm -rf .local/runs .local/mlflow.db .local/mlartifacts

@@ -1,0 +1,74 @@
+"""Command-line helpers shared by stage and pipeline entry points."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+from infra import config as config_lib
+from infra import tracking
+
+T = TypeVar("T")
+
+OVERRIDES_HELP = (
+    "dotted overrides, parsed as YAML values: e.g. ingest.resolution=64 ingest.max_images=null "
+    "run.experiment=my-exp. Unknown keys and wrong types are errors."
+)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for noisy in ("alembic", "botocore", "urllib3", "s3fs", "fsspec", "aiobotocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config_help(cls: type, prefix: str) -> str:
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = "(required)" if f.default is dataclasses.MISSING else f"= {f.default!r}"
+        lines.append(f"  {prefix}{f.name} {default}")
+    return "\n".join(lines)
+
+
+def stage_cli(stage: str, cls: type[T], doc: str | None, argv: list[str] | None = None) -> tuple[T, str]:
+    """Parse ``--config FILE key=value ...`` for one stage.
+
+    The file may be a pipeline YAML (the stage's section ``<stage>:`` is used, plus ``run.experiment``)
+    or a file holding the stage's keys alone. Overrides may be written with or without the
+    ``<stage>.`` prefix.
+    """
+    p = argparse.ArgumentParser(
+        prog=f"python -m stages.{stage}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config keys:\n{_config_help(cls, stage + '.')}",
+    )
+    p.add_argument("--config", type=Path, help="YAML file (a pipeline config or this stage's section)")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    args = p.parse_args(argv)
+    setup_logging()
+    raw: dict[str, Any] = config_lib.read_yaml(args.config) if args.config else {}
+    experiment = (raw.get("run") or {}).get("experiment", tracking.DEFAULT_EXPERIMENT)
+    section = raw.get(stage, {}) if stage in raw else {k: v for k, v in raw.items() if k != "run"}
+    stage_overrides, other = [], []
+    for o in args.overrides:
+        key = o.split("=", 1)[0]
+        if key.startswith("run.experiment"):
+            experiment = o.split("=", 1)[1]
+        elif key.startswith(stage + "."):
+            stage_overrides.append(o[len(stage) + 1 :])
+        else:
+            other.append(o)
+    try:
+        cfg = config_lib.from_dict(
+            cls, config_lib.apply_overrides(section, [*stage_overrides, *other]), prefix=f"{stage}."
+        )
+    except config_lib.ConfigError as e:
+        p.error(str(e))
+    return cfg, experiment

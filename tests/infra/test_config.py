@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from infra import config as C
+
+
+@dataclass(frozen=True)
+class Inner:
+    size: int = 4
+    rate: float = 0.5
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+    limit: int | None = None
+    flag: bool = False
+
+
+def test_load_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ninner:\n  size: 8\n")
+    cfg = C.load(Outer, path, ["inner.rate=1", "inner.mode=b", "limit=null", "tags=[p, q]", "flag=true"])
+    assert cfg == Outer(name="x", inner=Inner(size=8, rate=1.0, mode="b"), tags=["p", "q"], flag=True)
+    assert isinstance(cfg.inner.rate, float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["inner.sise=3"], "unknown config key inner.sise"),
+        (["bogus=1"], "unknown config key bogus"),
+        (["inner.size=big"], "inner.size: expected an integer"),
+        (["inner.size=1.5"], "inner.size: expected an integer"),
+        (["inner.size=true"], "inner.size: expected an integer"),
+        (["inner.rate=fast"], "inner.rate: expected a number"),
+        (["inner.mode=c"], "inner.mode: 'c' is not one of"),
+        (["flag=1"], "flag: expected true or false"),
+        (["name=null"], "name: null is not allowed"),
+        (["limit=ten"], "limit: 'ten' does not fit"),
+        (["name.x=1"], "name is a value, not a section"),
+        (["noequals"], "must look like key.path=value"),
+    ],
+)
+def test_errors_name_the_key(overrides, message):
+    with pytest.raises(C.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        C.from_dict(Outer, C.apply_overrides({"name": "x"}, overrides))
+
+
+def test_missing_required_key():
+    with pytest.raises(C.ConfigError, match="missing required config key name"):
+        C.from_dict(Outer, {})
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(Outer, tmp_path / "nope.yaml")
+
+
+def test_hash_ignores_execution_fields_only():
+    a = Outer(name="x", limit=3)
+    assert C.config_hash(a) == C.config_hash(Outer(name="x", limit=3))
+    assert C.config_hash(a) != C.config_hash(Outer(name="x", limit=4))
+    assert C.config_hash(a, exclude=["limit"]) == C.config_hash(Outer(name="x", limit=4), exclude=["limit"])
+
+
+def test_flatten_and_yaml_roundtrip():
+    cfg = Outer(name="x", tags=["a"])
+    assert C.flatten(C.to_dict(cfg))["inner.size"] == 4
+    import yaml
+
+    assert C.from_dict(Outer, yaml.safe_load(C.to_yaml(cfg))) == cfg

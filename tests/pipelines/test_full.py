@@ -1,0 +1,107 @@
+"""pipelines/full.py as a plain command and as a Ray job, with MLflow parent/child runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from infra import io
+from pipelines import full
+from tests import images
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _source(tmp_path: Path, n: int = 6) -> Path:
+    files = {
+        f"{c}/{i}.png": images.encode(images.noise(20, 20, "RGB", i), "PNG") for i in range(n) for c in "ab"
+    }
+    files["a/broken.jpg"] = b"\xff\xd8\xff\xe0 not really"
+    images.write_tree(tmp_path / "src", files)
+    return tmp_path / "src"
+
+
+def test_parent_and_child_runs_and_rerun(stack, tmp_path, mlflow_client):
+    src = _source(tmp_path)
+    cfg_path = tmp_path / "p.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "t1", "experiment": "test-pipeline", "root_uri": str(tmp_path / "run")},
+                "ingest": {"source_uri": str(src), "resolution": 8},
+            }
+        )
+    )
+    summary = full.main(["--config", str(cfg_path)])
+    assert summary["ingest"]["output_uri"] == str(tmp_path / "run" / "images")
+    assert (summary["ingest"]["read"], summary["ingest"]["written"], summary["ingest"]["rejected"]) == (
+        13,
+        12,
+        1,
+    )
+
+    parent = mlflow_client.get_run(summary["mlflow_run_id"])
+    assert parent.data.tags["kind"] == "pipeline" and parent.data.tags["ingest.cached"] == "False"
+    assert parent.data.params["ingest.resolution"] == "8"
+    exp = mlflow_client.get_experiment_by_name("test-pipeline")
+    children = mlflow_client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert [c.data.tags["stage"] for c in children] == ["ingest"]
+    child = children[0]
+    assert child.data.metrics["ingest/written"] == 12 and child.data.metrics["ingest/rejected"] == 1
+    assert child.data.tags["input_uri.0"] == str(src)
+    assert io.read_manifest(summary["ingest"]["output_uri"]).mlflow_run_id == child.info.run_id
+
+    again = full.main(["--config", str(cfg_path), "run.name=t2"])
+    assert again["ingest"]["cached"] is True
+    assert mlflow_client.get_run(again["mlflow_run_id"]).data.tags["ingest.cached"] == "True"
+    children2 = mlflow_client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{again['mlflow_run_id']}'"
+    )
+    assert children2 == []  # nothing was redone
+
+
+def test_ray_job_submit(stack, tmp_path):
+    """The pipeline under `ray job submit --working-dir .` against a separate Ray head (as `make up`)."""
+    from infra import services
+
+    src = _source(tmp_path, n=3)
+    env_for_head = {**stack["s3"].env(), **stack["mlflow"].env()}
+    head = services.RayHead(tmp_path / "head", num_cpus=2).start(env=env_for_head)
+    try:
+        env = {**os.environ, **head.env()}
+        cmd = [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "pipelines/full.py",
+            "--config",
+            "pipelines/configs/demo.yaml",
+            f"ingest.source_uri={src}",
+            "ingest.source_format=auto",
+            "ingest.channels=3",
+            f"run.root_uri={tmp_path / 'job'}",
+            "run.experiment=test-job",
+        ]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        assert "succeeded" in out.stdout
+    finally:
+        head.stop()
+    m = io.read_manifest(str(tmp_path / "job" / "images"))
+    assert (m.counts["written"], m.counts["rejected"]) == (6, 1)
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(stack["mlflow"].uri).get_run(m.mlflow_run_id)  # logged to the shared server
+    assert run.data.metrics["ingest/written"] == 6
+    json.dumps(m.to_json())
