@@ -95,59 +95,49 @@ def _split_of(iid: str, val_fraction: float) -> str:
     return "val" if int(iid[:8], 16) / 0xFFFFFFFF < val_fraction else "train"
 
 
-class IngestShard:
+def ingest_shards(
+    batch: dict[str, np.ndarray], cfg: IngestConfig, out: io.StageOutput, metadata: dict[str, str]
+) -> dict[str, Any]:
     """Ray Data step over shard specs: read, decode and write one whole shard per row.
 
-    Each worker writes its own shard and marker, so no image bytes pass through the driver and a
+    Each task writes its own shard and marker, so no image bytes pass through the driver and a
     shard is either complete (marker written) or absent.
     """
+    markers = []
+    for shard, spec in zip(batch["shard"], batch["items"]):
+        items = json.loads(spec)
+        rows: dict[str, list] = {k: [] for k in (*schemas.IMAGE_SCHEMA.names, "ok", "reason", "num_bytes")}
+        for lo in range(0, len(items), cfg.batch_size):
+            chunk = items[lo : lo + cfg.batch_size]
+            for item, got in zip(chunk, sources.load_bytes(chunk, cfg.image_column)):
+                row = _row(cfg, item, got)
+                for k in rows:
+                    rows[k].append(row.get(k))
+        tables = _shard_tables(pa.table(rows), metadata)
+        markers.append(json.dumps(out.write_shard(int(shard), tables, {"read": len(items)})))
+        log.info(
+            "ingest: shard %d written (%d images, %d rejected)",
+            shard,
+            tables["data"].num_rows,
+            tables["_errors"].num_rows,
+        )
+    return {"marker": markers}
 
-    def __init__(self, cfg: IngestConfig, out: io.StageOutput, metadata: dict[str, str]):
-        self.cfg, self.out, self.metadata = cfg, out, metadata
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        markers = []
-        for shard, spec in zip(batch["shard"], batch["items"]):
-            items = json.loads(spec)
-            rows: dict[str, list] = {
-                k: [] for k in (*schemas.IMAGE_SCHEMA.names, "ok", "reason", "num_bytes")
-            }
-            for lo in range(0, len(items), self.cfg.batch_size):
-                chunk = items[lo : lo + self.cfg.batch_size]
-                for item, got in zip(chunk, sources.load_bytes(chunk, self.cfg.image_column)):
-                    row = self._row(item, got)
-                    for k in rows:
-                        rows[k].append(row.get(k))
-            tables = _shard_tables(pa.table(rows), self.metadata)
-            markers.append(json.dumps(self.out.write_shard(int(shard), tables, {"read": len(items)})))
-            log.info(
-                "ingest: shard %d written (%d images, %d rejected)",
-                shard,
-                tables["data"].num_rows,
-                tables["_errors"].num_rows,
-            )
-        return {"marker": markers}
-
-    def _row(self, item: dict[str, Any], got: tuple[bytes, bytes] | Exception) -> dict[str, Any]:
-        row: dict[str, Any] = {"source_uri": item["source_uri"], "label": item["label"]}
-        try:
-            if isinstance(got, Exception):
-                raise Rejected(f"cannot read: {type(got).__name__}: {got}")
-            id_bytes, data = got
-            row["num_bytes"] = len(data)
-            img = decode(data, self.cfg.decode_spec)
-            iid = image_id(item["source_uri"], id_bytes)
-            row.update(
-                ok=True,
-                image_id=iid,
-                image=img.png,
-                width=img.width,
-                height=img.height,
-                split=item["split"] or _split_of(iid, self.cfg.val_fraction),
-            )
-        except Rejected as e:
-            row.update(ok=False, reason=str(e))
-        return row
+def _row(cfg: IngestConfig, item: dict[str, Any], got: tuple[bytes, bytes] | Exception) -> dict[str, Any]:
+    row: dict[str, Any] = {"source_uri": item["source_uri"], "label": item["label"]}
+    try:
+        if isinstance(got, Exception):
+            raise Rejected(f"cannot read: {type(got).__name__}: {got}")
+        id_bytes, data = got
+        row["num_bytes"] = len(data)
+        img = decode(data, cfg.decode_spec)
+        iid = image_id(item["source_uri"], id_bytes)
+        split = item["split"] or _split_of(iid, cfg.val_fraction)
+        row.update(ok=True, image_id=iid, image=img.png, width=img.width, height=img.height, split=split)
+    except Rejected as e:
+        row.update(ok=False, reason=str(e))
+    return row
 
 
 def _shard_tables(rows: pa.Table, metadata: dict[str, str]) -> dict[str, pa.Table]:
@@ -213,11 +203,11 @@ def run(cfg: IngestConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> Ing
                 for s in pending
             ]
             ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
-                IngestShard,
-                fn_constructor_args=(cfg, out, metadata),
+                ingest_shards,
+                fn_kwargs={"cfg": cfg, "out": out, "metadata": metadata},
                 batch_size=1,
                 num_cpus=cfg.num_cpus,
-                concurrency=cfg.concurrency,
+                compute=ray.data.TaskPoolStrategy(size=cfg.concurrency) if cfg.concurrency else None,
                 batch_format="numpy",
             )
             for row in ds.iter_rows():

@@ -77,17 +77,23 @@ def run(quick: bool = False) -> dict:
         t0 = time.perf_counter()
         ensure_ray()
         ray_start_s = time.perf_counter() - t0
-        cfg = ingest.IngestConfig(source_uri=str(src), output_uri=str(tmp / "out"), resolution=resolution)
-        t0 = time.perf_counter()
-        res = ingest.run(cfg, experiment="bench")
-        ours_s = time.perf_counter() - t0
-        assert res.written == n, res
+        # Cold: the first stage run on a fresh cluster also starts Ray's worker processes and creates
+        # the MLflow database. Warm: the same work again (new output URI), as in a running system.
+        timings = {}
+        for name in ("cold", "warm"):
+            cfg = ingest.IngestConfig(source_uri=str(src), output_uri=str(tmp / name), resolution=resolution)
+            t0 = time.perf_counter()
+            res = ingest.run(cfg, experiment="bench")
+            timings[name] = time.perf_counter() - t0
+            assert res.written == n and not res.cached, res
     return {
         "images": n,
         "cpus": os.cpu_count(),
         "reference_images_per_s": round(n / ref_s, 1),
-        "ingest_images_per_s": round(n / ours_s, 1),
-        "ratio_ingest_over_reference": round(ref_s / ours_s, 2),
-        "ray_start_s": round(ray_start_s, 1),
-        "note": "ingest time includes listing, MLflow run, shard writes and manifest; not Ray start-up",
+        "ingest_cold_images_per_s": round(n / timings["cold"], 1),
+        "ingest_warm_images_per_s": round(n / timings["warm"], 1),
+        "ratio_cold_over_reference": round(ref_s / timings["cold"], 2),
+        "ratio_warm_over_reference": round(ref_s / timings["warm"], 2),
+        "ray_init_s": round(ray_start_s, 1),
+        "note": "ingest times include listing, the MLflow run, shard writes and the manifest; not ray.init",
     }
