@@ -1,0 +1,307 @@
+"""Checkpoint formats: our native one, and imports of official taming releases.
+
+Native: a safetensors file whose metadata carries the model kind and its full config, so a later
+stage rebuilds the model from the file alone (no architecture flags). Loading is strict and
+executes no pickle.
+
+Official: ``load_taming(path)`` imports a taming first-stage release, the folder a user downloads
+(``configs/model.yaml`` + ``checkpoints/last.ckpt``) or the ckpt with its yaml. ``VQModel``,
+``GumbelVQ`` and ``VQSegmentationModel`` become our :class:`~models.vqgan.VQGAN`; with
+``with_loss=True`` the ``loss.*`` weights (LPIPS + discriminator) go into our
+:class:`~models.losses.VQGANLoss`. Anything we cannot represent is a :class:`CheckpointError`, and
+so is a missing key or a shape mismatch: never a silent partial load. ``torch.load`` runs with
+``weights_only=True``; a file that needs arbitrary unpickling is refused unless ``allow_pickle``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from models.losses import VQGANLoss, VQGANLossConfig
+from models.quantize import QuantizerConfig
+from models.vqgan import VQGAN, VQGANConfig, config_from_dict
+
+FORMAT = "taming-pipeline"
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked, with the reason."""
+
+
+# --------------------------------------------------------------------------- native format
+
+_KINDS: dict[str, tuple[type[nn.Module], Any]] = {"vqgan": (VQGAN, config_from_dict)}
+
+
+def register_kind(kind: str, cls: type[nn.Module], from_dict: Any) -> None:
+    """Let another model family (e.g. the GPT) use the native format."""
+    _KINDS[kind] = (cls, from_dict)
+
+
+def _kind_of(model: nn.Module) -> str:
+    for kind, (cls, _) in _KINDS.items():
+        if type(model) is cls:
+            return kind
+    raise CheckpointError(f"no native checkpoint kind registered for {type(model).__name__}")
+
+
+def to_bytes(model: nn.Module, extra: dict[str, Any] | None = None) -> bytes:
+    """Serialise ``model`` (weights + config + optional JSON-able ``extra``) to safetensors bytes."""
+    from safetensors.torch import save
+
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": _kind_of(model),
+        "config": json.dumps(asdict(model.config)),
+        "extra": json.dumps(extra or {}),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return save(tensors, metadata=meta)
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise CheckpointError("not a native checkpoint: file too short")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > 100_000_000:
+        raise CheckpointError(
+            "not a native checkpoint (safetensors header missing; pickled files are refused)"
+        )
+    try:
+        return json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"not a native checkpoint (unreadable safetensors header: {e})") from None
+
+
+def from_bytes(data: bytes) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from :func:`to_bytes` output; returns ``(model, extra)``."""
+    from safetensors.torch import load
+
+    meta = _header(data).get("__metadata__") or {}
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"not a {FORMAT} checkpoint (metadata format={meta.get('format')!r})")
+    kind = meta.get("kind")
+    if kind not in _KINDS:
+        raise CheckpointError(f"unknown checkpoint kind {kind!r}; known: {sorted(_KINDS)}")
+    cls, from_dict = _KINDS[kind]
+    model = cls(from_dict(json.loads(meta["config"])))
+    strict_load(model, load(data), what=f"native {kind} checkpoint")
+    return model, json.loads(meta.get("extra", "{}"))
+
+
+def save_native(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    Path(path).write_bytes(to_bytes(model, extra))
+
+
+def load_native(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    return from_bytes(Path(path).read_bytes())
+
+
+def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise one :class:`CheckpointError` listing every missing key, unexpected key and bad shape."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        ):
+            if items:
+                more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+                parts.append(f"{label}: {', '.join(items[:8])}{more}")
+        raise CheckpointError(f"{what} does not fit the model: " + "; ".join(parts))
+
+
+def strict_load(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` after :func:`check_state`."""
+    check_state(module.state_dict(), state, what)
+    module.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- official taming releases
+
+_FIRST_STAGES = {
+    "taming.models.vqgan.VQModel": "vq",
+    "taming.models.vqgan.GumbelVQ": "gumbel",
+    "taming.models.vqgan.VQSegmentationModel": "segmentation",
+}
+
+
+@dataclass
+class TamingFirstStage:
+    model: VQGAN
+    loss: VQGANLoss | None
+    global_step: int | None
+    target: str
+
+
+def resolve_release(path: str | Path, config_path: str | Path | None = None) -> tuple[Path, Path]:
+    """(ckpt, yaml) of a release folder or of a ckpt file with its yaml beside or in ../configs/."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"taming checkpoint {path} does not exist")
+    if path.is_dir():
+        candidates = [
+            path / "checkpoints" / "last.ckpt",
+            path / "last.ckpt",
+            *sorted(path.glob("checkpoints/*.ckpt")),
+        ]
+        ckpt = next((c for c in candidates if c.is_file()), None)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint in {path} (looked for checkpoints/last.ckpt and *.ckpt)")
+    else:
+        ckpt = path
+    if config_path is not None:
+        cfg = Path(config_path)
+    else:
+        options = [
+            ckpt.parent / "model.yaml",
+            ckpt.parent.parent / "configs" / "model.yaml",
+            *sorted((ckpt.parent.parent / "configs").glob("*.yaml")),
+            *sorted(ckpt.parent.glob("*.yaml")),
+        ]
+        cfg = next((c for c in options if c.is_file()), None)
+        if cfg is None:
+            raise FileNotFoundError(
+                f"no model.yaml for {ckpt}: expected configs/model.yaml beside checkpoints/, "
+                "or pass config_path"
+            )
+    if not cfg.is_file():
+        raise FileNotFoundError(f"taming config {cfg} does not exist")
+    return ckpt, cfg
+
+
+def load_lightning_state(
+    ckpt: Path, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], int | None]:
+    try:
+        data = torch.load(ckpt, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError and friends
+        if allow_pickle:
+            raise
+        raise CheckpointError(
+            f"{ckpt} holds pickled Python objects beyond tensors; refusing to unpickle it "
+            f"(pass allow_pickle=True only for a file you trust). Loader said: {str(e).splitlines()[0]}"
+        ) from None
+    if not isinstance(data, dict) or "state_dict" not in data:
+        raise CheckpointError(f"{ckpt} is not a Lightning checkpoint (no 'state_dict')")
+    return data["state_dict"], data.get("global_step")
+
+
+def vqgan_config_from_taming(target: str, params: dict[str, Any]) -> VQGANConfig:
+    kind = _FIRST_STAGES.get(target)
+    if kind is None:
+        raise CheckpointError(
+            f"unsupported first-stage target {target!r}; supported: {sorted(_FIRST_STAGES)}"
+        )
+    if params.get("remap"):
+        raise CheckpointError("index remapping (params.remap) is not supported; re-export without it")
+    dd = params["ddconfig"]
+    if dd.get("double_z", False):
+        raise CheckpointError("ddconfig.double_z=true is a KL autoencoder, not a VQGAN")
+    if kind == "gumbel":
+        quantizer = QuantizerConfig(kind="gumbel", kl_weight=float(params.get("kl_weight", 1e-8)))
+    else:
+        quantizer = QuantizerConfig(kind="vq", beta=0.25, legacy_loss=True)
+    return VQGANConfig(
+        in_channels=dd["in_channels"],
+        out_channels=dd["out_ch"],
+        ch=dd["ch"],
+        ch_mult=tuple(dd["ch_mult"]),
+        num_res_blocks=dd["num_res_blocks"],
+        attn_resolutions=tuple(dd["attn_resolutions"]),
+        resolution=dd["resolution"],
+        z_channels=dd["z_channels"],
+        dropout=float(dd.get("dropout", 0.0)),
+        embed_dim=params["embed_dim"],
+        codebook_size=params["n_embed"],
+        quantizer=quantizer,
+        segmentation_labels=params.get("n_labels") if kind == "segmentation" else None,
+    )
+
+
+def loss_config_from_taming(lossconfig: dict[str, Any]) -> VQGANLossConfig:
+    target = lossconfig.get("target", "")
+    if not target.endswith("VQLPIPSWithDiscriminator"):
+        raise CheckpointError(f"loss {target!r} cannot be imported (only VQLPIPSWithDiscriminator)")
+    p = lossconfig.get("params", {})
+    if p.get("disc_conditional") or p.get("use_actnorm"):
+        raise CheckpointError("conditional discriminators and ActNorm are not supported")
+    return VQGANLossConfig(
+        disc_start=p["disc_start"],
+        codebook_weight=p.get("codebook_weight", 1.0),
+        pixel_weight=p.get("pixelloss_weight", 1.0),
+        perceptual_weight=p.get("perceptual_weight", 1.0),
+        disc_weight=p.get("disc_weight", 1.0),
+        disc_factor=p.get("disc_factor", 1.0),
+        disc_loss=p.get("disc_loss", "hinge"),
+        disc_num_layers=p.get("disc_num_layers", 3),
+        disc_in_channels=p.get("disc_in_channels", 3),
+        disc_ndf=p.get("disc_ndf", 64),
+    )
+
+
+def build_first_stage(
+    target: str, params: dict[str, Any], state: dict[str, torch.Tensor], what: str
+) -> VQGAN:
+    """Our VQGAN from an official first stage's config and its (``loss.``-free) weights."""
+    cfg = vqgan_config_from_taming(target, params)
+    state = dict(state)
+    if "colorize" in state and cfg.segmentation_labels is None:
+        state.pop("colorize")  # a VQModel's visualisation-only random projection
+    model = VQGAN(cfg)
+    strict_load(model, state, what)
+    return model.eval()
+
+
+def load_taming(
+    path: str | Path,
+    config_path: str | Path | None = None,
+    with_loss: bool = False,
+    allow_pickle: bool = False,
+) -> TamingFirstStage:
+    ckpt, cfg_path = resolve_release(path, config_path)
+    model_cfg = yaml.safe_load(cfg_path.read_text())["model"]
+    target, params = model_cfg["target"], model_cfg["params"]
+    if target not in _FIRST_STAGES:
+        raise CheckpointError(
+            f"{cfg_path}: {target!r} is not a first stage this loader imports "
+            f"({sorted(_FIRST_STAGES)}); transformer releases load with "
+            "models.checkpoint.load_taming_transformer"
+        )
+    state, step = load_lightning_state(ckpt, allow_pickle)
+    model_state = {k: v for k, v in state.items() if not k.startswith("loss.")}
+    model = build_first_stage(target, params, model_state, f"{ckpt}")
+    loss = None
+    if with_loss:
+        loss_state = {k[5:]: v for k, v in state.items() if k.startswith("loss.")}
+        if not loss_state:
+            raise CheckpointError(f"{ckpt} holds no loss.* weights to import")
+        loss = VQGANLoss(loss_config_from_taming(params["lossconfig"]), require_trunk=False)
+        for k, v in loss.state_dict().items():
+            if k.endswith("num_batches_tracked") and k not in loss_state:
+                loss_state[k] = v  # BatchNorm counters may or may not be in releases
+            if ".lins." in k:  # the lpips package's ModuleList alias of the heads lin0..lin4
+                i = k.split(".lins.")[1].split(".")[0]
+                src = k.replace(f".lins.{i}.", f".lin{i}.")
+                if src in loss_state:
+                    loss_state[k] = loss_state[src]
+        strict_load(loss, loss_state, f"{ckpt} (loss.*)")
+    return TamingFirstStage(model, loss, step, target)
