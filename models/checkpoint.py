@@ -25,7 +25,9 @@ import torch
 import yaml
 from torch import nn
 
+from models.gpt import GPT, GPTConfig
 from models.losses import VQGANLoss, VQGANLossConfig
+from models.net2net import ConditionConfig, Net2Net
 from models.quantize import QuantizerConfig
 from models.vqgan import VQGAN, VQGANConfig, config_from_dict
 
@@ -39,7 +41,10 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------- native format
 
-_KINDS: dict[str, tuple[type[nn.Module], Any]] = {"vqgan": (VQGAN, config_from_dict)}
+_KINDS: dict[str, tuple[type[nn.Module], Any]] = {
+    "vqgan": (VQGAN, config_from_dict),
+    "gpt": (GPT, lambda d: GPTConfig(**d)),
+}
 
 
 def register_kind(kind: str, cls: type[nn.Module], from_dict: Any) -> None:
@@ -305,3 +310,80 @@ def load_taming(
                     loss_state[k] = loss_state[src]
         strict_load(loss, loss_state, f"{ckpt} (loss.*)")
     return TamingFirstStage(model, loss, step, target)
+
+
+# --------------------------------------------------------------------------- official transformers
+
+_TRANSFORMER = "taming.models.cond_transformer.Net2NetTransformer"
+
+
+def condition_from_taming(params: dict[str, Any]) -> tuple[ConditionConfig, dict[str, Any] | None]:
+    """The condition mode of a Net2NetTransformer config, and the condition VQGAN's config if any."""
+    cond = params.get("cond_stage_config")
+    if params.get("unconditional") or cond == "__is_unconditional__":
+        return ConditionConfig(mode="unconditional", sos_token=int(params.get("sos_token", 0))), None
+    if cond == "__is_first_stage__":
+        raise CheckpointError("cond_stage_config __is_first_stage__ is not supported")
+    target = cond.get("target", "")
+    if target.endswith("Labelator"):
+        return ConditionConfig(mode="class", n_classes=int(cond["params"]["n_classes"])), None
+    if target.endswith("CoordStage"):
+        p = cond["params"]
+        return ConditionConfig(
+            mode="coord", coord_levels=int(p["n_embed"]), coord_down=int(p["down_factor"])
+        ), None
+    if target in _FIRST_STAGES:
+        return ConditionConfig(mode="spatial"), cond
+    raise CheckpointError(f"condition stage {target!r} cannot be imported")
+
+
+def load_taming_transformer(
+    path: str | Path, config_path: str | Path | None = None, allow_pickle: bool = False
+) -> Net2Net:
+    """An official ``Net2NetTransformer`` release -> our :class:`~models.net2net.Net2Net`."""
+    ckpt, cfg_path = resolve_release(path, config_path)
+    model_cfg = yaml.safe_load(cfg_path.read_text())["model"]
+    if model_cfg["target"] != _TRANSFORMER:
+        raise CheckpointError(f"{cfg_path}: {model_cfg['target']!r} is not {_TRANSFORMER}; use load_taming")
+    params = model_cfg["params"]
+    if params.get("permuter_config") and not params["permuter_config"]["target"].endswith("Identity"):
+        raise CheckpointError("only the identity permuter (raster order) is supported")
+    if params.get("downsample_cond_size", -1) != -1:
+        raise CheckpointError("downsample_cond_size is not supported")
+    tcfg = params["transformer_config"]
+    if not tcfg["target"].endswith("mingpt.GPT"):
+        raise CheckpointError(f"transformer {tcfg['target']!r} cannot be imported (only minGPT's GPT)")
+    gpt_cfg = GPTConfig(**{k: v for k, v in tcfg["params"].items() if k in GPTConfig.__dataclass_fields__})
+    unknown = set(tcfg["params"]) - set(GPTConfig.__dataclass_fields__)
+    if unknown:
+        raise CheckpointError(f"transformer options {sorted(unknown)} are not supported")
+    cond, cond_stage_cfg = condition_from_taming(params)
+    state, _ = load_lightning_state(ckpt, allow_pickle)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    known = ("first_stage_model.", "cond_stage_model.", "transformer.")
+    stray = sorted(k for k in state if not k.startswith(known))
+    if stray:
+        raise CheckpointError(f"{ckpt}: unexpected keys {stray[:8]}")
+    fs = params["first_stage_config"]
+    first = build_first_stage(
+        fs["target"], fs["params"], _no_loss(part("first_stage_model.")), f"{ckpt} first stage"
+    )
+    cond_stage = None
+    if cond_stage_cfg is not None:
+        cs_state = _no_loss(part("cond_stage_model."))
+        cond_stage = build_first_stage(
+            cond_stage_cfg["target"], cond_stage_cfg["params"], cs_state, f"{ckpt} condition stage"
+        )
+    elif part("cond_stage_model."):
+        raise CheckpointError(f"{ckpt}: cond_stage_model weights but a weightless condition ({cond.mode})")
+    gpt = GPT(gpt_cfg)
+    tstate = {k: v for k, v in part("transformer.").items() if not k.endswith("attn.mask")}
+    strict_load(gpt, tstate, f"{ckpt} transformer")
+    return Net2Net(first, gpt.eval(), cond, cond_stage).eval()
+
+
+def _no_loss(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith("loss.")}

@@ -16,8 +16,16 @@ from models.losses import VGG16_FILE, VQGANLoss, VQGANLossConfig, hinge_d_loss, 
 from models.quantize import QuantizerConfig
 from models.vqgan import PRESETS, VQGAN, VQGANConfig
 
-TINY = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16, z_channels=8,
-                   embed_dim=4, codebook_size=16)  # fmt: skip
+TINY = VQGANConfig(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    resolution=16,
+    z_channels=8,
+    embed_dim=4,
+    codebook_size=16,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -39,8 +47,13 @@ def test_encode_decode_shapes_and_non_square():
         assert torch.equal(m.decode_codes(codes), xrec)  # decode_codes(codes) == decode(quant), exactly
 
 
-@pytest.mark.parametrize("quantizer", [QuantizerConfig(), QuantizerConfig(l2_norm=True, ema_decay=0.9,
-                                       dead_code_threshold=0.5, kmeans_init=True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        QuantizerConfig(),
+        QuantizerConfig(l2_norm=True, ema_decay=0.9, dead_code_threshold=0.5, kmeans_init=True),
+    ],
+)
 def test_native_checkpoint_roundtrip_exact(tmp_path, quantizer):
     torch.manual_seed(0)
     cfg = VQGANConfig(**{**TINY.__dict__, "quantizer": quantizer})
@@ -75,15 +88,28 @@ def test_pickle_payloads_are_refused(tmp_path):
     (rel / "checkpoints").mkdir(parents=True)
     (rel / "configs").mkdir()
     shutil.copy(evil, rel / "checkpoints" / "last.ckpt")
-    (rel / "configs" / "model.yaml").write_text(yaml.safe_dump({"model": {
-        "target": "taming.models.vqgan.VQModel", "params": {"embed_dim": 4, "n_embed": 16, "ddconfig": {}}}}))  # fmt: skip
+    (rel / "configs" / "model.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "target": "taming.models.vqgan.VQModel",
+                    "params": {"embed_dim": 4, "n_embed": 16, "ddconfig": {}},
+                }
+            }
+        )
+    )
     with pytest.raises(checkpoint.CheckpointError, match="pickled Python objects"):
         checkpoint.load_taming(rel)
     assert not Path(_Payload.marker).exists()  # nothing was executed
 
 
-def _fake_release(tmp_path: Path, releases, drop_key: str | None = None, n_embed: int | None = None,
-                  target: str | None = None) -> Path:  # fmt: skip
+def _fake_release(
+    tmp_path: Path,
+    releases,
+    drop_key: str | None = None,
+    n_embed: int | None = None,
+    target: str | None = None,
+) -> Path:
     src = releases("taming/vqgan")
     dst = tmp_path / "rel"
     shutil.copytree(src, dst)

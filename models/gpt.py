@@ -1,0 +1,331 @@
+"""The transformer of *Taming Transformers* (Esser et al., CVPR 2021): a GPT (Radford et al. 2018)
+over codebook indices, as taming's minGPT, with fast sampling.
+
+State-dict names match taming's minGPT (``tok_emb``, ``pos_emb``, ``blocks.{i}.ln1/ln2``,
+``attn.key/query/value/proj``, ``mlp.0``, ``mlp.2``, ``ln_f``, ``head``), so official transformer
+weights load strictly; the official per-block ``attn.mask`` buffer is accepted and dropped (the
+causal mask is built on the fly). Attention runs through ``scaled_dot_product_attention``.
+
+Sampling keeps a preallocated KV cache (no re-concatenation per step), takes per-sample
+``torch.Generator``s (a sample is reproducible from its seed whatever batch it is in), top-k/top-p
+filtering and classifier-free guidance (Ho & Salimans 2022) by batch doubling:
+``logits = uncond + s * (cond - uncond)``. ``temperature=0`` samples greedily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 16384  # condition and image tokens share it in compat mode
+    block_size: int = 256  # longest input: condition + image tokens - 1
+    n_layer: int = 24
+    n_head: int = 16
+    n_embd: int = 1024
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    n_unmasked: int = 0  # the first n positions attend to each other bidirectionally (official option)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # taming's ImageNet class-conditional transformer (cin_transformer): 1024 codes + 1000 classes
+    "taming-cin": GPTConfig(vocab_size=1024, block_size=256, n_layer=24, n_head=16, n_embd=1536),
+    # S-FLCKR / depth-conditional style: 256 condition + 256 image tokens
+    "taming-cond-512": GPTConfig(vocab_size=1024, block_size=512, n_layer=24, n_head=16, n_embd=1024),
+    # the benchmark model of this project: 12 x 512, 256 image tokens
+    "gpt-12x512": GPTConfig(vocab_size=1024, block_size=256, n_layer=12, n_head=8, n_embd=512),
+    # the demo: 8x8 codes of a 512-code tokenizer + a class token
+    "demo-small": GPTConfig(vocab_size=512 + 11, block_size=64, n_layer=4, n_head=4, n_embd=128),
+}
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, 2, B, n_head, T_max, head_dim)."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        if max_len > cfg.block_size:
+            raise ValueError(f"cache of {max_len} positions exceeds block_size {cfg.block_size}")
+        hd = cfg.n_embd // cfg.n_head
+        self.kv = torch.empty(cfg.n_layer, 2, batch, cfg.n_head, max_len, hd, device=device, dtype=dtype)
+        self.max_len = max_len
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.key = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.value = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.attn_drop = cfg.attn_pdrop
+        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+        self.n_head, self.n_unmasked = cfg.n_head, cfg.n_unmasked
+
+    def _mask(self, t_q: int, start: int, device) -> torch.Tensor | None:
+        """Boolean (t_q, start + t_q) mask: query i (absolute start+i) sees keys <= start+i."""
+        t_k = start + t_q
+        q_pos = torch.arange(start, t_k, device=device)[:, None]
+        k_pos = torch.arange(t_k, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if self.n_unmasked:
+            allowed = allowed | ((q_pos < self.n_unmasked) & (k_pos < self.n_unmasked))
+        return allowed
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        b, t, c = x.shape
+        hd = c // self.n_head
+        q, k, v = (
+            lin(x).view(b, t, self.n_head, hd).transpose(1, 2) for lin in (self.query, self.key, self.value)
+        )
+        if cache is not None:  # cache: (2, B, nh, T_max, hd) of this layer
+            cache[0, :, :, start : start + t] = k
+            cache[1, :, :, start : start + t] = v
+            k, v = cache[0, :, :, : start + t], cache[1, :, :, : start + t]
+        drop = self.attn_drop if self.training else 0.0
+        if start == 0 and not self.n_unmasked:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)  # (B, nh, T, hd)
+        elif t == 1 and not self.n_unmasked:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # one new token sees everything
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self._mask(t, start, x.device), dropout_p=drop
+            )
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "mask", None)  # the official causal-mask buffer: rebuilt on the fly
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+            nn.Dropout(cfg.resid_pdrop),
+        )
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, start)
+        return x + self.mlp(self.ln2(x))
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th kept), the rest -inf."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability reaches p (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    remove = cum > p
+    remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses p
+    remove[..., 0] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: Generators = None,
+) -> torch.Tensor:
+    """logits (B, V) -> tokens (B, 1). One generator per row makes each row reproducible alone."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.float().softmax(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator)
+    return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config(cls, cfg: GPTConfig | str | dict) -> GPT:
+        if isinstance(cfg, str):
+            if cfg not in PRESETS:
+                raise KeyError(f"unknown GPT preset {cfg!r}; known: {sorted(PRESETS)}")
+            cfg = PRESETS[cfg]
+        elif isinstance(cfg, dict):
+            cfg = GPTConfig(**cfg)
+        return cls(cfg)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V). With ``cache``, idx holds positions [start, start + T)."""
+        t = idx.shape[1]
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
+        x = self.drop(self.tok_emb(idx) + self.pos_emb[:, start : start + t])  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.kv[i], start)
+        return self.head(self.ln_f(x))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.pos_emb
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefix: torch.Tensor,
+        steps: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float | None = None,
+        uncond_prefix: torch.Tensor | None = None,
+        generator: Generators = None,
+    ) -> torch.Tensor:
+        """prefix (B, P) -> (B, P + steps): the prefix followed by ``steps`` sampled tokens.
+
+        With ``cfg_scale``, ``uncond_prefix`` (B, P) is the same prefix with the condition replaced
+        by the null condition; both halves get the same sampled token.
+        """
+        b, p = prefix.shape
+        if steps < 1:
+            return prefix
+        guided = cfg_scale is not None
+        if guided and (uncond_prefix is None or uncond_prefix.shape != prefix.shape):
+            raise ValueError("classifier-free guidance needs uncond_prefix with the prefix's shape")
+        x = torch.cat([prefix, uncond_prefix]) if guided else prefix
+        cache = self.new_cache(x.shape[0], p + steps - 1)
+        logits = self(x, cache, 0)[:, -1]
+        out = [prefix]
+        for s in range(steps):
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            tok = sample_next(logits, temperature, top_k, top_p, generator)
+            out.append(tok)
+            if s < steps - 1:
+                logits = self(torch.cat([tok, tok]) if guided else tok, cache, p + s)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _window_start(i: int, n: int, g: int) -> int:
+    """The official sliding-window rule: offset of the window (size g) that generates index i of n."""
+    if i <= g // 2:
+        local = i
+    elif n - i < g // 2:
+        local = g - (n - i)
+    else:
+        local = g // 2
+    return i - local
+
+
+@torch.no_grad()
+def sample_sliding_window(
+    gpt: GPT,
+    cond: torch.Tensor,
+    shape: tuple[int, int],
+    window: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: Generators = None,
+) -> torch.Tensor:
+    """Sample an image-code grid larger than the training window, exactly by the official rule.
+
+    cond (B, H, W): condition codes on the same grid (the window holds g*g condition tokens, then
+    g*g image tokens). For grid position (i, j) the official code feeds the window around it in
+    full (2 g^2 - 1 tokens) and reads one logit. Here the condition part of each window position
+    is computed once and kept in a KV cache, the image part is fed only up to the read position,
+    and where consecutive positions share a window (near the borders) the cache is extended by one
+    token instead of recomputed. The logits are those of the official computation.
+    """
+    b, (h, w), g = cond.shape[0], shape, window
+    if cond.shape[1:] != (h, w):
+        raise ValueError(f"condition grid {tuple(cond.shape[1:])} must match the image grid {(h, w)}")
+    if h < g or w < g or 2 * g * g - 1 > gpt.config.block_size:
+        raise ValueError(f"window {g} needs a grid of at least {g}x{g} and block_size >= {2 * g * g - 1}")
+    n_cond = g * g
+    img = torch.zeros(b, h, w, dtype=torch.long, device=cond.device)
+    caches: dict[tuple[int, int], tuple[KVCache, torch.Tensor, int]] = {}  # window -> cache, logits, n_img
+    row_start = -1
+    for i in range(h):
+        rs = _window_start(i, h, g)
+        if rs != row_start:  # windows of earlier row starts are never used again
+            caches, row_start = {}, rs
+        for j in range(w):
+            cs = _window_start(j, w, g)
+            li, lj = i - rs, j - cs
+            need = li * g + lj  # image tokens before the read position, in window order
+            if (rs, cs) not in caches:
+                cache = gpt.new_cache(b, 2 * g * g - 1)
+                c_tokens = cond[:, rs : rs + g, cs : cs + g].reshape(b, n_cond)
+                caches[(rs, cs)] = (cache, gpt(c_tokens, cache, 0)[:, -1], 0)
+            cache, last_logits, have = caches[(rs, cs)]
+            if need > have:
+                tokens = img[:, rs : rs + g, cs : cs + g].reshape(b, n_cond)[:, have:need]
+                last_logits = gpt(tokens, cache, n_cond + have)[:, -1]
+                caches[(rs, cs)] = (cache, last_logits, need)
+            elif need < have:  # cannot happen in raster order; guard the invariant
+                raise RuntimeError("sliding-window cache went backwards")
+            img[:, i, j] = sample_next(last_logits, temperature, top_k, top_p, generator)[:, 0]
+    return img
+
+
+def official_window_logits(
+    gpt: GPT, cond: torch.Tensor, img: torch.Tensor, i: int, j: int, g: int
+) -> torch.Tensor:
+    """The official per-position computation (full window forward), for tests and benchmarks."""
+    h, w = img.shape[1:]
+    rs, cs = _window_start(i, h, g), _window_start(j, w, g)
+    b = img.shape[0]
+    seq = torch.cat(
+        [cond[:, rs : rs + g, cs : cs + g].reshape(b, -1), img[:, rs : rs + g, cs : cs + g].reshape(b, -1)], 1
+    )
+    logits = gpt(seq[:, :-1])
+    return logits[:, g * g - 1 + (i - rs) * g + (j - cs)]
