@@ -150,9 +150,9 @@ _FIRST_STAGES = {
 
 
 @dataclass
-class TamingFirstStage:
-    model: VQGAN
-    loss: VQGANLoss | None
+class TamingImport:
+    model: VQGAN | Net2Net  # a first stage, or a whole Net2NetTransformer
+    loss: VQGANLoss | None  # first stages with with_loss=True
     global_step: int | None
     target: str
 
@@ -281,25 +281,32 @@ def load_taming(
     config_path: str | Path | None = None,
     with_loss: bool = False,
     allow_pickle: bool = False,
-) -> TamingFirstStage:
+) -> TamingImport:
+    """Import an official release: a first stage (VQGAN) or a Net2NetTransformer (``.model``)."""
     ckpt, cfg_path = resolve_release(path, config_path)
     model_cfg = yaml.safe_load(cfg_path.read_text())["model"]
     target, params = model_cfg["target"], model_cfg["params"]
+    if target == _TRANSFORMER:
+        if with_loss:
+            raise CheckpointError(
+                "with_loss applies to first stages; transformer releases carry no VQGAN loss"
+            )
+        net, step = _load_transformer(ckpt, params, allow_pickle)
+        return TamingImport(net, None, step, target)
     if target not in _FIRST_STAGES:
         raise CheckpointError(
-            f"{cfg_path}: {target!r} is not a first stage this loader imports "
-            f"({sorted(_FIRST_STAGES)}); transformer releases load with "
-            "models.checkpoint.load_taming_transformer"
+            f"{cfg_path}: unsupported target {target!r}; supported: {sorted([*_FIRST_STAGES, _TRANSFORMER])}"
         )
     state, step = load_lightning_state(ckpt, allow_pickle)
     model_state = {k: v for k, v in state.items() if not k.startswith("loss.")}
     model = build_first_stage(target, params, model_state, f"{ckpt}")
     loss = None
     if with_loss:
+        loss_cfg = loss_config_from_taming(params["lossconfig"])
         loss_state = {k[5:]: v for k, v in state.items() if k.startswith("loss.")}
         if not loss_state:
             raise CheckpointError(f"{ckpt} holds no loss.* weights to import")
-        loss = VQGANLoss(loss_config_from_taming(params["lossconfig"]), require_trunk=False)
+        loss = VQGANLoss(loss_cfg, require_trunk=False)
         for k, v in loss.state_dict().items():
             if k.endswith("num_batches_tracked") and k not in loss_state:
                 loss_state[k] = v  # BatchNorm counters may or may not be in releases
@@ -309,7 +316,7 @@ def load_taming(
                 if src in loss_state:
                     loss_state[k] = loss_state[src]
         strict_load(loss, loss_state, f"{ckpt} (loss.*)")
-    return TamingFirstStage(model, loss, step, target)
+    return TamingImport(model, loss, step, target)
 
 
 # --------------------------------------------------------------------------- official transformers
@@ -341,11 +348,13 @@ def load_taming_transformer(
     path: str | Path, config_path: str | Path | None = None, allow_pickle: bool = False
 ) -> Net2Net:
     """An official ``Net2NetTransformer`` release -> our :class:`~models.net2net.Net2Net`."""
-    ckpt, cfg_path = resolve_release(path, config_path)
-    model_cfg = yaml.safe_load(cfg_path.read_text())["model"]
-    if model_cfg["target"] != _TRANSFORMER:
-        raise CheckpointError(f"{cfg_path}: {model_cfg['target']!r} is not {_TRANSFORMER}; use load_taming")
-    params = model_cfg["params"]
+    imported = load_taming(path, config_path, allow_pickle=allow_pickle)
+    if not isinstance(imported.model, Net2Net):
+        raise CheckpointError(f"{path} is a first stage ({imported.target}), not {_TRANSFORMER}")
+    return imported.model
+
+
+def _load_transformer(ckpt: Path, params: dict[str, Any], allow_pickle: bool) -> tuple[Net2Net, int | None]:
     if params.get("permuter_config") and not params["permuter_config"]["target"].endswith("Identity"):
         raise CheckpointError("only the identity permuter (raster order) is supported")
     if params.get("downsample_cond_size", -1) != -1:
@@ -358,7 +367,7 @@ def load_taming_transformer(
     if unknown:
         raise CheckpointError(f"transformer options {sorted(unknown)} are not supported")
     cond, cond_stage_cfg = condition_from_taming(params)
-    state, _ = load_lightning_state(ckpt, allow_pickle)
+    state, step = load_lightning_state(ckpt, allow_pickle)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -382,7 +391,7 @@ def load_taming_transformer(
     gpt = GPT(gpt_cfg)
     tstate = {k: v for k, v in part("transformer.").items() if not k.endswith("attn.mask")}
     strict_load(gpt, tstate, f"{ckpt} transformer")
-    return Net2Net(first, gpt.eval(), cond, cond_stage).eval()
+    return Net2Net(first, gpt.eval(), cond, cond_stage).eval(), step
 
 
 def _no_loss(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

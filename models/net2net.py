@@ -35,6 +35,7 @@ class ConditionConfig:
     coord_down: int = 16  # coord: downsampling factor
     token_offset: int = 0  # added to condition ids (0 = the official shared vocabulary)
     null_token: int | None = None  # classifier-free guidance: the token of "no condition"
+    cond_dropout: float = 0.0  # training: share of samples whose condition becomes null_token (CFG)
 
 
 class Net2Net(nn.Module):
@@ -77,6 +78,11 @@ class Net2Net(nn.Module):
         """Training forward: logits over image positions (B, h*w, V) and their targets (B, h*w)."""
         z = self.encode_to_z(x)
         c_tokens = self.encode_to_c(c)
+        if self.training and self.cond.cond_dropout > 0:
+            if self.cond.null_token is None:
+                raise ValueError("cond_dropout needs a null_token")
+            drop = torch.rand(c_tokens.shape[0], 1, device=c_tokens.device) < self.cond.cond_dropout
+            c_tokens = torch.where(drop, torch.full_like(c_tokens, self.cond.null_token), c_tokens)
         logits = self.transformer(torch.cat([c_tokens, z], 1)[:, :-1])
         return logits[:, c_tokens.shape[1] - 1 :], z
 

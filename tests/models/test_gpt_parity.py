@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.checkpoint import load_taming_transformer
+from models.checkpoint import load_taming
 from models.gpt import sample_sliding_window
 from tests import fixtures
 
@@ -16,7 +16,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def load():
     def _load(name):
-        return load_taming_transformer(fixtures.require(f"taming/{name}")), fixtures.expected(
+        return load_taming(fixtures.require(f"taming/{name}")).model, fixtures.expected(
             f"taming/{name}"
         )
 

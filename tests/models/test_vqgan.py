@@ -197,3 +197,35 @@ def test_adaptive_weight_and_disc_start():
     )
     d_loss, d = loss.discriminator_loss(x, xrec, 4)
     assert float(d_loss) == 0.0 and set(d) == {"disc_loss", "logits_real", "logits_fake"}
+
+
+def _write_release(root: Path, target: str, params: dict, state: dict) -> Path:
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "configs").mkdir()
+    torch.save({"state_dict": state, "global_step": 3}, root / "checkpoints" / "last.ckpt")
+    (root / "configs" / "model.yaml").write_text(
+        yaml.safe_dump({"model": {"target": target, "params": params}})
+    )
+    return root
+
+
+def test_segmentation_release_imports(tmp_path):
+    """VQSegmentationModel: one-hot input of n labels, with taming's colorize buffer."""
+    torch.manual_seed(0)
+    cfg = VQGANConfig(**{**TINY.__dict__, "in_channels": 5, "out_channels": 5, "segmentation_labels": 5})
+    src = VQGAN(cfg)
+    dd = dict(double_z=False, z_channels=8, resolution=16, in_channels=5, out_ch=5, ch=32, ch_mult=[1, 2],
+              num_res_blocks=1, attn_resolutions=[8], dropout=0.0)  # fmt: skip
+    params = {"n_labels": 5, "embed_dim": 4, "n_embed": 16, "ddconfig": dd,
+              "lossconfig": {"target": "taming.modules.losses.segmentation.BCELossWithQuant"}}  # fmt: skip
+    rel = _write_release(
+        tmp_path / "seg", "taming.models.vqgan.VQSegmentationModel", params, src.state_dict()
+    )
+    imported = checkpoint.load_taming(rel)
+    m = imported.model
+    assert m.config.segmentation_labels == 5 and torch.equal(m.colorize, src.colorize)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 5, (1, 16, 16)), 5).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        assert m(onehot)[0].shape == (1, 5, 16, 16)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be imported"):
+        checkpoint.load_taming(rel, with_loss=True)  # BCE loss: not the VQGAN loss
