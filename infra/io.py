@@ -176,10 +176,15 @@ class FileEntry:
     sha256: str
 
 
-def write_parquet(uri: str, table: pa.Table, rel_to: str, compression: str = "zstd") -> FileEntry:
-    """Write ``table`` atomically; return its manifest entry (path relative to ``rel_to``)."""
+def write_parquet(
+    uri: str, table: pa.Table, rel_to: str, compression: str = "zstd", **options: Any
+) -> FileEntry:
+    """Write ``table`` atomically; return its manifest entry (path relative to ``rel_to``).
+
+    ``options`` go to ``pyarrow.parquet.write_table`` (e.g. ``use_dictionary``, ``write_statistics``).
+    """
     buf = _io.BytesIO()
-    pq.write_table(table, buf, compression=compression)
+    pq.write_table(table, buf, compression=compression, **options)
     data = buf.getvalue()
     write_bytes(uri, data)
     rel = uri[len(rel_to.rstrip("/")) + 1 :] if uri.startswith(rel_to.rstrip("/") + "/") else uri
@@ -296,11 +301,15 @@ class StageOutput:
                 done[int(name[5:10])] = read_json(uri)
         return done
 
-    def write_shard(self, index: int, tables: dict[str, pa.Table], info: dict[str, Any]) -> dict[str, Any]:
+    def write_shard(
+        self, index: int, tables: dict[str, pa.Table], info: dict[str, Any], **parquet_options: Any
+    ) -> dict[str, Any]:
         """Write one shard's tables (``{"data": t, "_errors": t}``), then its marker, last."""
         marker: dict[str, Any] = {"index": index, "files": {}, **info}
         for kind, table in tables.items():
-            entry = write_parquet(self.shard_uri(kind, index), table, rel_to=self.output_uri)
+            entry = write_parquet(
+                self.shard_uri(kind, index), table, rel_to=self.output_uri, **parquet_options
+            )
             marker["files"][kind] = dataclasses.asdict(entry)
         write_json(self.marker_uri(index), marker)
         return marker

@@ -68,10 +68,12 @@ def to_bytes(model: nn.Module, extra: dict[str, Any] | None = None) -> bytes:
         "format_version": FORMAT_VERSION,
         "kind": _kind_of(model),
         "config": json.dumps(asdict(model.config)),
-        "extra": json.dumps(extra or {}),
+        "extra": json.dumps(extra or {}, sort_keys=True),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return save(tensors, metadata=meta)
+    # one metadata key: safetensors writes its metadata map in hash order, so several keys would
+    # make the same model serialise to different bytes from run to run
+    return save(tensors, metadata={FORMAT: json.dumps(meta, sort_keys=True)})
 
 
 def _header(data: bytes) -> dict[str, Any]:
@@ -92,7 +94,11 @@ def from_bytes(data: bytes) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from :func:`to_bytes` output; returns ``(model, extra)``."""
     from safetensors.torch import load
 
-    meta = _header(data).get("__metadata__") or {}
+    raw = _header(data).get("__metadata__") or {}
+    try:
+        meta = json.loads(raw[FORMAT]) if FORMAT in raw else raw
+    except json.JSONDecodeError:
+        raise CheckpointError("native checkpoint metadata is not valid JSON") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"not a {FORMAT} checkpoint (metadata format={meta.get('format')!r})")
     kind = meta.get("kind")

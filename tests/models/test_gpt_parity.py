@@ -16,9 +16,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def load():
     def _load(name):
-        return load_taming(fixtures.require(f"taming/{name}")).model, fixtures.expected(
-            f"taming/{name}"
-        )
+        return load_taming(fixtures.require(f"taming/{name}")).model, fixtures.expected(f"taming/{name}")
 
     return _load
 

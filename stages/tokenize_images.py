@@ -1,0 +1,345 @@
+"""Tokenize: image shards -> Parquet code shards, with a VQGAN loaded once per Ray actor.
+
+Input: committed image shards (the ingest output) and a tokenizer URI: a native checkpoint (local or
+``s3://``), an official taming release, or ``models:/<name>@<alias>`` from the MLflow registry.
+Output: one code shard per image shard (deterministic assignment), one row per (image,
+augmentation): ``image_id``, ``aug_id``, ``label``, ``split``, ``grid_h``, ``grid_w`` and ``codes``
+(2 bytes per code, zstd). The tokenizer's sha256, codebook size and code dtype go into the file
+metadata and the manifest; the tokenizer's weights are part of the output's identity, so moving an
+alias to a new version is a different config, never a stale no-op. A rerun after a kill
+tokenizes only the missing shards and gives byte-identical files.
+
+    python -m stages.tokenize_images images_uri=... tokenizer_uri=models:/demo-vqgan@candidate output_uri=...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io as _io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from infra import config as config_lib
+from infra import io, model_store, schemas, tracking
+
+log = logging.getLogger(__name__)
+STAGE = "tokenize_images"
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    images_uri: str  # committed image shards (the ingest stage's output)
+    tokenizer_uri: str  # native checkpoint, taming release, or models:/<name>@<alias>
+    output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
+    hflip: bool = False  # also tokenize the mirrored image (aug_id 1)
+    num_crops: int = 0  # LlamaGen's recipe: extra random crops (aug_id 2, 3, ...), fixed per image_id
+    crop_size: int | None = None  # tokenize crops of this side: aug 0/1 use the centre crop
+    splits: list[str] | None = None  # only these splits (None: all)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # execution only (not part of the config hash)
+    batch_size: int = 64
+    concurrency: int = 1  # actors (each holds one copy of the model)
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor
+
+    def __post_init__(self):
+        if self.num_crops and not self.crop_size:
+            raise ValueError("num_crops needs crop_size")
+
+
+EXECUTION_FIELDS = ("output_uri", "batch_size", "concurrency", "num_cpus", "num_gpus")
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    output_uri: str
+    images: int
+    rows: int
+    shards: int
+    reused_shards: int
+    grid: tuple[int, int]
+    codebook_size: int
+    bytes_per_code: float
+    manifest: io.Manifest
+    cached: bool
+
+
+def _augmentations(cfg: TokenizeConfig) -> list[str]:
+    return ["identity"] + (["hflip"] if cfg.hflip else []) + [f"crop{k}" for k in range(cfg.num_crops)]
+
+
+def _crop_offsets(image_id: str, k: int, side: int, crop: int) -> tuple[int, int]:
+    h = hashlib.sha256(f"{image_id}:{k}".encode()).digest()
+    span = side - crop + 1
+    return int.from_bytes(h[:4], "little") % span, int.from_bytes(h[4:8], "little") % span
+
+
+def _decode_pngs(pngs: list[bytes], channels: int) -> np.ndarray:
+    from PIL import Image
+
+    arrs = []
+    for b in pngs:
+        with Image.open(_io.BytesIO(b)) as im:
+            arrs.append(np.asarray(im.convert("L" if channels == 1 else "RGB")))
+    x = np.stack(arrs).astype(np.float32) / 127.5 - 1.0  # [-1, 1]
+    return x[:, None] if channels == 1 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
+
+
+class TokenizeShards:
+    """Ray Data actor: loads the tokenizer once, then tokenizes whole image shards per call."""
+
+    def __init__(self, cfg: TokenizeConfig, out: io.StageOutput, metadata: dict[str, str]):
+        import torch
+
+        self.cfg, self.out, self.metadata = cfg, out, metadata
+        self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device == "cuda")
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.model = model_store.load_first_stage(cfg.tokenizer_uri).model.to(self.device, self.dtype).eval()
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        codes = []
+        with torch.inference_mode():
+            for lo in range(0, len(x), self.cfg.batch_size):
+                batch = torch.from_numpy(x[lo : lo + self.cfg.batch_size]).to(self.device, self.dtype)
+                codes.append(self.model.encode(batch)[2].cpu().numpy())
+        return np.concatenate(codes)  # (N, h, w)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        markers = []
+        for shard, uri in zip(batch["shard"], batch["uri"]):
+            t = io.read_parquet(str(uri), ["image_id", "image", "label", "split"])
+            if self.cfg.splits is not None:
+                t = t.filter(pa.compute.is_in(t["split"], pa.array(self.cfg.splits)))
+            ids = t["image_id"].to_pylist()
+            full = _decode_pngs(t["image"].to_pylist(), self.model.config.in_channels)
+            x = full
+            if self.cfg.crop_size:  # every row at the crop size: identity/hflip use the centre crop
+                c, side = self.cfg.crop_size, full.shape[-1]
+                o = (side - c) // 2
+                x = np.ascontiguousarray(full[..., o : o + c, o : o + c])
+            per_aug = []
+            for aug_id, aug in enumerate(_augmentations(self.cfg)):
+                if aug == "identity":
+                    xa = x
+                elif aug == "hflip":
+                    xa = np.ascontiguousarray(x[..., ::-1])
+                else:
+                    k, c = int(aug[4:]), self.cfg.crop_size
+                    offs = [_crop_offsets(i, k, full.shape[-1], c) for i in ids]
+                    xa = np.stack([full[n, :, r : r + c, q : q + c] for n, (r, q) in enumerate(offs)])
+                per_aug.append((aug_id, self._encode(xa) if len(xa) else np.zeros((0, 1, 1), np.int64)))
+            rows = self._rows(t, per_aug)
+            small = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w"]  # codes: plain, no stats
+            marker = self.out.write_shard(
+                int(shard),
+                {"data": rows},
+                {"images": t.num_rows},
+                use_dictionary=small,
+                write_statistics=small,
+                compression_level=3,
+            )
+            markers.append(json.dumps(marker))
+            log.info("tokenize: shard %d written (%d images, %d rows)", shard, t.num_rows, rows.num_rows)
+        return {"marker": markers}
+
+    def _rows(self, t: pa.Table, per_aug: list[tuple[int, np.ndarray]]) -> pa.Table:
+        n = t.num_rows
+        grids = {a: c.shape[1:] for a, c in per_aug}
+        grid_h, grid_w = grids[0]
+        if any(g != (grid_h, grid_w) for g in grids.values()):
+            raise ValueError(f"augmentations give different code grids {grids}; use one crop size")
+        order = [(i, a) for i in range(n) for a, _ in per_aug]  # image by image, then augmentation
+        codes = {a: c.reshape(len(c), -1) for a, c in per_aug}
+        schema = schemas.with_metadata(schemas.code_schema(grid_h * grid_w), self.metadata)
+        return pa.table(
+            {
+                "image_id": [t["image_id"][i].as_py() for i, _ in order],
+                "aug_id": [a for _, a in order],
+                "label": [t["label"][i].as_py() for i, _ in order],
+                "split": [t["split"][i].as_py() for i, _ in order],
+                "grid_h": [grid_h] * len(order),
+                "grid_w": [grid_w] * len(order),
+                "codes": schemas.encode_codes(np.stack([codes[a][i] for i, a in order]) if order else []),
+            },
+            schema=schema,
+        )
+
+
+def _check_compatible(cfg: TokenizeConfig, images: io.Manifest, loaded: model_store.LoadedModel) -> None:
+    mcfg = loaded.model.config
+    channels = images.config.get("channels")
+    if channels is not None and channels != mcfg.in_channels:
+        raise ValueError(
+            f"the tokenizer {cfg.tokenizer_uri} takes {mcfg.in_channels}-channel images but {cfg.images_uri} "
+            f"holds {channels}-channel images"
+        )
+    if mcfg.codebook_size > schemas.MAX_CODEBOOK:
+        raise ValueError(f"codebook of {mcfg.codebook_size} codes does not fit 2 bytes per code")
+    side = images.config.get("resolution")
+    if cfg.crop_size and side is not None and cfg.crop_size >= side:
+        raise ValueError(f"crop_size {cfg.crop_size} must be below the image side {side}")
+
+
+def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> TokenizeResult:
+    import ray
+
+    from infra.cluster import ensure_ray
+
+    if not cfg.output_uri:
+        raise config_lib.ConfigError("tokenize_images.output_uri is not set")
+    images = io.read_manifest(cfg.images_uri)  # raises a clear error when not committed
+    loaded = model_store.load_first_stage(cfg.tokenizer_uri)  # fails before any work on a bad URI
+    _check_compatible(cfg, images, loaded)
+    mcfg = loaded.model.config
+    chash = _hash(cfg, loaded.sha256, images.config_hash)
+    out = io.StageOutput(cfg.output_uri, STAGE, chash)
+    if (m := out.committed()) is not None:
+        log.info("tokenize: %s is already committed with this config and tokenizer", out.output_uri)
+        return _result(m, cached=True)
+    metadata = {
+        "taming.tokenizer_uri": cfg.tokenizer_uri,
+        "taming.tokenizer_sha256": loaded.sha256,
+        "taming.codebook_size": str(mcfg.codebook_size),
+        "taming.code_dtype": schemas.CODE_DTYPE,
+        "taming.augmentations": json.dumps(_augmentations(cfg)),
+    }
+    inputs = images.data_uris()
+    done = out.done_shards()
+    pending = [i for i in range(len(inputs)) if i not in done]
+    log.info("tokenize: %d image shards, %d already done", len(inputs), len(inputs) - len(pending))
+    with tracking.stage_run(
+        STAGE, cfg, [cfg.images_uri, cfg.tokenizer_uri], out.output_uri, experiment
+    ) as run_id:
+        tracking.set_tags({"tokenizer_sha256": loaded.sha256})
+        t0 = time.perf_counter()
+        if pending:
+            ensure_ray()
+            ds = ray.data.from_items(
+                [{"shard": i, "uri": inputs[i]} for i in pending], override_num_blocks=len(pending)
+            )
+            ds = ds.map_batches(
+                TokenizeShards,
+                fn_constructor_args=(cfg, out, metadata),
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+                num_cpus=cfg.num_cpus,
+                num_gpus=cfg.num_gpus,
+            )
+            for row in ds.iter_rows():
+                marker = json.loads(row["marker"])
+                done[marker["index"]] = marker
+        markers = [done[i] for i in range(len(inputs))]
+        n_images = sum(m["images"] for m in markers)
+        rows = sum(m["files"]["data"]["rows"] for m in markers)
+        n_aug = len(_augmentations(cfg))
+        if rows != n_images * n_aug:
+            raise RuntimeError(
+                f"tokenize counts do not add up: {n_images} images x {n_aug} augmentations != {rows}"
+            )
+        expected_images = sum(f.rows for f in images.files)
+        if cfg.splits is None and n_images != expected_images:
+            raise RuntimeError(f"tokenize read {n_images} images but the image shards hold {expected_images}")
+        seconds = time.perf_counter() - t0
+        grid = (mcfg.resolution // mcfg.downsample_factor,) * 2  # nominal; rows carry the real grid
+        data_bytes = sum(m["files"]["data"]["bytes"] for m in markers)
+        code_bytes = sum(
+            _column_bytes(io.join(out.output_uri, m["files"]["data"]["path"]), "codes") for m in markers
+        )
+        first = io.read_parquet(
+            io.join(out.output_uri, markers[0]["files"]["data"]["path"]), ["grid_h", "grid_w"]
+        )
+        if first.num_rows:
+            grid = (first["grid_h"][0].as_py(), first["grid_w"][0].as_py())
+        n_codes = rows * grid[0] * grid[1]
+        counts = {
+            "images": n_images,
+            "rows": rows,
+            "shards": len(inputs),
+            "reused_shards": len(inputs) - len(pending),
+        }
+        tracking.log_metrics(
+            {
+                **{f"tokenize/{k}": v for k, v in counts.items()},
+                "tokenize/seconds": seconds,
+                "tokenize/images_per_s": n_images / seconds if pending and seconds else 0.0,
+                "tokenize/bytes_per_code": code_bytes / max(n_codes, 1),
+                "tokenize/file_bytes_per_code": data_bytes / max(n_codes, 1),
+            }
+        )
+        manifest = out.commit(
+            config=config_lib.to_dict(cfg),
+            input_uris=[cfg.images_uri, cfg.tokenizer_uri],
+            markers=markers,
+            counts=counts,
+            mlflow_run_id=run_id,
+            extra={
+                "tokenizer_sha256": loaded.sha256,
+                "codebook_size": mcfg.codebook_size,
+                "grid": list(grid),
+                "code_dtype": schemas.CODE_DTYPE,
+                "augmentations": _augmentations(cfg),
+                "label_names": images.extra.get("label_names"),
+                "bytes_per_code": code_bytes / max(n_codes, 1),
+                "file_bytes_per_code": data_bytes / max(n_codes, 1),
+            },
+        )
+        log.info(
+            "tokenize: committed %s: %d images -> %d rows in %.1f s", out.output_uri, n_images, rows, seconds
+        )
+    return _result(manifest, cached=False)
+
+
+def _column_bytes(uri: str, column: str) -> int:
+    """Compressed on-disk bytes of one column (from the Parquet footer alone)."""
+    import pyarrow.parquet as pq
+
+    fs, path = io.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).metadata
+    idx = meta.schema.to_arrow_schema().get_field_index(column)
+    return sum(meta.row_group(g).column(idx).total_compressed_size for g in range(meta.num_row_groups))
+
+
+def _hash(cfg: TokenizeConfig, tokenizer_sha256: str, images_hash: str) -> str:
+    base = config_lib.config_hash(cfg, exclude=EXECUTION_FIELDS)
+    return hashlib.sha256(f"{base}:{tokenizer_sha256}:{images_hash}".encode()).hexdigest()[:16]
+
+
+def _result(m: io.Manifest, cached: bool) -> TokenizeResult:
+    c, e = m.counts, m.extra
+    return TokenizeResult(
+        m.output_uri,
+        c["images"],
+        c["rows"],
+        c["shards"],
+        c["reused_shards"],
+        tuple(e["grid"]),
+        e["codebook_size"],
+        e["bytes_per_code"],
+        m,
+        cached,
+    )
+
+
+def main(argv: list[str] | None = None) -> TokenizeResult:
+    from infra.cli import stage_cli
+
+    cfg, experiment = stage_cli(STAGE, TokenizeConfig, __doc__, argv)
+    res = run(cfg, experiment)
+    print(json.dumps({k: v for k, v in dataclasses.asdict(res).items() if k != "manifest"}, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The tokenize stage through the real local Ray, MLflow server (registry) and S3 server."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from infra import code_shards, io, model_store, schemas
+from models import checkpoint
+from models.vqgan import VQGAN, VQGANConfig
+from stages import ingest, tokenize_images
+from stages.tokenize_images import TokenizeConfig, _decode_pngs
+from tests import images
+
+ROOT = Path(__file__).resolve().parents[2]
+TOK = VQGANConfig(
+    in_channels=3,
+    out_channels=3,
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=16,
+    z_channels=8,
+    embed_dim=4,
+    codebook_size=64,
+)
+
+
+@pytest.fixture(scope="module")
+def image_shards(stack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    files = {
+        f"{'ab'[i % 2]}/{i:03d}.png": images.encode(images.noise(20, 20, "RGB", i), "PNG") for i in range(40)
+    }
+    images.write_tree(root / "src", files)
+    res = ingest.run(
+        ingest.IngestConfig(
+            source_uri=str(root / "src"),
+            output_uri=str(root / "images"),
+            resolution=16,
+            rows_per_shard=10,
+            val_fraction=0.3,
+        ),
+        "test-tokenize",
+    )
+    torch.manual_seed(0)
+    model = VQGAN(TOK).eval()
+    checkpoint.save_native(model, root / "tok.safetensors")
+    return {
+        "root": root,
+        "images": res.output_uri,
+        "model": model,
+        "tokenizer": str(root / "tok.safetensors"),
+    }
+
+
+def test_codes_match_in_memory_model(image_shards, tmp_path):
+    d = image_shards
+    cfg = TokenizeConfig(
+        images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(tmp_path / "codes"), hflip=True
+    )
+    res = tokenize_images.run(cfg, "test-tokenize")
+    assert (res.images, res.rows, res.shards, res.grid) == (40, 80, 4, (8, 8))
+    assert res.codebook_size == 64 and res.bytes_per_code < 2.0  # 2-byte slots, zstd
+    t = io.read_committed_table(res.output_uri, verify=True)
+    imgs = io.read_committed_table(d["images"]).sort_by("image_id")
+    x = torch.from_numpy(_decode_pngs(imgs["image"].to_pylist(), 3))
+    with torch.no_grad():
+        _, _, expected = d["model"].encode(x)
+        expected_flip = d["model"].encode(x.flip(-1))[2]
+    ids = imgs["image_id"].to_pylist()
+    for aug, want in ((0, expected), (1, expected_flip)):
+        rows = t.filter(t["aug_id"].to_numpy() == aug).sort_by("image_id")
+        assert rows["image_id"].to_pylist() == ids
+        got = torch.from_numpy(schemas.decode_codes(rows["codes"], 64)).reshape(-1, 8, 8)
+        assert torch.equal(got, want)
+        # decoding the stored codes gives the in-memory model's reconstruction
+        with torch.no_grad():
+            torch.testing.assert_close(d["model"].decode_codes(got), d["model"].decode_codes(want))
+    # the reader API: filtered torch batches
+    batches = list(code_shards.iter_batches(res.output_uri, 16, split="train", labels=[1]))
+    n = sum(len(b["image_id"]) for b in batches)
+    assert n == int(((t["split"].to_numpy() == "train") & (t["label"].to_numpy() == 1)).sum()) and n > 0
+    assert all(b["codes"].shape[1] == 64 and b["codes"].dtype == torch.int64 for b in batches)
+    ds_rows = code_shards.ray_dataset(res.output_uri, split="val").take_all()
+    assert len(ds_rows) == int((t["split"].to_numpy() == "val").sum()) and len(ds_rows[0]["codes"]) == 64
+    assert tokenize_images.run(cfg, "test-tokenize").cached
+
+
+def test_killed_run_resumes_byte_identical(image_shards, tmp_path):
+    d = image_shards
+    whole = tokenize_images.run(
+        TokenizeConfig(images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(tmp_path / "a")),
+        "test-tokenize",
+    )
+    import ray
+
+    cfg_path = tmp_path / "cfg.yaml"
+    out_b = tmp_path / "b"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"experiment": "test-tokenize"},
+                "tokenize_images": {
+                    "images_uri": d["images"],
+                    "tokenizer_uri": d["tokenizer"],
+                    "output_uri": str(out_b),
+                    "batch_size": 2,
+                },
+            }
+        )
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.tokenize_images", "--config", str(cfg_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(out_b.glob("_attempts/*/_shards/part-*.json")):
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    log = proc.communicate()[0].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, log[-3000:]
+    assert not (out_b / "_SUCCESS.json").exists(), "finished before it could be killed"
+    time.sleep(1.0)
+    res = tokenize_images.run(
+        TokenizeConfig(images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(out_b)),
+        "test-tokenize",
+    )
+    assert res.reused_shards >= 1
+    assert [f.sha256 for f in res.manifest.files] == [f.sha256 for f in whole.manifest.files]  # same bytes
+
+
+def test_s3_and_registry_uri(image_shards, s3_bucket, stack):
+    import s3fs
+
+    d = image_shards
+    fs = s3fs.S3FileSystem()
+    fs.put(d["tokenizer"], f"{s3_bucket}/models/tok.safetensors")
+    res = tokenize_images.run(
+        TokenizeConfig(
+            images_uri=d["images"],
+            tokenizer_uri=f"{s3_bucket}/models/tok.safetensors",
+            output_uri=f"{s3_bucket}/codes",
+        ),
+        "test-tokenize",
+    )
+    assert fs.exists(f"{s3_bucket}/codes/_SUCCESS.json") and res.rows == 40
+    # the registry: register the model, then tokenize from models:/name@alias
+    mlflow.set_tracking_uri(stack["mlflow"].uri)
+    mlflow.set_experiment("test-registry")
+    with mlflow.start_run():
+        version = model_store.register(
+            d["model"], "test-tokenizer", alias="candidate", tags={"val/psnr": 1.0}
+        )
+    assert version >= 1
+    loaded = model_store.load_first_stage("models:/test-tokenizer@candidate")
+    assert loaded.sha256 == model_store.load_first_stage(d["tokenizer"]).sha256
+    res2 = tokenize_images.run(
+        TokenizeConfig(
+            images_uri=d["images"],
+            tokenizer_uri="models:/test-tokenizer@candidate",
+            output_uri=f"{s3_bucket}/codes2",
+        ),
+        "test-tokenize",
+    )
+    a, b = (
+        io.read_committed_table(r.output_uri).sort_by([("image_id", "ascending"), ("aug_id", "ascending")])
+        for r in (res, res2)
+    )
+    assert a["codes"].equals(b["codes"])  # same model, same codes (the files differ in their tokenizer URI)
+    assert res2.manifest.extra["tokenizer_sha256"] == res.manifest.extra["tokenizer_sha256"]
+
+
+def test_bad_tokenizer_and_channels_fail_before_work(image_shards, tmp_path):
+    d = image_shards
+    base = TokenizeConfig(
+        images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(tmp_path / "x")
+    )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tokenize_images.run(dataclasses.replace(base, tokenizer_uri=str(tmp_path / "nope.safetensors")))
+    with pytest.raises(FileNotFoundError, match="registry"):
+        tokenize_images.run(dataclasses.replace(base, tokenizer_uri="models:/no-such-model@candidate"))
+    gray = VQGAN(dataclasses.replace(TOK, in_channels=1, out_channels=1))
+    checkpoint.save_native(gray, tmp_path / "gray.safetensors")
+    with pytest.raises(ValueError, match="1-channel images but"):
+        tokenize_images.run(dataclasses.replace(base, tokenizer_uri=str(tmp_path / "gray.safetensors")))
+    assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def test_crops_are_deterministic(image_shards, tmp_path):
+    d = image_shards
+    cfg = TokenizeConfig(
+        images_uri=d["images"],
+        tokenizer_uri=d["tokenizer"],
+        output_uri=str(tmp_path / "c"),
+        num_crops=2,
+        crop_size=8,
+        hflip=True,
+    )
+    res = tokenize_images.run(cfg, "test-tokenize")
+    assert res.rows == 40 * 4 and res.grid == (4, 4)
+    assert res.manifest.extra["augmentations"] == ["identity", "hflip", "crop0", "crop1"]
+    again = tokenize_images.run(dataclasses.replace(cfg, output_uri=str(tmp_path / "c2")), "test-tokenize")
+    assert [f.sha256 for f in again.manifest.files] == [f.sha256 for f in res.manifest.files]
+    with pytest.raises(ValueError, match="crop_size 16 must be below"):
+        tokenize_images.run(dataclasses.replace(cfg, crop_size=16), "test-tokenize")
