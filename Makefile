@@ -14,6 +14,9 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test bench lint format up down submit data tokenize clean help
+IMAGES ?= $(CURDIR)/.local/runs/demo/images
+TOKENIZER ?= models:/demo-vqgan@candidate
+OUT ?= $(CURDIR)/.local/runs/demo/codes
 
 help:
 	@echo "make demo     run the whole pipeline on Fashion-MNIST with embedded defaults"
@@ -22,6 +25,7 @@ help:
 	@echo "make lint     ruff check + format check"
 	@echo "make up/down  start/stop a local Ray head, MLflow server and S3 server (state in .local/)"
 	@echo "make submit   submit the demo pipeline as a Ray job to the 'make up' cluster"
+	@echo "make tokenize tokenize IMAGES with TOKENIZER into OUT (defaults: the demo's images and models:/demo-vqgan@candidate)"
 
 install: $(STAMP)
 
@@ -71,6 +75,11 @@ down:
 submit: install data
 	source .local/env.sh && $(BIN)/ray job submit --working-dir . -- \
 	  python pipelines/full.py --config pipelines/configs/demo.yaml run.root_uri=$(CURDIR)/.local/runs/demo-job $(ARGS)
+
+tokenize: install
+	$(BIN)/python -m stages.tokenize_images --config pipelines/configs/demo.yaml \
+	  tokenize_images.images_uri=$(IMAGES) tokenize_images.tokenizer_uri=$(TOKENIZER) \
+	  tokenize_images.output_uri=$(OUT) $(ARGS)
 
 clean:
 	rm -rf .local/runs .local/mlflow.db .local/mlartifacts

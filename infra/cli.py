@@ -55,7 +55,10 @@ def stage_cli(stage: str, cls: type[T], doc: str | None, argv: list[str] | None 
     setup_logging()
     raw: dict[str, Any] = config_lib.read_yaml(args.config) if args.config else {}
     experiment = (raw.get("run") or {}).get("experiment", tracking.DEFAULT_EXPERIMENT)
-    section = raw.get(stage, {}) if stage in raw else {k: v for k, v in raw.items() if k != "run"}
+    if stage in raw or "run" in raw:  # a pipeline file: this stage's section (maybe absent)
+        section = raw.get(stage) or {}
+    else:  # a file of this stage's keys alone
+        section = raw
     stage_overrides, other = [], []
     for o in args.overrides:
         key = o.split("=", 1)[0]

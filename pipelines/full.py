@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from infra import config as config_lib  # noqa: E402
 from infra import io, tracking  # noqa: E402
 from infra.cli import OVERRIDES_HELP, setup_logging  # noqa: E402
-from stages import ingest  # noqa: E402
+from stages import ingest, tokenize_images  # noqa: E402
 
 log = logging.getLogger("pipelines.full")
 
@@ -44,6 +44,7 @@ class RunConfig:
 class FullConfig:
     ingest: ingest.IngestConfig
     run: RunConfig = field(default_factory=RunConfig)
+    tokenize_images: tokenize_images.TokenizeConfig | None = None  # runs when a tokenizer is configured
 
 
 def resolve(cfg: FullConfig) -> FullConfig:
@@ -52,7 +53,16 @@ def resolve(cfg: FullConfig) -> FullConfig:
     ing = cfg.ingest
     if not ing.output_uri:
         ing = dataclasses.replace(ing, output_uri=io.join(root, "images"))
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root_uri=root), ingest=ing)
+    tok = cfg.tokenize_images
+    if tok is not None:
+        tok = dataclasses.replace(
+            tok,
+            images_uri=tok.images_uri or ing.output_uri,
+            output_uri=tok.output_uri or io.join(root, "codes"),
+        )
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, root_uri=root), ingest=ing, tokenize_images=tok
+    )
 
 
 def run(cfg: FullConfig) -> dict:
@@ -69,6 +79,18 @@ def run(cfg: FullConfig) -> dict:
             "rejected": res.rejected,
             "cached": res.cached,
         }
+        if cfg.tokenize_images is not None:
+            tok = tokenize_images.run(cfg.tokenize_images, cfg.run.experiment)
+            tracking.set_tags(
+                {"tokenize_images.cached": tok.cached, "tokenize_images.output_uri": tok.output_uri}
+            )
+            summary["tokenize_images"] = {
+                "output_uri": tok.output_uri,
+                "images": tok.images,
+                "rows": tok.rows,
+                "bytes_per_code": round(tok.bytes_per_code, 3),
+                "cached": tok.cached,
+            }
     summary["tracking_uri"] = tracking.tracking_uri()
     return summary
 

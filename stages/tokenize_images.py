@@ -35,8 +35,8 @@ STAGE = "tokenize_images"
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    images_uri: str  # committed image shards (the ingest stage's output)
     tokenizer_uri: str  # native checkpoint, taming release, or models:/<name>@<alias>
+    images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
     hflip: bool = False  # also tokenize the mirrored image (aug_id 1)
     num_crops: int = 0  # LlamaGen's recipe: extra random crops (aug_id 2, 3, ...), fixed per image_id
@@ -99,6 +99,7 @@ class TokenizeShards:
         import torch
 
         self.cfg, self.out, self.metadata = cfg, out, metadata
+        torch.set_num_threads(max(1, int(cfg.num_cpus)))  # intra-op threads = the CPUs this actor holds
         self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device == "cuda")
         self.dtype = torch.bfloat16 if bf16 else torch.float32
@@ -195,8 +196,8 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> T
 
     from infra.cluster import ensure_ray
 
-    if not cfg.output_uri:
-        raise config_lib.ConfigError("tokenize_images.output_uri is not set")
+    if not cfg.output_uri or not cfg.images_uri:
+        raise config_lib.ConfigError("tokenize_images.images_uri and tokenize_images.output_uri must be set")
     images = io.read_manifest(cfg.images_uri)  # raises a clear error when not committed
     loaded = model_store.load_first_stage(cfg.tokenizer_uri)  # fails before any work on a bad URI
     _check_compatible(cfg, images, loaded)
@@ -232,7 +233,7 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> T
                 fn_constructor_args=(cfg, out, metadata),
                 batch_size=1,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+                compute=ray.data.ActorPoolStrategy(size=cfg.concurrency, max_tasks_in_flight_per_actor=1),
                 num_cpus=cfg.num_cpus,
                 num_gpus=cfg.num_gpus,
             )

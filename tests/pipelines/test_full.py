@@ -105,3 +105,41 @@ def test_ray_job_submit(stack, tmp_path):
     run = MlflowClient(stack["mlflow"].uri).get_run(m.mlflow_run_id)  # logged to the shared server
     assert run.data.metrics["ingest/written"] == 6
     json.dumps(m.to_json())
+
+
+def test_pipeline_with_tokenize(stack, tmp_path):
+    import torch
+
+    from models import checkpoint
+    from models.vqgan import VQGAN, VQGANConfig
+
+    src = _source(tmp_path, n=4)
+    torch.manual_seed(0)
+    tok = VQGAN(
+        VQGANConfig(
+            ch=32,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            resolution=8,
+            z_channels=8,
+            embed_dim=4,
+            codebook_size=32,
+        )
+    )
+    checkpoint.save_native(tok, tmp_path / "tok.safetensors")
+    cfg_path = tmp_path / "p.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "tok", "experiment": "test-pipeline", "root_uri": str(tmp_path / "run")},
+                "ingest": {"source_uri": str(src), "resolution": 8},
+                "tokenize_images": {"tokenizer_uri": str(tmp_path / "tok.safetensors")},
+            }
+        )
+    )
+    summary = full.main(["--config", str(cfg_path)])
+    t = summary["tokenize_images"]
+    assert t["output_uri"] == str(tmp_path / "run" / "codes") and (t["images"], t["rows"]) == (8, 8)
+    m = io.read_manifest(t["output_uri"])
+    assert m.input_uris[0] == summary["ingest"]["output_uri"] and m.extra["grid"] == [4, 4]

@@ -1,0 +1,113 @@
+"""Tokenization throughput: the stage (Ray actor pool, one model per actor) against a bare
+single-process torch loop over the same image shards in the same run; bytes per code on disk.
+
+1. The demo tokenizer (preset ``f4-small``: 1 channel, 32x32 -> 8x8 codes, 512 codes) on 20k
+   Fashion-MNIST images (2 shards of 10k, 2 actors of 1 CPU each; the loop uses both cores).
+2. The official f16 config (256x256 -> 16x16 codes, 1024 codes) on 64 RGB images.
+Random weights: the codes are not those of a trained tokenizer (their entropy is higher).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infra import io
+from models import checkpoint
+from models.vqgan import PRESETS, VQGAN
+from stages import ingest, tokenize_images
+from stages.tokenize_images import TokenizeConfig, _decode_pngs
+
+
+def bare_loop(images_uri: str, model: VQGAN, batch: int) -> int:
+    n = 0
+    with torch.inference_mode():
+        for uri in io.read_manifest(images_uri).data_uris():
+            t = io.read_parquet(uri, ["image_id", "image"])
+            x = _decode_pngs(t["image"].to_pylist(), model.config.in_channels)
+            codes = [model.encode(torch.from_numpy(x[i : i + batch]))[2] for i in range(0, len(x), batch)]
+            n += int(sum(len(c) for c in codes))
+    return n
+
+
+def one(name: str, tmp: Path, images_uri: str, model: VQGAN, concurrency: int, num_cpus: float) -> dict:
+    ckpt = tmp / f"{name}.safetensors"
+    checkpoint.save_native(model, ckpt)
+    n = sum(f.rows for f in io.read_manifest(images_uri).files)
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    assert bare_loop(images_uri, model, 64) == n
+    loop_s = time.perf_counter() - t0
+    timings = {}
+    for attempt in ("cold", "warm"):  # cold: actor start and model load included
+        cfg = TokenizeConfig(
+            tokenizer_uri=str(ckpt),
+            images_uri=images_uri,
+            output_uri=str(tmp / f"{name}-{attempt}"),
+            concurrency=concurrency,
+            num_cpus=num_cpus,
+        )
+        t0 = time.perf_counter()
+        res = tokenize_images.run(cfg, "bench")
+        timings[attempt] = time.perf_counter() - t0
+    return {
+        "images": n,
+        "bare_loop_images_per_s": round(n / loop_s, 1),
+        "stage_images_per_s": round(n / timings["warm"], 1),
+        "stage_cold_images_per_s": round(n / timings["cold"], 1),
+        "ray_overhead_pct": round(100 * (timings["warm"] / loop_s - 1), 1),
+        "bytes_per_code_codes_column": round(res.bytes_per_code, 3),
+        "bytes_per_code_whole_files": round(res.manifest.extra["file_bytes_per_code"], 3),
+        "grid": list(res.grid),
+    }
+
+
+def run(quick: bool = False) -> dict:
+    from infra.cluster import ensure_ray
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["TAMING_LOCAL_DIR"] = str(tmp / "local")
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        ensure_ray()
+        n = 2_000 if quick else 20_000
+        small = ingest.run(
+            ingest.IngestConfig(
+                source_uri="/usr/share/datasets/fashion-mnist",
+                output_uri=str(tmp / "fm"),
+                resolution=32,
+                channels=1,
+                resize="pad",
+                max_images=n,
+                rows_per_shard=n // 2,
+            ),
+            "bench",
+        )
+        torch.manual_seed(0)
+        out["demo_f4_small_32px"] = one(
+            "small", tmp, small.output_uri, VQGAN(PRESETS["f4-small"]).eval(), 2, 1.0
+        )
+        print(out)
+        rng = np.random.default_rng(0)
+        from PIL import Image
+
+        src = tmp / "rgb"
+        src.mkdir()
+        k = 8 if quick else 64
+        for i in range(k):
+            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(src / f"{i}.png")
+        big = ingest.run(
+            ingest.IngestConfig(
+                source_uri=str(src), output_uri=str(tmp / "big"), resolution=256, rows_per_shard=k // 2
+            ),
+            "bench",
+        )
+        out["official_f16_256px"] = one("f16", tmp, big.output_uri, VQGAN(PRESETS["f16-1024"]).eval(), 2, 1.0)
+        print(out)
+    return out
