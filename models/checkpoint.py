@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from models.deeplab import DeepLabConfig, DeepLabMSC
 from models.gpt import GPT, GPTConfig
 from models.losses import VQGANLoss, VQGANLossConfig
 from models.net2net import ConditionConfig, Net2Net
@@ -402,3 +403,34 @@ def _load_transformer(ckpt: Path, params: dict[str, Any], allow_pickle: bool) ->
 
 def _no_loss(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("loss.")}
+
+
+# --------------------------------------------------------------------------- preprocessing models
+
+
+def _plain_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A release file holding a plain state_dict, or one wrapped as {"model": ...} / {"state_dict": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} cannot be read without unpickling Python objects: {e}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a state_dict")
+    return data
+
+
+def load_deeplab_v2(path: str | Path, cfg: DeepLabConfig | None = None) -> DeepLabMSC:
+    """The official ``deeplabv2_resnet101_msc-cocostuff164k-100000.pth`` (kazuto1011/deeplab-pytorch)."""
+    model = DeepLabMSC(cfg)
+    state = _plain_state(path)
+    for k, v in model.state_dict().items():  # BatchNorm counters may or may not be in the release
+        if k.endswith("num_batches_tracked"):
+            state.setdefault(k, v)
+    strict_load(model, state, f"{path}")
+    return model.eval()

@@ -1,0 +1,136 @@
+"""DeepLab v2 (Chen et al., TPAMI 2018): a dilated ResNet-101 with atrous spatial pyramid pooling,
+evaluated on multi-scale inputs (MSC). The segmentation model taming's S-FLCKR / COCO-Stuff
+conditioning was extracted with (``scripts/extract_segmentation.py``), COCO-Stuff-164k, 182 labels.
+
+State-dict names match kazuto1011/deeplab-pytorch (``base.layer{1..5}``, ``block{i}.reduce/
+conv3x3/increase/shortcut.{conv,bn}``, ``base.aspp.c{i}``), so the official
+``deeplabv2_resnet101_msc-cocostuff164k-100000.pth`` loads strictly (with or without BatchNorm
+``num_batches_tracked``). The stride sits in the first 1x1 conv of a block, which is why
+torchvision / timm ResNets cannot load these weights.
+
+``preprocess`` and ``segment`` reproduce the official pipeline: RGB in [-1, 1] -> (x+1)*127.5 ->
+BGR -> minus the Caffe mean -> MSC (pixel-wise max over scales 1, 0.5, 0.75) -> logits at 1/8 ->
+bilinear upsampling to the image size (align_corners=True) -> argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BGR_MEAN = (104.008, 116.669, 122.675)
+
+
+@dataclass(frozen=True)
+class DeepLabConfig:
+    n_classes: int = 182  # COCO-Stuff-164k
+    n_blocks: tuple[int, ...] = (3, 4, 23, 3)  # ResNet-101
+    atrous_rates: tuple[int, ...] = (6, 12, 18, 24)
+    scales: tuple[float, ...] = (0.5, 0.75)  # extra MSC input scales besides 1
+
+
+class ConvBnReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int, stride: int, pad: int, dilation: int, relu: bool = True):
+        super().__init__()
+        self.add_module("conv", nn.Conv2d(cin, cout, k, stride, pad, dilation, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(cout, eps=1e-5, momentum=1 - 0.999))
+        if relu:
+            self.add_module("relu", nn.ReLU())
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, dilation: int, downsample: bool):
+        super().__init__()
+        mid = cout // 4
+        self.reduce = ConvBnReLU(cin, mid, 1, stride, 0, 1)  # the stride is here, in the 1x1 conv
+        self.conv3x3 = ConvBnReLU(mid, mid, 3, 1, dilation, dilation)
+        self.increase = ConvBnReLU(mid, cout, 1, 1, 0, 1, relu=False)
+        self.shortcut = ConvBnReLU(cin, cout, 1, stride, 0, 1, relu=False) if downsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.increase(self.conv3x3(self.reduce(x))) + self.shortcut(x))
+
+
+class ResLayer(nn.Sequential):
+    def __init__(self, n: int, cin: int, cout: int, stride: int, dilation: int):
+        super().__init__()
+        for i in range(n):
+            self.add_module(
+                f"block{i + 1}",
+                Bottleneck(
+                    cin if i == 0 else cout, cout, stride if i == 0 else 1, dilation, downsample=i == 0
+                ),
+            )
+
+
+class Stem(nn.Sequential):
+    def __init__(self, cout: int):
+        super().__init__()
+        self.add_module("conv1", ConvBnReLU(3, cout, 7, 2, 3, 1))
+        self.add_module("pool", nn.MaxPool2d(3, 2, 1, ceil_mode=True))
+
+
+class ASPP(nn.Module):
+    def __init__(self, cin: int, cout: int, rates: tuple[int, ...]):
+        super().__init__()
+        for i, r in enumerate(rates):
+            self.add_module(f"c{i}", nn.Conv2d(cin, cout, 3, 1, padding=r, dilation=r, bias=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(stage(x) for stage in self.children())
+
+
+class DeepLabV2(nn.Sequential):
+    """Output stride 8: layers 4 and 5 dilate (2, 4) instead of striding."""
+
+    def __init__(self, cfg: DeepLabConfig):
+        super().__init__()
+        ch = [64 * 2**p for p in range(6)]
+        self.add_module("layer1", Stem(ch[0]))
+        self.add_module("layer2", ResLayer(cfg.n_blocks[0], ch[0], ch[2], 1, 1))
+        self.add_module("layer3", ResLayer(cfg.n_blocks[1], ch[2], ch[3], 2, 1))
+        self.add_module("layer4", ResLayer(cfg.n_blocks[2], ch[3], ch[4], 1, 2))
+        self.add_module("layer5", ResLayer(cfg.n_blocks[3], ch[4], ch[5], 1, 4))
+        self.add_module("aspp", ASPP(ch[5], cfg.n_classes, cfg.atrous_rates))
+
+
+class DeepLabMSC(nn.Module):
+    """Multi-scale evaluation: pixel-wise max of the logits at scale 1 and ``cfg.scales``."""
+
+    def __init__(self, cfg: DeepLabConfig | None = None):
+        super().__init__()
+        self.config = cfg = cfg or DeepLabConfig()
+        self.base = DeepLabV2(cfg)
+
+    def logits_per_scale(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = [self.base(x)]
+        for s in self.config.scales:
+            out.append(self.base(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)))
+        return out  # [(B, K, h, w) at scale 1, then each extra scale at its own size]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Network input (B, 3, H, W) -> fused logits at 1/8 resolution."""
+        per_scale = self.logits_per_scale(x)
+        h, w = per_scale[0].shape[-2:]
+        up = [per_scale[0]] + [
+            F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False) for t in per_scale[1:]
+        ]
+        return torch.stack(up).max(dim=0).values
+
+
+def preprocess(image: torch.Tensor) -> torch.Tensor:
+    """RGB images in [-1, 1] (B, 3, H, W) -> the network input (BGR, 0-255, minus the Caffe mean)."""
+    x = (image + 1.0) * 127.5
+    x = x.flip(1)  # RGB -> BGR
+    return x - torch.tensor(BGR_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def segment(model: DeepLabMSC, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB in [-1, 1] -> (labels (B, H, W) uint8 COCO-Stuff ids, upsampled logits (B, K, H, W))."""
+    logits = model(preprocess(image))
+    up = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=True)
+    return up.argmax(1).to(torch.uint8), up
