@@ -28,6 +28,7 @@ from torch import nn
 from models.deeplab import DeepLabConfig, DeepLabMSC
 from models.gpt import GPT, GPTConfig
 from models.losses import VQGANLoss, VQGANLossConfig
+from models.midas import MidasSmall
 from models.net2net import ConditionConfig, Net2Net
 from models.quantize import QuantizerConfig
 from models.vqgan import VQGAN, VQGANConfig, config_from_dict
@@ -430,6 +431,17 @@ def load_deeplab_v2(path: str | Path, cfg: DeepLabConfig | None = None) -> DeepL
     model = DeepLabMSC(cfg)
     state = _plain_state(path)
     for k, v in model.state_dict().items():  # BatchNorm counters may or may not be in the release
+        if k.endswith("num_batches_tracked"):
+            state.setdefault(k, v)
+    strict_load(model, state, f"{path}")
+    return model.eval()
+
+
+def load_midas_small(path: str | Path) -> MidasSmall:
+    """The official ``midas_v21_small_256.pt`` (plain state_dict or a {"model": ...} wrapper)."""
+    model = MidasSmall()
+    state = _plain_state(path)
+    for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked"):
             state.setdefault(k, v)
     strict_load(model, state, f"{path}")

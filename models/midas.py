@@ -1,0 +1,149 @@
+"""MiDaS monocular depth (Ranftl et al., TPAMI 2022): the depth conditioning of the paper's D-RIN
+models (taming ``scripts/extract_depth.py``).
+
+``MidasSmall`` is the official ``MidasNet_small`` (``midas_v21_small_256``): an EfficientNet-Lite3
+encoder (timm's ``tf_efficientnet_lite3``, the same keys and features as the official
+gen-efficientnet model, regrouped into ``pretrained.layer1..4``), RefineNet-style fusion blocks
+and a small head, with the official state-dict names so the release file loads strictly.
+``transform`` is the official input transform (keep aspect, multiple of 32, upper bound 256,
+bicubic, ImageNet mean/std) and ``predict_depth`` the taming pipeline: relative inverse depth,
+bicubically resized back to the image size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ResidualConvUnit(nn.Module):
+    def __init__(self, features: int, activation: nn.Module):
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, 3, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1, bias=True)
+        self.activation = activation  # MidasNet_small: ReLU(inplace=False), so the skip adds x itself
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.activation(self.conv1(self.activation(x)))) + x
+
+
+class FeatureFusionBlock(nn.Module):
+    def __init__(self, features: int, activation: nn.Module, expand: bool, align_corners: bool = True):
+        super().__init__()
+        self.resConfUnit1 = ResidualConvUnit(features, activation)
+        self.resConfUnit2 = ResidualConvUnit(features, activation)
+        self.out_conv = nn.Conv2d(features, features // 2 if expand else features, 1, bias=True)
+        self.align_corners = align_corners
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        x = self.resConfUnit2(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=self.align_corners)
+        return self.out_conv(x)
+
+
+class Interpolate(nn.Module):
+    def __init__(self, scale_factor: float, mode: str, align_corners: bool = False):
+        super().__init__()
+        self.scale_factor, self.mode, self.align_corners = scale_factor, mode, align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(
+            x, scale_factor=self.scale_factor, mode=self.mode, align_corners=self.align_corners
+        )
+
+
+def _efficientnet_lite3_encoder() -> nn.Module:
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite3", pretrained=False)
+    enc = nn.Module()
+    # official grouping: (conv_stem, bn1, act1, blocks 0-1), (block 2), (blocks 3-4), (blocks 5-6);
+    # timm's bn1 includes the activation, so index 2 is an Identity to keep the official numbering
+    enc.layer1 = nn.Sequential(net.conv_stem, net.bn1, nn.Identity(), *net.blocks[0:2])
+    enc.layer2 = nn.Sequential(*net.blocks[2:3])
+    enc.layer3 = nn.Sequential(*net.blocks[3:5])
+    enc.layer4 = nn.Sequential(*net.blocks[5:9])
+    return enc
+
+
+class MidasSmall(nn.Module):
+    """midas_v21_small_256: 4 encoder levels (32, 48, 136, 384 channels) -> inverse depth (B, H, W)."""
+
+    def __init__(self, features: int = 64):
+        super().__init__()
+        self.pretrained = _efficientnet_lite3_encoder()
+        s = nn.Module()
+        widths, outs = (32, 48, 136, 384), (features, features * 2, features * 4, features * 8)
+        for i, (cin, cout) in enumerate(zip(widths, outs), start=1):
+            setattr(s, f"layer{i}_rn", nn.Conv2d(cin, cout, 3, padding=1, bias=False))
+        s.activation = nn.ReLU(False)
+        s.refinenet4 = FeatureFusionBlock(outs[3], s.activation, expand=True)
+        s.refinenet3 = FeatureFusionBlock(outs[2], s.activation, expand=True)
+        s.refinenet2 = FeatureFusionBlock(outs[1], s.activation, expand=True)
+        s.refinenet1 = FeatureFusionBlock(outs[0], s.activation, expand=False)
+        s.output_conv = nn.Sequential(
+            nn.Conv2d(features, features // 2, 3, padding=1),
+            Interpolate(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(features // 2, 32, 3, padding=1),
+            s.activation,
+            nn.Conv2d(32, 1, 1),
+            nn.ReLU(True),  # non-negative inverse depth
+            nn.Identity(),
+        )
+        self.scratch = s
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        p, s = self.pretrained, self.scratch
+        f = {"enc1": p.layer1(x)}
+        f["enc2"] = p.layer2(f["enc1"])
+        f["enc3"] = p.layer3(f["enc2"])
+        f["enc4"] = p.layer4(f["enc3"])
+        for i in range(1, 5):
+            f[f"rn{i}"] = getattr(s, f"layer{i}_rn")(f[f"enc{i}"])
+        f["path4"] = s.refinenet4(f["rn4"])
+        f["path3"] = s.refinenet3(f["path4"], f["rn3"])
+        f["path2"] = s.refinenet2(f["path3"], f["rn2"])
+        f["path1"] = s.refinenet1(f["path2"], f["rn1"])
+        return f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input (B, 3, H, W), H and W multiples of 32 -> relative inverse depth (B, H, W)."""
+        return self.scratch.output_conv(self.features(x)["path1"]).squeeze(1)
+
+
+def input_size(h: int, w: int, target: int = 256, multiple: int = 32) -> tuple[int, int]:
+    """The official Resize(keep_aspect_ratio=True, ensure_multiple_of=32, resize_method="upper_bound")."""
+    scale = min(target / h, target / w)  # upper bound: fit inside target x target
+
+    def constrain(x: float) -> int:
+        y = int(round(x / multiple) * multiple)
+        if y > target:
+            y = int(math.floor(x / multiple) * multiple)
+        return max(y, multiple)
+
+    return constrain(scale * h), constrain(scale * w)
+
+
+def transform(image: torch.Tensor, target: int = 256) -> torch.Tensor:
+    """RGB in [-1, 1] (B, 3, H, W) -> the network input (resized bicubically, ImageNet-normalised)."""
+    x = (image + 1.0) / 2.0  # the official pipeline feeds img/255 from (image+1)*127.5
+    h, w = input_size(*x.shape[-2:], target=target)
+    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict_depth(model: MidasSmall, image: torch.Tensor, target: int = 256) -> torch.Tensor:
+    """RGB in [-1, 1] (B, 3, H, W) -> relative inverse depth at the image size (B, H, W), as taming."""
+    pred = model(transform(image, target))
+    return F.interpolate(pred[:, None], size=image.shape[-2:], mode="bicubic", align_corners=False)[:, 0]
