@@ -143,3 +143,34 @@ def image_grid(images: list[np.ndarray], ncol: int = 8, pad: int = 2) -> np.ndar
         y, x = pad + r * (h + pad), pad + q * (w + pad)
         grid[y : y + im.shape[0], x : x + im.shape[1]] = im
     return grid[..., 0] if c == 1 else grid
+
+
+def pngs_to_array(pngs: list[bytes], channels: int) -> np.ndarray:
+    """PNG bytes -> float32 (N, C, H, W) in [-1, 1]; C = 1 (L) or 3 (RGB, grayscale repeated)."""
+    arrs = []
+    for b in pngs:
+        with Image.open(io.BytesIO(b)) as im:
+            arrs.append(np.asarray(im.convert("L" if channels == 1 else "RGB")))
+    if not arrs:
+        return np.zeros((0, channels, 1, 1), np.float32)
+    x = np.stack(arrs).astype(np.float32) / 127.5 - 1.0
+    return x[:, None] if channels == 1 else x.transpose(0, 3, 1, 2)
+
+
+def colorize(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """A float map (H, W) -> uint8 RGB with a perceptual dark-blue/red/yellow ramp (for previews)."""
+    lo = float(values.min()) if lo is None else lo
+    hi = float(values.max()) if hi is None else hi
+    t = np.clip((values - lo) / max(hi - lo, 1e-8), 0, 1)
+    anchors = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+    pos = t * (len(anchors) - 1)
+    i = np.minimum(pos.astype(int), len(anchors) - 2)
+    f = (pos - i)[..., None]
+    return ((1 - f) * anchors[i] + f * anchors[i + 1]).astype(np.uint8)
+
+
+def label_colors(labels: np.ndarray, n: int = 256) -> np.ndarray:
+    """A label map (H, W) -> uint8 RGB with a fixed pseudo-random colour per label (for previews)."""
+    rng = np.random.default_rng(12345)
+    palette = rng.integers(0, 256, (n, 3), dtype=np.uint8)
+    return palette[labels.astype(np.int64) % n]

@@ -64,7 +64,7 @@ def local_path(uri: str) -> Path:
     return p
 
 
-def _sha256_file(p: Path) -> str:
+def file_sha256(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -83,10 +83,10 @@ def load(uri: str) -> LoadedModel:
             p = natives[0]
     if p.suffix == NATIVE_SUFFIX:
         model, extra = checkpoint.load_native(p)
-        return LoadedModel(model.eval(), uri, _sha256_file(p), "native", extra)
+        return LoadedModel(model.eval(), uri, file_sha256(p), "native", extra)
     imported = checkpoint.load_taming(p)
     ckpt, _ = checkpoint.resolve_release(p)
-    return LoadedModel(imported.model.eval(), uri, _sha256_file(ckpt), "taming", {"target": imported.target})
+    return LoadedModel(imported.model.eval(), uri, file_sha256(ckpt), "taming", {"target": imported.target})
 
 
 def load_first_stage(uri: str) -> LoadedModel:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io as _io
 import json
 import logging
 import time
@@ -28,6 +27,8 @@ import pyarrow as pa
 
 from infra import config as config_lib
 from infra import io, model_store, schemas, tracking
+from infra.imaging import pngs_to_array
+from infra.shard_map import ShardWorker, map_shards
 
 log = logging.getLogger(__name__)
 STAGE = "tokenize_images"
@@ -81,18 +82,7 @@ def _crop_offsets(image_id: str, k: int, side: int, crop: int) -> tuple[int, int
     return int.from_bytes(h[:4], "little") % span, int.from_bytes(h[4:8], "little") % span
 
 
-def _decode_pngs(pngs: list[bytes], channels: int) -> np.ndarray:
-    from PIL import Image
-
-    arrs = []
-    for b in pngs:
-        with Image.open(_io.BytesIO(b)) as im:
-            arrs.append(np.asarray(im.convert("L" if channels == 1 else "RGB")))
-    x = np.stack(arrs).astype(np.float32) / 127.5 - 1.0  # [-1, 1]
-    return x[:, None] if channels == 1 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
-
-
-class TokenizeShards:
+class TokenizeShards(ShardWorker):
     """Ray Data actor: loads the tokenizer once, then tokenizes whole image shards per call."""
 
     def __init__(self, cfg: TokenizeConfig, out: io.StageOutput, metadata: dict[str, str]):
@@ -115,43 +105,40 @@ class TokenizeShards:
                 codes.append(self.model.encode(batch)[2].cpu().numpy())
         return np.concatenate(codes)  # (N, h, w)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        markers = []
-        for shard, uri in zip(batch["shard"], batch["uri"]):
-            t = io.read_parquet(str(uri), ["image_id", "image", "label", "split"])
-            if self.cfg.splits is not None:
-                t = t.filter(pa.compute.is_in(t["split"], pa.array(self.cfg.splits)))
-            ids = t["image_id"].to_pylist()
-            full = _decode_pngs(t["image"].to_pylist(), self.model.config.in_channels)
-            x = full
-            if self.cfg.crop_size:  # every row at the crop size: identity/hflip use the centre crop
-                c, side = self.cfg.crop_size, full.shape[-1]
-                o = (side - c) // 2
-                x = np.ascontiguousarray(full[..., o : o + c, o : o + c])
-            per_aug = []
-            for aug_id, aug in enumerate(_augmentations(self.cfg)):
-                if aug == "identity":
-                    xa = x
-                elif aug == "hflip":
-                    xa = np.ascontiguousarray(x[..., ::-1])
-                else:
-                    k, c = int(aug[4:]), self.cfg.crop_size
-                    offs = [_crop_offsets(i, k, full.shape[-1], c) for i in ids]
-                    xa = np.stack([full[n, :, r : r + c, q : q + c] for n, (r, q) in enumerate(offs)])
-                per_aug.append((aug_id, self._encode(xa) if len(xa) else np.zeros((0, 1, 1), np.int64)))
-            rows = self._rows(t, per_aug)
-            small = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w"]  # codes: plain, no stats
-            marker = self.out.write_shard(
-                int(shard),
-                {"data": rows},
-                {"images": t.num_rows},
-                use_dictionary=small,
-                write_statistics=small,
-                compression_level=3,
-            )
-            markers.append(json.dumps(marker))
-            log.info("tokenize: shard %d written (%d images, %d rows)", shard, t.num_rows, rows.num_rows)
-        return {"marker": markers}
+    def process(self, shard: int, uri: str) -> dict[str, Any]:
+        t = io.read_parquet(uri, ["image_id", "image", "label", "split"])
+        if self.cfg.splits is not None:
+            t = t.filter(pa.compute.is_in(t["split"], pa.array(self.cfg.splits)))
+        ids = t["image_id"].to_pylist()
+        full = pngs_to_array(t["image"].to_pylist(), self.model.config.in_channels)
+        x = full
+        if self.cfg.crop_size:  # every row at the crop size: identity/hflip use the centre crop
+            c, side = self.cfg.crop_size, full.shape[-1]
+            o = (side - c) // 2
+            x = np.ascontiguousarray(full[..., o : o + c, o : o + c])
+        per_aug = []
+        for aug_id, aug in enumerate(_augmentations(self.cfg)):
+            if aug == "identity":
+                xa = x
+            elif aug == "hflip":
+                xa = np.ascontiguousarray(x[..., ::-1])
+            else:
+                k, c = int(aug[4:]), self.cfg.crop_size
+                offs = [_crop_offsets(i, k, full.shape[-1], c) for i in ids]
+                xa = np.stack([full[n, :, r : r + c, q : q + c] for n, (r, q) in enumerate(offs)])
+            per_aug.append((aug_id, self._encode(xa) if len(xa) else np.zeros((0, 1, 1), np.int64)))
+        rows = self._rows(t, per_aug)
+        small = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w"]  # codes: plain, no stats
+        marker = self.out.write_shard(
+            shard,
+            {"data": rows},
+            {"images": t.num_rows},
+            use_dictionary=small,
+            write_statistics=small,
+            compression_level=3,
+        )
+        log.info("tokenize: shard %d written (%d images, %d rows)", shard, t.num_rows, rows.num_rows)
+        return marker
 
     def _rows(self, t: pa.Table, per_aug: list[tuple[int, np.ndarray]]) -> pa.Table:
         n = t.num_rows
@@ -192,10 +179,6 @@ def _check_compatible(cfg: TokenizeConfig, images: io.Manifest, loaded: model_st
 
 
 def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> TokenizeResult:
-    import ray
-
-    from infra.cluster import ensure_ray
-
     if not cfg.output_uri or not cfg.images_uri:
         raise config_lib.ConfigError("tokenize_images.images_uri and tokenize_images.output_uri must be set")
     images = io.read_manifest(cfg.images_uri)  # raises a clear error when not committed
@@ -216,31 +199,22 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> T
     }
     inputs = images.data_uris()
     done = out.done_shards()
-    pending = [i for i in range(len(inputs)) if i not in done]
-    log.info("tokenize: %d image shards, %d already done", len(inputs), len(inputs) - len(pending))
+    reused = sum(1 for i in range(len(inputs)) if i in done)
+    log.info("tokenize: %d image shards, %d already done", len(inputs), reused)
     with tracking.stage_run(
         STAGE, cfg, [cfg.images_uri, cfg.tokenizer_uri], out.output_uri, experiment
     ) as run_id:
         tracking.set_tags({"tokenizer_sha256": loaded.sha256})
         t0 = time.perf_counter()
-        if pending:
-            ensure_ray()
-            ds = ray.data.from_items(
-                [{"shard": i, "uri": inputs[i]} for i in pending], override_num_blocks=len(pending)
-            )
-            ds = ds.map_batches(
-                TokenizeShards,
-                fn_constructor_args=(cfg, out, metadata),
-                batch_size=1,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=cfg.concurrency, max_tasks_in_flight_per_actor=1),
-                num_cpus=cfg.num_cpus,
-                num_gpus=cfg.num_gpus,
-            )
-            for row in ds.iter_rows():
-                marker = json.loads(row["marker"])
-                done[marker["index"]] = marker
-        markers = [done[i] for i in range(len(inputs))]
+        markers = map_shards(
+            TokenizeShards,
+            (cfg, out, metadata),
+            inputs,
+            out,
+            concurrency=cfg.concurrency,
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+        )
         n_images = sum(m["images"] for m in markers)
         rows = sum(m["files"]["data"]["rows"] for m in markers)
         n_aug = len(_augmentations(cfg))
@@ -267,13 +241,13 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> T
             "images": n_images,
             "rows": rows,
             "shards": len(inputs),
-            "reused_shards": len(inputs) - len(pending),
+            "reused_shards": reused,
         }
         tracking.log_metrics(
             {
                 **{f"tokenize/{k}": v for k, v in counts.items()},
                 "tokenize/seconds": seconds,
-                "tokenize/images_per_s": n_images / seconds if pending and seconds else 0.0,
+                "tokenize/images_per_s": n_images / seconds if reused < len(inputs) and seconds else 0.0,
                 "tokenize/bytes_per_code": code_bytes / max(n_codes, 1),
                 "tokenize/file_bytes_per_code": data_bytes / max(n_codes, 1),
             }

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from infra import io
+from infra.imaging import pngs_to_array
 from models import checkpoint
 from models.vqgan import PRESETS, VQGAN
 from stages import ingest, tokenize_images
-from stages.tokenize_images import TokenizeConfig, _decode_pngs
+from stages.tokenize_images import TokenizeConfig
 
 
 def bare_loop(images_uri: str, model: VQGAN, batch: int) -> int:
@@ -29,7 +30,7 @@ def bare_loop(images_uri: str, model: VQGAN, batch: int) -> int:
     with torch.inference_mode():
         for uri in io.read_manifest(images_uri).data_uris():
             t = io.read_parquet(uri, ["image_id", "image"])
-            x = _decode_pngs(t["image"].to_pylist(), model.config.in_channels)
+            x = pngs_to_array(t["image"].to_pylist(), model.config.in_channels)
             codes = [model.encode(torch.from_numpy(x[i : i + batch]))[2] for i in range(0, len(x), batch)]
             n += int(sum(len(c) for c in codes))
     return n

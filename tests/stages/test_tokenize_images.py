@@ -16,10 +16,11 @@ import torch
 import yaml
 
 from infra import code_shards, io, model_store, schemas
+from infra.imaging import pngs_to_array
 from models import checkpoint
 from models.vqgan import VQGAN, VQGANConfig
 from stages import ingest, tokenize_images
-from stages.tokenize_images import TokenizeConfig, _decode_pngs
+from stages.tokenize_images import TokenizeConfig
 from tests import images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +76,7 @@ def test_codes_match_in_memory_model(image_shards, tmp_path):
     assert res.codebook_size == 64 and res.bytes_per_code < 2.0  # 2-byte slots, zstd
     t = io.read_committed_table(res.output_uri, verify=True)
     imgs = io.read_committed_table(d["images"]).sort_by("image_id")
-    x = torch.from_numpy(_decode_pngs(imgs["image"].to_pylist(), 3))
+    x = torch.from_numpy(pngs_to_array(imgs["image"].to_pylist(), 3))
     with torch.no_grad():
         _, _, expected = d["model"].encode(x)
         expected_flip = d["model"].encode(x.flip(-1))[2]

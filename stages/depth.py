@@ -1,0 +1,162 @@
+"""Depth: image shards -> image shards plus a MiDaS depth map per image (the D-RIN conditioning).
+
+taming extracted depth with a single-GPU, batch-1 script; here a Ray Data actor pool runs the
+official MiDaS weights over whole shards in batches (exact: a shard's images share one size).
+Each output row is the input row plus ``depth`` (float16, little-endian, at the image size,
+normalised per image to [-1, 1] as taming's depth datasets do), ``depth_min`` and ``depth_max``
+(the raw relative inverse depth range). Weights come from ``weights_uri`` (local or ``s3://``) or
+the torch hub cache; a missing file is an error that names it.
+
+    python -m stages.depth images_uri=... output_uri=... weights_uri=/models/midas_v21_small_256.pt
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from infra import config as config_lib
+from infra import io, tracking
+from infra.imaging import colorize, image_grid
+from infra.model_store import file_sha256
+from infra.shard_map import AnnotateWorker, run_annotate_stage
+
+log = logging.getLogger(__name__)
+STAGE = "depth"
+WEIGHT_FILES = {"midas_v21_small_256": "midas_v21_small_256.pt"}
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
+    output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
+    model: Literal["midas_v21_small_256"] = "midas_v21_small_256"
+    weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # execution only (not part of the config hash)
+    batch_size: int = 16
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+EXECUTION_FIELDS = ("output_uri", "batch_size", "concurrency", "num_cpus", "num_gpus")
+
+
+def resolve_weights(uri: str, filename: str) -> Path:
+    """A local path of the weights: ``uri`` (local / s3), else the torch hub cache; clear error if absent."""
+    import torch
+
+    from infra import model_store
+
+    if uri:
+        return model_store.local_path(uri)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"weights {filename} not found: set weights_uri (a local path or s3:// URI of the official file) "
+            f"or put the file at {cached}"
+        )
+    return cached
+
+
+def encode_f16(maps: np.ndarray) -> list[bytes]:
+    return [m.astype("<f2").tobytes() for m in maps]
+
+
+def decode_f16(column: pa.Array | pa.ChunkedArray, h: int, w: int) -> np.ndarray:
+    return np.stack([np.frombuffer(b, dtype="<f2").reshape(h, w) for b in column.to_pylist()])
+
+
+class DepthWorker(AnnotateWorker):
+    def __init__(self, out: io.StageOutput, cfg: DepthConfig, weights: str, metadata: dict[str, str]):
+        import torch
+
+        from models.checkpoint import load_midas_small
+
+        self.out, self.cfg, self.metadata, self.batch_size = out, cfg, metadata, cfg.batch_size
+        torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device == "cuda")
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.model = load_midas_small(weights).to(self.device, self.dtype)
+
+    def fields(self) -> list[pa.Field]:
+        return [
+            pa.field("depth", pa.binary()),
+            pa.field("depth_min", pa.float32()),
+            pa.field("depth_max", pa.float32()),
+        ]
+
+    def annotate(self, x: np.ndarray) -> dict[str, list]:
+        import torch
+
+        from models.midas import predict_depth
+
+        with torch.inference_mode():
+            d = (
+                predict_depth(self.model, torch.from_numpy(x).to(self.device, self.dtype))
+                .float()
+                .cpu()
+                .numpy()
+            )
+        lo, hi = d.min(axis=(1, 2)), d.max(axis=(1, 2))
+        norm = 2.0 * (d - lo[:, None, None]) / np.maximum(hi - lo, 1e-8)[:, None, None] - 1.0
+        return {"depth": encode_f16(norm), "depth_min": lo.tolist(), "depth_max": hi.tolist()}
+
+
+def _preview(t: pa.Table) -> np.ndarray:
+    maps = [np.frombuffer(b, dtype="<f2") for b in t["depth"].to_pylist()]
+    n = int(round(len(maps[0]) ** 0.5))  # image shards are square (the ingest resolution)
+    return image_grid([colorize(m.reshape(n, n).astype(np.float32), -1.0, 1.0) for m in maps])
+
+
+def run(cfg: DepthConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:
+    """Run (or resume, or reuse) the depth stage; returns its manifest and whether it was cached."""
+    if not cfg.images_uri or not cfg.output_uri:
+        raise config_lib.ConfigError("depth.images_uri and depth.output_uri must be set")
+    io.read_manifest(cfg.images_uri)  # a clear error before anything else when the input is missing
+    weights = resolve_weights(cfg.weights_uri, WEIGHT_FILES[cfg.model])
+    sha = file_sha256(weights)
+    chash = io.sha256(f"{config_lib.config_hash(cfg, exclude=EXECUTION_FIELDS)}:{sha}".encode())[:16]
+    out = io.StageOutput(cfg.output_uri, STAGE, chash)
+    metadata = {
+        "taming.depth_model": cfg.model,
+        "taming.depth_weights_sha256": sha,
+        "taming.depth_encoding": "float16-le, per image normalised to [-1, 1]",
+    }
+    manifest, cached = run_annotate_stage(
+        STAGE,
+        cfg,
+        cfg.images_uri,
+        cfg.output_uri,
+        chash,
+        DepthWorker,
+        (out, cfg, str(weights), metadata),
+        extra={"depth_model": cfg.model, "depth_weights_sha256": sha},
+        preview=_preview,
+        experiment=experiment,
+        concurrency=cfg.concurrency,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+    )
+    log.info("depth: %s %s", "reused" if cached else "committed", manifest.output_uri)
+    return manifest, cached
+
+
+def main(argv: list[str] | None = None) -> None:
+    from infra.cli import stage_cli
+
+    cfg, experiment = stage_cli(STAGE, DepthConfig, __doc__, argv)
+    manifest, cached = run(cfg, experiment)
+    print(json.dumps({"output_uri": manifest.output_uri, "cached": cached, **manifest.counts}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Segmentation: image shards -> image shards plus a DeepLab v2 label map per image (the S-FLCKR /
+COCO-Stuff conditioning).
+
+The official pipeline of taming's ``scripts/extract_segmentation.py`` (DeepLab v2 ResNet-101 MSC,
+COCO-Stuff-164k, 182 labels) on a Ray Data actor pool, batched over whole shards. Each output row
+is the input row plus ``segmentation``: uint8 COCO-Stuff label ids at the image size (row-major
+bytes); the label names are in the file metadata and the manifest. Weights come from
+``weights_uri`` (local or ``s3://``) or the torch hub cache; a missing file is an error that
+names it.
+
+    python -m stages.segmentation images_uri=... output_uri=... weights_uri=/models/deeplabv2_....pth
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from infra import config as config_lib
+from infra import io, tracking
+from infra.imaging import image_grid, label_colors
+from infra.model_store import file_sha256
+from infra.shard_map import AnnotateWorker, run_annotate_stage
+from stages.depth import resolve_weights
+
+log = logging.getLogger(__name__)
+STAGE = "segmentation"
+WEIGHT_FILES = {"deeplabv2_cocostuff164k": "deeplabv2_resnet101_msc-cocostuff164k-100000.pth"}
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
+    output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
+    model: Literal["deeplabv2_cocostuff164k"] = "deeplabv2_cocostuff164k"
+    weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
+    # execution only (not part of the config hash)
+    batch_size: int = 8
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+EXECUTION_FIELDS = ("output_uri", "batch_size", "concurrency", "num_cpus", "num_gpus")
+
+
+class SegmentationWorker(AnnotateWorker):
+    def __init__(self, out: io.StageOutput, cfg: SegmentationConfig, weights: str, metadata: dict[str, str]):
+        import torch
+
+        from models.checkpoint import load_deeplab_v2
+
+        self.out, self.cfg, self.metadata, self.batch_size = out, cfg, metadata, cfg.batch_size
+        torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
+        self.model = load_deeplab_v2(weights).to(self.device)
+
+    def fields(self) -> list[pa.Field]:
+        return [pa.field("segmentation", pa.binary())]
+
+    def annotate(self, x: np.ndarray) -> dict[str, list]:
+        import torch
+
+        from models.deeplab import segment
+
+        with torch.inference_mode():
+            labels, _ = segment(self.model, torch.from_numpy(x).to(self.device))
+        return {"segmentation": [m.tobytes() for m in labels.cpu().numpy().astype(np.uint8)]}
+
+
+def _preview(t: pa.Table) -> np.ndarray:
+    maps = [np.frombuffer(b, dtype=np.uint8) for b in t["segmentation"].to_pylist()]
+    n = int(round(len(maps[0]) ** 0.5))  # image shards are square (the ingest resolution)
+    return image_grid([label_colors(m.reshape(n, n)) for m in maps])
+
+
+def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:
+    """Run (or resume, or reuse) the segmentation stage; returns its manifest and whether it was cached."""
+    from models.deeplab import COCO_STUFF_LABELS
+
+    if not cfg.images_uri or not cfg.output_uri:
+        raise config_lib.ConfigError("segmentation.images_uri and segmentation.output_uri must be set")
+    io.read_manifest(cfg.images_uri)
+    weights = resolve_weights(cfg.weights_uri, WEIGHT_FILES[cfg.model])
+    sha = file_sha256(weights)
+    chash = io.sha256(f"{config_lib.config_hash(cfg, exclude=EXECUTION_FIELDS)}:{sha}".encode())[:16]
+    out = io.StageOutput(cfg.output_uri, STAGE, chash)
+    metadata = {
+        "taming.segmentation_model": cfg.model,
+        "taming.segmentation_weights_sha256": sha,
+        "taming.segmentation_labels": json.dumps(COCO_STUFF_LABELS),
+    }
+    manifest, cached = run_annotate_stage(
+        STAGE,
+        cfg,
+        cfg.images_uri,
+        cfg.output_uri,
+        chash,
+        SegmentationWorker,
+        (out, cfg, str(weights), metadata),
+        extra={
+            "segmentation_model": cfg.model,
+            "segmentation_weights_sha256": sha,
+            "segmentation_labels": COCO_STUFF_LABELS,
+        },
+        preview=_preview,
+        experiment=experiment,
+        concurrency=cfg.concurrency,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+    )
+    log.info("segmentation: %s %s", "reused" if cached else "committed", manifest.output_uri)
+    return manifest, cached
+
+
+def main(argv: list[str] | None = None) -> None:
+    from infra.cli import stage_cli
+
+    cfg, experiment = stage_cli(STAGE, SegmentationConfig, __doc__, argv)
+    manifest, cached = run(cfg, experiment)
+    print(json.dumps({"output_uri": manifest.output_uri, "cached": cached, **manifest.counts}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

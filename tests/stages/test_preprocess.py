@@ -1,0 +1,101 @@
+"""Depth and segmentation stages on random-weight official-format models, through real Ray + MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from infra import io
+from infra.imaging import pngs_to_array
+from models.deeplab import DeepLabMSC, segment
+from models.midas import MidasSmall, predict_depth
+from stages import depth, ingest, segmentation
+from tests import images
+
+
+@pytest.fixture(scope="module")
+def shards(stack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre")
+    images.write_tree(
+        root / "src", {f"x/{i}.png": images.encode(images.noise(40, 40, "RGB", i), "PNG") for i in range(6)}
+    )
+    res = ingest.run(
+        ingest.IngestConfig(
+            source_uri=str(root / "src"), output_uri=str(root / "images"), resolution=32, rows_per_shard=4
+        ),
+        "test-pre",
+    )
+    torch.manual_seed(0)
+    midas = MidasSmall().eval()
+    torch.save(midas.state_dict(), root / "midas_v21_small_256.pt")  # the official file format
+    deeplab = DeepLabMSC().eval()
+    torch.save(deeplab.state_dict(), root / "deeplab.pth")
+    return {"root": root, "images": res.output_uri, "midas": midas, "deeplab": deeplab}
+
+
+def _inputs(uri: str) -> tuple[list[str], torch.Tensor]:
+    t = io.read_committed_table(uri).sort_by("image_id")
+    return t["image_id"].to_pylist(), torch.from_numpy(pngs_to_array(t["image"].to_pylist(), 3))
+
+
+def test_depth_stage(shards, tmp_path, s3_bucket):
+    import s3fs
+
+    s3fs.S3FileSystem().put(str(shards["root"] / "midas_v21_small_256.pt"), f"{s3_bucket}/w/midas.pt")
+    cfg = depth.DepthConfig(
+        images_uri=shards["images"],
+        output_uri=f"{s3_bucket}/depth",
+        weights_uri=f"{s3_bucket}/w/midas.pt",
+        batch_size=4,
+    )
+    manifest, cached = depth.run(cfg, "test-pre")
+    assert not cached and manifest.counts == {
+        "read": 6,
+        "written": 6,
+        "rejected": 0,
+        "shards": 2,
+        "reused_shards": 0,
+    }
+    t = io.read_committed_table(manifest.output_uri, verify=True).sort_by("image_id")
+    assert {"image", "label", "split", "depth", "depth_min", "depth_max"} <= set(t.column_names)
+    ids, x = _inputs(shards["images"])
+    assert t["image_id"].to_pylist() == ids
+    maps = depth.decode_f16(t["depth"], 32, 32).astype(np.float32)
+    assert maps.min() >= -1.0 and maps.max() <= 1.0
+    with torch.no_grad():
+        raw = predict_depth(shards["midas"], x).numpy()
+    lo, hi = raw.min(axis=(1, 2)), raw.max(axis=(1, 2))
+    np.testing.assert_allclose(t["depth_min"].to_numpy(), lo, rtol=1e-5, atol=1e-6)
+    expect = 2 * (raw - lo[:, None, None]) / np.maximum(hi - lo, 1e-8)[:, None, None] - 1
+    np.testing.assert_allclose(maps, expect, atol=2e-3)  # float16 storage
+    assert depth.run(cfg, "test-pre")[1]  # rerun: a no-op
+    with pytest.raises(io.OutputConflictError):  # other weights at the same output: refused
+        torch.manual_seed(1)
+        torch.save(MidasSmall().state_dict(), tmp_path / "other.pt")
+        depth.run(dataclasses.replace(cfg, weights_uri=str(tmp_path / "other.pt")), "test-pre")
+
+
+def test_depth_missing_weights_is_clear(shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError, match="midas_v21_small_256.pt"):
+        depth.run(depth.DepthConfig(images_uri=shards["images"], output_uri=str(tmp_path / "d")), "test-pre")
+    assert not (tmp_path / "d").exists()
+
+
+def test_segmentation_stage(shards, tmp_path):
+    cfg = segmentation.SegmentationConfig(
+        images_uri=shards["images"],
+        output_uri=str(tmp_path / "seg"),
+        weights_uri=str(shards["root"] / "deeplab.pth"),
+        batch_size=3,
+    )
+    manifest, cached = segmentation.run(cfg, "test-pre")
+    assert manifest.counts["written"] == 6 and len(manifest.extra["segmentation_labels"]) == 182
+    t = io.read_committed_table(manifest.output_uri).sort_by("image_id")
+    ids, x = _inputs(shards["images"])
+    labels, _ = segment(shards["deeplab"], x)
+    got = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(32, 32) for b in t["segmentation"].to_pylist()])
+    assert (got == labels.numpy()).mean() > 0.999
