@@ -37,6 +37,8 @@ STAGE = "tokenize_images"
 @dataclass(frozen=True)
 class TokenizeConfig:
     tokenizer_uri: str  # native checkpoint, taming release, or models:/<name>@<alias>
+    depth_tokenizer_uri: str | None = None  # 1-channel VQGAN for the `depth` column -> depth_codes
+    segmentation_tokenizer_uri: str | None = None  # one-hot VQGAN for `segmentation` -> segmentation_codes
     images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
     hflip: bool = False  # also tokenize the mirrored image (aug_id 1)
@@ -93,41 +95,99 @@ class TokenizeShards(ShardWorker):
         self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device == "cuda")
         self.dtype = torch.bfloat16 if bf16 else torch.float32
-        self.model = model_store.load_first_stage(cfg.tokenizer_uri).model.to(self.device, self.dtype).eval()
+        load = lambda uri: model_store.load_first_stage(uri).model.to(self.device, self.dtype).eval()  # noqa: E731
+        self.model = load(cfg.tokenizer_uri)
+        self.cond_models = {}
+        if cfg.depth_tokenizer_uri:
+            self.cond_models["depth_codes"] = load(cfg.depth_tokenizer_uri)
+        if cfg.segmentation_tokenizer_uri:
+            self.cond_models["segmentation_codes"] = load(cfg.segmentation_tokenizer_uri)
 
-    def _encode(self, x: np.ndarray) -> np.ndarray:
+    def _encode(self, model, x: np.ndarray, expand=None) -> np.ndarray:
+        """Codes (N, h, w) of x; ``expand`` turns a compact batch (e.g. label ids) into model input."""
         import torch
 
+        if not len(x):
+            return np.zeros((0, 1, 1), np.int64)
         codes = []
         with torch.inference_mode():
             for lo in range(0, len(x), self.cfg.batch_size):
-                batch = torch.from_numpy(x[lo : lo + self.cfg.batch_size]).to(self.device, self.dtype)
-                codes.append(self.model.encode(batch)[2].cpu().numpy())
+                batch = torch.from_numpy(np.ascontiguousarray(x[lo : lo + self.cfg.batch_size])).to(
+                    self.device
+                )
+                batch = expand(batch) if expand is not None else batch
+                codes.append(model.encode(batch.to(self.dtype))[2].cpu().numpy())
         return np.concatenate(codes)  # (N, h, w)
 
-    def process(self, shard: int, uri: str) -> dict[str, Any]:
-        t = io.read_parquet(uri, ["image_id", "image", "label", "split"])
-        if self.cfg.splits is not None:
-            t = t.filter(pa.compute.is_in(t["split"], pa.array(self.cfg.splits)))
-        ids = t["image_id"].to_pylist()
-        full = pngs_to_array(t["image"].to_pylist(), self.model.config.in_channels)
+    def _views(self, full: np.ndarray, ids: list[str]):
+        """(aug_id, array) for every augmentation of a batch (N, C, H, W): the same views for
+        images and their condition maps."""
         x = full
         if self.cfg.crop_size:  # every row at the crop size: identity/hflip use the centre crop
             c, side = self.cfg.crop_size, full.shape[-1]
             o = (side - c) // 2
-            x = np.ascontiguousarray(full[..., o : o + c, o : o + c])
-        per_aug = []
+            x = full[..., o : o + c, o : o + c]
         for aug_id, aug in enumerate(_augmentations(self.cfg)):
             if aug == "identity":
-                xa = x
+                yield aug_id, x
             elif aug == "hflip":
-                xa = np.ascontiguousarray(x[..., ::-1])
+                yield aug_id, x[..., ::-1]
             else:
                 k, c = int(aug[4:]), self.cfg.crop_size
                 offs = [_crop_offsets(i, k, full.shape[-1], c) for i in ids]
-                xa = np.stack([full[n, :, r : r + c, q : q + c] for n, (r, q) in enumerate(offs)])
-            per_aug.append((aug_id, self._encode(xa) if len(xa) else np.zeros((0, 1, 1), np.int64)))
-        rows = self._rows(t, per_aug)
+                yield aug_id, np.stack([full[n, :, r : r + c, q : q + c] for n, (r, q) in enumerate(offs)])
+
+    def _conditions(self, t: pa.Table) -> dict[str, tuple]:
+        """column -> (model, compact array (N, C, H, W), expand) for the configured condition tokenizers."""
+        import torch
+
+        out = {}
+        if "depth_codes" in self.cond_models:
+            maps = [np.frombuffer(b, dtype="<f2") for b in t["depth"].to_pylist()]
+            n = int(round(len(maps[0]) ** 0.5)) if maps else 1
+            arr = (
+                np.stack(maps).reshape(-1, 1, n, n).astype(np.float32)
+                if maps
+                else np.zeros((0, 1, 1, 1), np.float32)
+            )
+            out["depth_codes"] = (self.cond_models["depth_codes"], arr, None)
+        if "segmentation_codes" in self.cond_models:
+            model = self.cond_models["segmentation_codes"]
+            k = model.config.in_channels
+            maps = [np.frombuffer(b, dtype=np.uint8) for b in t["segmentation"].to_pylist()]
+            n = int(round(len(maps[0]) ** 0.5)) if maps else 1
+            arr = np.stack(maps).reshape(-1, 1, n, n) if maps else np.zeros((0, 1, 1, 1), np.uint8)
+            if arr.size and int(arr.max()) >= k:
+                raise ValueError(
+                    f"label {int(arr.max())} does not fit the {k}-channel segmentation tokenizer"
+                )
+
+            def one_hot(b: torch.Tensor, k: int = k) -> torch.Tensor:
+                return torch.nn.functional.one_hot(b[:, 0].long(), k).permute(0, 3, 1, 2).float()
+
+            out["segmentation_codes"] = (model, arr, one_hot)
+        return out
+
+    def process(self, shard: int, uri: str) -> dict[str, Any]:
+        columns = ["image_id", "image", "label", "split"]
+        columns += [
+            c
+            for c, on in (("depth", "depth_codes"), ("segmentation", "segmentation_codes"))
+            if on in self.cond_models
+        ]
+        t = io.read_parquet(uri, columns)
+        if self.cfg.splits is not None:
+            t = t.filter(pa.compute.is_in(t["split"], pa.array(self.cfg.splits)))
+        ids = t["image_id"].to_pylist()
+        inputs = {
+            "codes": (self.model, pngs_to_array(t["image"].to_pylist(), self.model.config.in_channels), None)
+        }
+        inputs.update(self._conditions(t))
+        per_col = {
+            col: [(aug_id, self._encode(model, view, expand)) for aug_id, view in self._views(arr, ids)]
+            for col, (model, arr, expand) in inputs.items()
+        }
+        rows = self._rows(t, per_col)
         small = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w"]  # codes: plain, no stats
         marker = self.out.write_shard(
             shard,
@@ -140,27 +200,60 @@ class TokenizeShards(ShardWorker):
         log.info("tokenize: shard %d written (%d images, %d rows)", shard, t.num_rows, rows.num_rows)
         return marker
 
-    def _rows(self, t: pa.Table, per_aug: list[tuple[int, np.ndarray]]) -> pa.Table:
+    def _rows(self, t: pa.Table, per_col: dict[str, list[tuple[int, np.ndarray]]]) -> pa.Table:
         n = t.num_rows
-        grids = {a: c.shape[1:] for a, c in per_aug}
-        grid_h, grid_w = grids[0]
-        if any(g != (grid_h, grid_w) for g in grids.values()):
-            raise ValueError(f"augmentations give different code grids {grids}; use one crop size")
-        order = [(i, a) for i in range(n) for a, _ in per_aug]  # image by image, then augmentation
-        codes = {a: c.reshape(len(c), -1) for a, c in per_aug}
-        schema = schemas.with_metadata(schemas.code_schema(grid_h * grid_w), self.metadata)
-        return pa.table(
-            {
-                "image_id": [t["image_id"][i].as_py() for i, _ in order],
-                "aug_id": [a for _, a in order],
-                "label": [t["label"][i].as_py() for i, _ in order],
-                "split": [t["split"][i].as_py() for i, _ in order],
-                "grid_h": [grid_h] * len(order),
-                "grid_w": [grid_w] * len(order),
-                "codes": schemas.encode_codes(np.stack([codes[a][i] for i, a in order]) if order else []),
-            },
-            schema=schema,
-        )
+        grids = {(col, a): c.shape[1:] for col, per_aug in per_col.items() for a, c in per_aug if len(c)}
+        main = {g for (col, _), g in grids.items() if col == "codes"}
+        if len(main) > 1:
+            raise ValueError(f"augmentations give different code grids {sorted(main)}; use one crop size")
+        augs = [a for a, _ in per_col["codes"]]
+        order = [(i, a) for i in range(n) for a in augs]  # image by image, then augmentation
+        lengths = {col: int(np.prod(per_aug[0][1].shape[1:])) for col, per_aug in per_col.items()}
+        grid_h, grid_w = per_col["codes"][0][1].shape[1:]
+        cond = {col: length for col, length in lengths.items() if col != "codes"}
+        schema = schemas.with_metadata(schemas.code_schema(lengths["codes"], cond), self.metadata)
+        data = {
+            "image_id": [t["image_id"][i].as_py() for i, _ in order],
+            "aug_id": [a for _, a in order],
+            "label": [t["label"][i].as_py() for i, _ in order],
+            "split": [t["split"][i].as_py() for i, _ in order],
+            "grid_h": [grid_h] * len(order),
+            "grid_w": [grid_w] * len(order),
+        }
+        for col, per_aug in per_col.items():
+            flat = {a: c.reshape(len(c), -1) for a, c in per_aug}
+            data[col] = schemas.encode_codes(np.stack([flat[a][i] for i, a in order]) if order else [])
+        return pa.table(data, schema=schema)
+
+
+def _check_conditions(cfg: TokenizeConfig, images: io.Manifest) -> dict[str, model_store.LoadedModel]:
+    """Load the condition tokenizers and check that the image shards carry their columns."""
+    import pyarrow.parquet as pq
+
+    wanted = {
+        "depth_codes": (cfg.depth_tokenizer_uri, "depth"),
+        "segmentation_codes": (cfg.segmentation_tokenizer_uri, "segmentation"),
+    }
+    out = {}
+    for col, (uri, source) in wanted.items():
+        if not uri:
+            continue
+        loaded = model_store.load_first_stage(uri)
+        if images.files:
+            fs, path = io.filesystem(images.data_uris()[0])
+            with fs.open(path, "rb") as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+            if source not in names:
+                raise ValueError(
+                    f"{cfg.images_uri} has no `{source}` column: run the {source} stage first "
+                    "and tokenize its output"
+                )
+        if source == "depth" and loaded.model.config.in_channels != 1:
+            raise ValueError(
+                f"the depth tokenizer {uri} must take 1 channel, not {loaded.model.config.in_channels}"
+            )
+        out[col] = loaded
+    return out
 
 
 def _check_compatible(cfg: TokenizeConfig, images: io.Manifest, loaded: model_store.LoadedModel) -> None:
@@ -185,7 +278,8 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> T
     loaded = model_store.load_first_stage(cfg.tokenizer_uri)  # fails before any work on a bad URI
     _check_compatible(cfg, images, loaded)
     mcfg = loaded.model.config
-    chash = _hash(cfg, loaded.sha256, images.config_hash)
+    conds = _check_conditions(cfg, images)
+    chash = _hash(cfg, ":".join([loaded.sha256, *(c.sha256 for c in conds.values())]), images.config_hash)
     out = io.StageOutput(cfg.output_uri, STAGE, chash)
     if (m := out.committed()) is not None:
         log.info("tokenize: %s is already committed with this config and tokenizer", out.output_uri)
@@ -196,6 +290,8 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> T
         "taming.codebook_size": str(mcfg.codebook_size),
         "taming.code_dtype": schemas.CODE_DTYPE,
         "taming.augmentations": json.dumps(_augmentations(cfg)),
+        **{f"taming.{col}.tokenizer_sha256": c.sha256 for col, c in conds.items()},
+        **{f"taming.{col}.codebook_size": str(c.model.config.codebook_size) for col, c in conds.items()},
     }
     inputs = images.data_uris()
     done = out.done_shards()

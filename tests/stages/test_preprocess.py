@@ -99,3 +99,69 @@ def test_segmentation_stage(shards, tmp_path):
     labels, _ = segment(shards["deeplab"], x)
     got = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(32, 32) for b in t["segmentation"].to_pylist()])
     assert (got == labels.numpy()).mean() > 0.999
+
+
+def test_tokenize_with_depth_and_segmentation_codes(shards, tmp_path):
+    """Depth and segmentation columns become depth_codes / segmentation_codes with their own VQGANs."""
+    from models import checkpoint
+    from models.vqgan import VQGAN, VQGANConfig
+    from stages import tokenize_images
+
+    d, _ = depth.run(
+        depth.DepthConfig(
+            images_uri=shards["images"],
+            output_uri=str(tmp_path / "depth"),
+            weights_uri=str(shards["root"] / "midas_v21_small_256.pt"),
+        ),
+        "test-pre",
+    )
+    s, _ = segmentation.run(
+        segmentation.SegmentationConfig(
+            images_uri=d.output_uri,
+            output_uri=str(tmp_path / "seg"),
+            weights_uri=str(shards["root"] / "deeplab.pth"),
+        ),
+        "test-pre",
+    )
+    small = dict(
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        resolution=32,
+        z_channels=8,
+        embed_dim=4,
+        codebook_size=16,
+    )
+    torch.manual_seed(0)
+    paths = {}
+    for name, cin in (("img", 3), ("depth", 1), ("seg", 182)):
+        paths[name] = tmp_path / f"{name}.safetensors"
+        vq = VQGAN(VQGANConfig(in_channels=cin, out_channels=cin, **small))
+        vq.quantize.embedding.weight.data.normal_()  # well-separated codes: no near-ties between batchings
+        checkpoint.save_native(vq, paths[name])
+    cfg = tokenize_images.TokenizeConfig(
+        tokenizer_uri=str(paths["img"]),
+        images_uri=s.output_uri,
+        output_uri=str(tmp_path / "codes"),
+        hflip=True,
+        depth_tokenizer_uri=str(paths["depth"]),
+        segmentation_tokenizer_uri=str(paths["seg"]),
+    )
+    res = tokenize_images.run(cfg, "test-pre")
+    t = io.read_committed_table(res.output_uri).sort_by([("image_id", "ascending"), ("aug_id", "ascending")])
+    assert res.rows == 12 and {"depth_codes", "segmentation_codes"} <= set(t.column_names)
+    src = io.read_committed_table(s.output_uri).sort_by("image_id")
+    dmodel, _ = checkpoint.load_native(paths["depth"])
+    dmaps = torch.from_numpy(depth.decode_f16(src["depth"], 32, 32).astype(np.float32))[:, None]
+    with torch.no_grad():
+        want = dmodel.eval().encode(dmaps)[2].reshape(6, -1)
+        want_flip = dmodel.encode(dmaps.flip(-1))[2].reshape(6, -1)
+    from infra import schemas
+
+    got = torch.from_numpy(schemas.decode_codes(t["depth_codes"], want.shape[1]))
+    assert torch.equal(got[0::2], want) and torch.equal(got[1::2], want_flip)  # the same views as the image
+    with pytest.raises(ValueError, match="no `depth` column"):
+        tokenize_images.run(
+            dataclasses.replace(cfg, images_uri=shards["images"], output_uri=str(tmp_path / "x"))
+        )
