@@ -78,7 +78,9 @@ def decode_codes(column: pa.Array | pa.ChunkedArray, num_tokens: int):
         column = column.combine_chunks()
     width = getattr(column.type, "byte_width", None)
     if width != 2 * num_tokens:
-        raise ValueError(f"code column holds {width} bytes per row, not {2 * num_tokens} ({num_tokens} codes)")
+        raise ValueError(
+            f"code column holds {width} bytes per row, not {2 * num_tokens} ({num_tokens} codes)"
+        )
     buf = column.buffers()[1]
     start = column.offset * 2 * num_tokens
     arr = np.frombuffer(buf, dtype="<u2", count=len(column) * num_tokens, offset=start)

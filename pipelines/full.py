@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from infra import config as config_lib  # noqa: E402
 from infra import io, tracking  # noqa: E402
 from infra.cli import OVERRIDES_HELP, setup_logging  # noqa: E402
-from stages import ingest, tokenize_images  # noqa: E402
+from stages import depth, ingest, segmentation, tokenize_images  # noqa: E402
 
 log = logging.getLogger("pipelines.full")
 
@@ -44,6 +44,8 @@ class RunConfig:
 class FullConfig:
     ingest: ingest.IngestConfig
     run: RunConfig = field(default_factory=RunConfig)
+    depth: depth.DepthConfig | None = None  # MiDaS depth maps (D-RIN conditioning), when present
+    segmentation: segmentation.SegmentationConfig | None = None  # DeepLab label maps, when present
     tokenize_images: tokenize_images.TokenizeConfig | None = None  # runs when a tokenizer is configured
 
 
@@ -53,15 +55,31 @@ def resolve(cfg: FullConfig) -> FullConfig:
     ing = cfg.ingest
     if not ing.output_uri:
         ing = dataclasses.replace(ing, output_uri=io.join(root, "images"))
-    tok = cfg.tokenize_images
+    images = ing.output_uri  # each stage reads the previous one's output: images (+ depth) (+ segmentation)
+    dep, seg, tok = cfg.depth, cfg.segmentation, cfg.tokenize_images
+    if dep is not None:
+        dep = dataclasses.replace(
+            dep, images_uri=dep.images_uri or images, output_uri=dep.output_uri or io.join(root, "depth")
+        )
+        images = dep.output_uri
+    if seg is not None:
+        seg = dataclasses.replace(
+            seg,
+            images_uri=seg.images_uri or images,
+            output_uri=seg.output_uri or io.join(root, "segmentation"),
+        )
+        images = seg.output_uri
     if tok is not None:
         tok = dataclasses.replace(
-            tok,
-            images_uri=tok.images_uri or ing.output_uri,
-            output_uri=tok.output_uri or io.join(root, "codes"),
+            tok, images_uri=tok.images_uri or images, output_uri=tok.output_uri or io.join(root, "codes")
         )
     return dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, root_uri=root), ingest=ing, tokenize_images=tok
+        cfg,
+        run=dataclasses.replace(cfg.run, root_uri=root),
+        ingest=ing,
+        depth=dep,
+        segmentation=seg,
+        tokenize_images=tok,
     )
 
 
@@ -79,6 +97,12 @@ def run(cfg: FullConfig) -> dict:
             "rejected": res.rejected,
             "cached": res.cached,
         }
+        for name, stage in (("depth", depth), ("segmentation", segmentation)):
+            scfg = getattr(cfg, name)
+            if scfg is not None:
+                manifest, cached = stage.run(scfg, cfg.run.experiment)
+                tracking.set_tags({f"{name}.cached": cached, f"{name}.output_uri": manifest.output_uri})
+                summary[name] = {"output_uri": manifest.output_uri, **manifest.counts, "cached": cached}
         if cfg.tokenize_images is not None:
             tok = tokenize_images.run(cfg.tokenize_images, cfg.run.experiment)
             tracking.set_tags(

@@ -143,3 +143,26 @@ def test_pipeline_with_tokenize(stack, tmp_path):
     assert t["output_uri"] == str(tmp_path / "run" / "codes") and (t["images"], t["rows"]) == (8, 8)
     m = io.read_manifest(t["output_uri"])
     assert m.input_uris[0] == summary["ingest"]["output_uri"] and m.extra["grid"] == [4, 4]
+
+
+def test_pipeline_with_depth(stack, tmp_path):
+    import torch
+
+    from models.midas import MidasSmall
+
+    src = _source(tmp_path, n=2)
+    torch.save(MidasSmall().state_dict(), tmp_path / "midas.pt")
+    cfg_path = tmp_path / "p.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "dep", "experiment": "test-pipeline", "root_uri": str(tmp_path / "run")},
+                "ingest": {"source_uri": str(src), "resolution": 32},
+                "depth": {"weights_uri": str(tmp_path / "midas.pt")},
+            }
+        )
+    )
+    summary = full.main(["--config", str(cfg_path)])
+    assert summary["depth"]["output_uri"] == str(tmp_path / "run" / "depth")
+    assert (summary["depth"]["written"], summary["depth"]["rejected"]) == (4, 0)
+    assert io.read_manifest(summary["depth"]["output_uri"]).input_uris == [summary["ingest"]["output_uri"]]
