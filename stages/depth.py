@@ -40,7 +40,7 @@ class DepthConfig:
     weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # execution only (not part of the config hash)
-    batch_size: int = 16
+    batch_size: int | None = None  # per forward; None: 1 on CPU (batching measured slower), 16 on GPU
     concurrency: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -80,9 +80,10 @@ class DepthWorker(AnnotateWorker):
 
         from models.checkpoint import load_midas_small
 
-        self.out, self.cfg, self.metadata, self.batch_size = out, cfg, metadata, cfg.batch_size
+        self.out, self.cfg, self.metadata = out, cfg, metadata
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
+        self.batch_size = cfg.batch_size or (16 if self.device == "cuda" else 1)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device == "cuda")
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.model = load_midas_small(weights).to(self.device, self.dtype)

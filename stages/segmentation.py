@@ -40,7 +40,7 @@ class SegmentationConfig:
     model: Literal["deeplabv2_cocostuff164k"] = "deeplabv2_cocostuff164k"
     weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
     # execution only (not part of the config hash)
-    batch_size: int = 8
+    batch_size: int | None = None  # per forward; None: 1 on CPU (batching measured slower), 8 on GPU
     concurrency: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -55,9 +55,10 @@ class SegmentationWorker(AnnotateWorker):
 
         from models.checkpoint import load_deeplab_v2
 
-        self.out, self.cfg, self.metadata, self.batch_size = out, cfg, metadata, cfg.batch_size
+        self.out, self.cfg, self.metadata = out, cfg, metadata
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
+        self.batch_size = cfg.batch_size or (8 if self.device == "cuda" else 1)
         self.model = load_deeplab_v2(weights).to(self.device)
 
     def fields(self) -> list[pa.Field]:
