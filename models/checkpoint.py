@@ -28,7 +28,7 @@ from torch import nn
 from models.deeplab import DeepLabConfig, DeepLabMSC
 from models.gpt import GPT, GPTConfig
 from models.losses import VQGANLoss, VQGANLossConfig
-from models.midas import MidasSmall
+from models.midas import MidasNet, MidasSmall
 from models.net2net import ConditionConfig, Net2Net
 from models.quantize import QuantizerConfig
 from models.vqgan import VQGAN, VQGANConfig, config_from_dict
@@ -437,12 +437,24 @@ def load_deeplab_v2(path: str | Path, cfg: DeepLabConfig | None = None) -> DeepL
     return model.eval()
 
 
-def load_midas_small(path: str | Path) -> MidasSmall:
-    """The official ``midas_v21_small_256.pt`` (plain state_dict or a {"model": ...} wrapper)."""
-    model = MidasSmall()
+MIDAS_MODELS = {"midas_v21_small_256": (MidasSmall, 256), "midas_v21_384": (MidasNet, 384)}
+
+
+def load_midas(path: str | Path, name: str = "midas_v21_small_256") -> MidasSmall | MidasNet:
+    """An official MiDaS release file (plain state_dict or a {"model": ...} wrapper), loaded strictly."""
+    if name not in MIDAS_MODELS:
+        raise CheckpointError(
+            f"unknown MiDaS model {name!r}; supported: {sorted(MIDAS_MODELS)} "
+            "(DPT hybrid/large are not implemented yet)"
+        )
+    model = MIDAS_MODELS[name][0]()
     state = _plain_state(path)
     for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked"):
             state.setdefault(k, v)
     strict_load(model, state, f"{path}")
     return model.eval()
+
+
+def load_midas_small(path: str | Path) -> MidasSmall:
+    return load_midas(path, "midas_v21_small_256")

@@ -119,6 +119,71 @@ class MidasSmall(nn.Module):
         return self.scratch.output_conv(self.features(x)["path1"]).squeeze(1)
 
 
+class ResidualConvUnitInplace(nn.Module):
+    """MidasNet's residual unit: its ReLU is in place, so the skip adds relu(x), not x."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, 3, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(x)
+        return self.conv2(F.relu(self.conv1(x))) + x
+
+
+class FeatureFusionBlockPlain(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.resConfUnit1 = ResidualConvUnitInplace(features)
+        self.resConfUnit2 = ResidualConvUnitInplace(features)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        return F.interpolate(self.resConfUnit2(x), scale_factor=2, mode="bilinear", align_corners=True)
+
+
+class MidasNet(nn.Module):
+    """midas_v21_384 (taming's "MiDaS v2.0" depth): ResNeXt-101 32x8d encoder, 256-wide decoder."""
+
+    def __init__(self, features: int = 256):
+        super().__init__()
+        import torchvision
+
+        net = torchvision.models.resnext101_32x8d(weights=None)
+        enc = nn.Module()
+        enc.layer1 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+        enc.layer2, enc.layer3, enc.layer4 = net.layer2, net.layer3, net.layer4
+        self.pretrained = enc
+        s = nn.Module()
+        for i, cin in enumerate((256, 512, 1024, 2048), start=1):
+            setattr(s, f"layer{i}_rn", nn.Conv2d(cin, features, 3, padding=1, bias=False))
+        for i in range(1, 5):
+            setattr(s, f"refinenet{i}", FeatureFusionBlockPlain(features))
+        s.output_conv = nn.Sequential(
+            nn.Conv2d(features, 128, 3, padding=1),
+            Interpolate(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(128, 32, 3, padding=1),
+            nn.ReLU(True),
+            nn.Conv2d(32, 1, 1),
+            nn.ReLU(True),
+        )
+        self.scratch = s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, s = self.pretrained, self.scratch
+        l1 = p.layer1(x)
+        l2 = p.layer2(l1)
+        l3 = p.layer3(l2)
+        l4 = p.layer4(l3)
+        path = s.refinenet4(s.layer4_rn(l4))
+        path = s.refinenet3(path, s.layer3_rn(l3))
+        path = s.refinenet2(path, s.layer2_rn(l2))
+        path = s.refinenet1(path, s.layer1_rn(l1))
+        return s.output_conv(path).squeeze(1)
+
+
 def input_size(h: int, w: int, target: int = 256, multiple: int = 32) -> tuple[int, int]:
     """The official Resize(keep_aspect_ratio=True, ensure_multiple_of=32, resize_method="upper_bound")."""
     scale = min(target / h, target / w)  # upper bound: fit inside target x target
@@ -143,7 +208,7 @@ def transform(image: torch.Tensor, target: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_depth(model: MidasSmall, image: torch.Tensor, target: int = 256) -> torch.Tensor:
+def predict_depth(model: MidasSmall | MidasNet, image: torch.Tensor, target: int = 256) -> torch.Tensor:
     """RGB in [-1, 1] (B, 3, H, W) -> relative inverse depth at the image size (B, H, W), as taming."""
     pred = model(transform(image, target))
     return F.interpolate(pred[:, None], size=image.shape[-2:], mode="bicubic", align_corners=False)[:, 0]

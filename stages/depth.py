@@ -29,14 +29,14 @@ from infra.shard_map import AnnotateWorker, run_annotate_stage
 
 log = logging.getLogger(__name__)
 STAGE = "depth"
-WEIGHT_FILES = {"midas_v21_small_256": "midas_v21_small_256.pt"}
+WEIGHT_FILES = {"midas_v21_small_256": "midas_v21_small_256.pt", "midas_v21_384": "midas_v21_384.pt"}
 
 
 @dataclass(frozen=True)
 class DepthConfig:
     images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
-    model: Literal["midas_v21_small_256"] = "midas_v21_small_256"
+    model: Literal["midas_v21_small_256", "midas_v21_384"] = "midas_v21_small_256"  # 384: taming's "MiDaS"
     weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # execution only (not part of the config hash)
@@ -78,7 +78,7 @@ class DepthWorker(AnnotateWorker):
     def __init__(self, out: io.StageOutput, cfg: DepthConfig, weights: str, metadata: dict[str, str]):
         import torch
 
-        from models.checkpoint import load_midas_small
+        from models.checkpoint import MIDAS_MODELS, load_midas
 
         self.out, self.cfg, self.metadata = out, cfg, metadata
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
@@ -86,7 +86,8 @@ class DepthWorker(AnnotateWorker):
         self.batch_size = cfg.batch_size or (16 if self.device == "cuda" else 1)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device == "cuda")
         self.dtype = torch.bfloat16 if bf16 else torch.float32
-        self.model = load_midas_small(weights).to(self.device, self.dtype)
+        self.model = load_midas(weights, cfg.model).to(self.device, self.dtype)
+        self.target = MIDAS_MODELS[cfg.model][1]  # the official input size of this model
 
     def fields(self) -> list[pa.Field]:
         return [
@@ -101,12 +102,8 @@ class DepthWorker(AnnotateWorker):
         from models.midas import predict_depth
 
         with torch.inference_mode():
-            d = (
-                predict_depth(self.model, torch.from_numpy(x).to(self.device, self.dtype))
-                .float()
-                .cpu()
-                .numpy()
-            )
+            d = predict_depth(self.model, torch.from_numpy(x).to(self.device, self.dtype), self.target)
+            d = d.float().cpu().numpy()
         lo, hi = d.min(axis=(1, 2)), d.max(axis=(1, 2))
         norm = 2.0 * (d - lo[:, None, None]) / np.maximum(hi - lo, 1e-8)[:, None, None] - 1.0
         return {"depth": encode_f16(norm), "depth_min": lo.tolist(), "depth_max": hi.tolist()}

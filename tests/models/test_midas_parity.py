@@ -48,3 +48,14 @@ def test_input_size_rule():
     assert input_size(240, 320) == (192, 256)  # keep aspect, upper bound 256, multiple of 32
     assert input_size(256, 256) == (256, 256)
     assert input_size(1000, 100) == (256, 32)
+
+
+def test_midasnet_384_keys_match_the_release():
+    from models.midas import MidasNet
+
+    keys = json.loads((fixtures.require("midas/midas_v21_384") / "keys.json").read_text())
+    model = MidasNet()
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == keys
+    with torch.no_grad():
+        y = model.eval()(torch.randn(1, 3, 64, 96))
+    assert y.shape == (1, 64, 96) and (y >= 0).all()
