@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 
 from models.deeplab import DeepLabConfig, DeepLabMSC
+from models.dpt import DPTDepth
 from models.gpt import GPT, GPTConfig
 from models.losses import VQGANLoss, VQGANLossConfig
 from models.midas import MidasNet, MidasSmall
@@ -437,10 +438,15 @@ def load_deeplab_v2(path: str | Path, cfg: DeepLabConfig | None = None) -> DeepL
     return model.eval()
 
 
-MIDAS_MODELS = {"midas_v21_small_256": (MidasSmall, 256), "midas_v21_384": (MidasNet, 384)}
+MIDAS_MODELS = {
+    "midas_v21_small_256": (MidasSmall, 256),
+    "midas_v21_384": (MidasNet, 384),
+    "dpt_hybrid_384": (lambda: DPTDepth("dpt_hybrid_384"), 384),
+    "dpt_large_384": (lambda: DPTDepth("dpt_large_384"), 384),
+}
 
 
-def load_midas(path: str | Path, name: str = "midas_v21_small_256") -> MidasSmall | MidasNet:
+def load_midas(path: str | Path, name: str = "midas_v21_small_256") -> MidasSmall | MidasNet | DPTDepth:
     """An official MiDaS release file (plain state_dict or a {"model": ...} wrapper), loaded strictly."""
     if name not in MIDAS_MODELS:
         raise CheckpointError(

@@ -29,14 +29,22 @@ from infra.shard_map import AnnotateWorker, run_annotate_stage
 
 log = logging.getLogger(__name__)
 STAGE = "depth"
-WEIGHT_FILES = {"midas_v21_small_256": "midas_v21_small_256.pt", "midas_v21_384": "midas_v21_384.pt"}
+WEIGHT_FILES = {
+    "midas_v21_small_256": "midas_v21_small_256.pt",
+    "midas_v21_384": "midas_v21_384.pt",
+    "dpt_hybrid_384": "dpt_hybrid_384.pt",
+    "dpt_large_384": "dpt_large_384.pt",
+}
 
 
 @dataclass(frozen=True)
 class DepthConfig:
     images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
-    model: Literal["midas_v21_small_256", "midas_v21_384"] = "midas_v21_small_256"  # 384: taming's "MiDaS"
+    # midas_v21_384 is taming's "MiDaS"; the DPT models are MiDaS v3
+    model: Literal["midas_v21_small_256", "midas_v21_384", "dpt_hybrid_384", "dpt_large_384"] = (
+        "midas_v21_small_256"
+    )
     weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # execution only (not part of the config hash)

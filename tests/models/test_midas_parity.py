@@ -59,3 +59,19 @@ def test_midasnet_384_keys_match_the_release():
     with torch.no_grad():
         y = model.eval()(torch.randn(1, 3, 64, 96))
     assert y.shape == (1, 64, 96) and (y >= 0).all()
+
+
+@pytest.mark.parametrize("variant", ["dpt_hybrid_384", "dpt_large_384"])
+def test_dpt_keys_match_the_release(variant, tmp_path):
+    from models.checkpoint import load_midas
+    from models.dpt import DPTDepth
+
+    keys = json.loads((fixtures.require(f"midas/{variant}") / "keys.json").read_text())
+    model = DPTDepth(variant)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == keys
+    with torch.no_grad():
+        y = model.eval()(torch.randn(1, 3, 64, 96))  # positional embeddings resized to 4x6 patches
+    assert y.shape == (1, 64, 96) and (y >= 0).all()
+    if variant == "dpt_hybrid_384":  # the strict loader accepts the release layout ({"model": ...} too)
+        torch.save({"model": model.state_dict()}, tmp_path / "w.pt")
+        assert isinstance(load_midas(tmp_path / "w.pt", variant), DPTDepth)
