@@ -464,3 +464,12 @@ def load_midas(path: str | Path, name: str = "midas_v21_small_256") -> MidasSmal
 
 def load_midas_small(path: str | Path) -> MidasSmall:
     return load_midas(path, "midas_v21_small_256")
+
+
+def load_deeplab_v3_torchvision(path: str | Path) -> nn.Module:
+    """torchvision's ``deeplabv3_resnet101_coco-586e9e4e.pth`` (its weights enum's file), loaded strictly."""
+    from models.deeplab import torchvision_deeplabv3
+
+    model = torchvision_deeplabv3()
+    strict_load(model, _plain_state(path), f"{path}")
+    return model.eval()

@@ -320,3 +320,38 @@ def segment(model: DeepLabMSC, image: torch.Tensor) -> tuple[torch.Tensor, torch
     logits = model(preprocess(image))
     up = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=True)
     return up.argmax(1).to(torch.uint8), up
+
+
+# ------------------------------------------------------------------ torchvision DeepLabV3 (second option)
+
+
+def torchvision_deeplabv3():
+    """torchvision's DeepLabV3-ResNet101 (COCO images, 21 Pascal VOC labels), empty weights.
+
+    Load ``DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1`` into it (``models.checkpoint``).
+    """
+    from torchvision.models.segmentation import deeplabv3_resnet101
+
+    return deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=21, aux_loss=True).eval()
+
+
+def torchvision_deeplabv3_labels() -> list[str]:
+    from torchvision.models.segmentation import DeepLabV3_ResNet101_Weights
+
+    return list(DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1.meta["categories"])
+
+
+@torch.no_grad()
+def segment_v3(model: nn.Module, image: torch.Tensor, resize: int = 520) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's preset (shorter side to 520, bilinear; ImageNet mean/std) -> labels at the image size."""
+    x = (image + 1.0) / 2.0
+    h, w = x.shape[-2:]
+    scale = resize / min(h, w)
+    x = F.interpolate(
+        x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False, antialias=True
+    )
+    mean = torch.tensor((0.485, 0.456, 0.406), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    logits = model((x - mean) / std)["out"]
+    up = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return up.argmax(1).to(torch.uint8), up

@@ -30,15 +30,19 @@ from stages.depth import resolve_weights
 
 log = logging.getLogger(__name__)
 STAGE = "segmentation"
-WEIGHT_FILES = {"deeplabv2_cocostuff164k": "deeplabv2_resnet101_msc-cocostuff164k-100000.pth"}
+WEIGHT_FILES = {
+    "deeplabv2_cocostuff164k": "deeplabv2_resnet101_msc-cocostuff164k-100000.pth",  # taming's, 182 labels
+    "torchvision_deeplabv3_voc": "deeplabv3_resnet101_coco-586e9e4e.pth",  # torchvision's enum, 21 labels
+}
 
 
 @dataclass(frozen=True)
 class SegmentationConfig:
     images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
-    model: Literal["deeplabv2_cocostuff164k"] = "deeplabv2_cocostuff164k"
+    model: Literal["deeplabv2_cocostuff164k", "torchvision_deeplabv3_voc"] = "deeplabv2_cocostuff164k"
     weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
+    v3_resize: int = 520  # torchvision_deeplabv3_voc: shorter side fed to the network (its preset: 520)
     # execution only (not part of the config hash)
     batch_size: int | None = None  # per forward; None: 1 on CPU (batching measured slower), 8 on GPU
     concurrency: int = 1
@@ -53,13 +57,14 @@ class SegmentationWorker(AnnotateWorker):
     def __init__(self, out: io.StageOutput, cfg: SegmentationConfig, weights: str, metadata: dict[str, str]):
         import torch
 
-        from models.checkpoint import load_deeplab_v2
+        from models.checkpoint import load_deeplab_v2, load_deeplab_v3_torchvision
 
         self.out, self.cfg, self.metadata = out, cfg, metadata
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
         self.batch_size = cfg.batch_size or (8 if self.device == "cuda" else 1)
-        self.model = load_deeplab_v2(weights).to(self.device)
+        v2 = cfg.model == "deeplabv2_cocostuff164k"
+        self.model = (load_deeplab_v2 if v2 else load_deeplab_v3_torchvision)(weights).to(self.device)
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("segmentation", pa.binary())]
@@ -67,10 +72,14 @@ class SegmentationWorker(AnnotateWorker):
     def annotate(self, x: np.ndarray) -> dict[str, list]:
         import torch
 
-        from models.deeplab import segment
+        from models.deeplab import segment, segment_v3
 
+        x = torch.from_numpy(x).to(self.device)
         with torch.inference_mode():
-            labels, _ = segment(self.model, torch.from_numpy(x).to(self.device))
+            if self.cfg.model == "deeplabv2_cocostuff164k":
+                labels, _ = segment(self.model, x)
+            else:
+                labels, _ = segment_v3(self.model, x, self.cfg.v3_resize)
         return {"segmentation": [m.tobytes() for m in labels.cpu().numpy().astype(np.uint8)]}
 
 
@@ -82,8 +91,9 @@ def _preview(t: pa.Table) -> np.ndarray:
 
 def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:
     """Run (or resume, or reuse) the segmentation stage; returns its manifest and whether it was cached."""
-    from models.deeplab import COCO_STUFF_LABELS
+    from models.deeplab import COCO_STUFF_LABELS, torchvision_deeplabv3_labels
 
+    names = COCO_STUFF_LABELS if cfg.model == "deeplabv2_cocostuff164k" else torchvision_deeplabv3_labels()
     if not cfg.images_uri or not cfg.output_uri:
         raise config_lib.ConfigError("segmentation.images_uri and segmentation.output_uri must be set")
     io.read_manifest(cfg.images_uri)
@@ -94,7 +104,7 @@ def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) 
     metadata = {
         "taming.segmentation_model": cfg.model,
         "taming.segmentation_weights_sha256": sha,
-        "taming.segmentation_labels": json.dumps(COCO_STUFF_LABELS),
+        "taming.segmentation_labels": json.dumps(names),
     }
     manifest, cached = run_annotate_stage(
         STAGE,
@@ -107,7 +117,7 @@ def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) 
         extra={
             "segmentation_model": cfg.model,
             "segmentation_weights_sha256": sha,
-            "segmentation_labels": COCO_STUFF_LABELS,
+            "segmentation_labels": names,
         },
         preview=_preview,
         experiment=experiment,

@@ -165,3 +165,88 @@ def test_tokenize_with_depth_and_segmentation_codes(shards, tmp_path):
         tokenize_images.run(
             dataclasses.replace(cfg, images_uri=shards["images"], output_uri=str(tmp_path / "x"))
         )
+
+
+def test_segmentation_with_torchvision_deeplabv3(shards, tmp_path):
+    from models.deeplab import segment_v3, torchvision_deeplabv3
+
+    torch.manual_seed(0)
+    model = torchvision_deeplabv3()
+    torch.save(model.state_dict(), tmp_path / "deeplabv3_resnet101_coco-586e9e4e.pth")
+    cfg = segmentation.SegmentationConfig(
+        images_uri=shards["images"],
+        output_uri=str(tmp_path / "seg3"),
+        model="torchvision_deeplabv3_voc",
+        v3_resize=64,
+        weights_uri=str(tmp_path / "deeplabv3_resnet101_coco-586e9e4e.pth"),
+    )
+    manifest, _ = segmentation.run(cfg, "test-pre")
+    assert manifest.extra["segmentation_labels"][0] == "__background__" and manifest.counts["written"] == 6
+    t = io.read_committed_table(manifest.output_uri).sort_by("image_id")
+    _, x = _inputs(shards["images"])
+    labels, _ = segment_v3(model, x, 64)
+    got = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(32, 32) for b in t["segmentation"].to_pylist()])
+    assert (got == labels.numpy()).mean() > 0.999
+
+
+def test_depth_killed_and_resumed(shards, tmp_path):
+    """The shared shard-map contract: a killed depth run resumes with the finished shards kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import ray
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    images.write_tree(
+        tmp_path / "src",
+        {f"x/{i:02d}.png": images.encode(images.noise(64, 64, "RGB", i), "PNG") for i in range(24)},
+    )
+    imgs = ingest.run(
+        ingest.IngestConfig(
+            source_uri=str(tmp_path / "src"),
+            output_uri=str(tmp_path / "images"),
+            resolution=64,
+            rows_per_shard=4,
+        ),
+        "test-pre",
+    )
+    out = tmp_path / "depth"
+    weights = str(shards["root"] / "midas_v21_small_256.pt")
+    (tmp_path / "cfg.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "run": {"experiment": "test-pre"},
+                "depth": {"images_uri": imgs.output_uri, "output_uri": str(out), "weights_uri": weights},
+            }
+        )
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.depth", "--config", str(tmp_path / "cfg.yaml")],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(out.glob("_attempts/*/_shards/part-*.json")):
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    log = proc.communicate()[0].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, log[-3000:]
+    assert not (out / "_SUCCESS.json").exists(), "finished before it could be killed"
+    time.sleep(1.0)
+    manifest, _ = depth.run(
+        depth.DepthConfig(images_uri=imgs.output_uri, output_uri=str(out), weights_uri=weights), "test-pre"
+    )
+    assert manifest.counts["reused_shards"] >= 1 and manifest.counts["written"] == 24
+    t = io.read_committed_table(str(out), verify=True)
+    assert len(set(t["image_id"].to_pylist())) == 24
