@@ -41,8 +41,7 @@ def _cache_dir(uri: str) -> Path:
 def local_path(uri: str) -> Path:
     """A local file or folder holding what ``uri`` names (downloaded once if remote)."""
     if uri.startswith("models:/"):
-        import mlflow
-
+        mlflow = tracking.configured_mlflow()  # this process's tracking/registry URIs, as the stages use
         dest = _cache_dir(uri)
         try:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
@@ -76,6 +75,8 @@ def load(uri: str) -> LoadedModel:
     """Load the model that ``uri`` names (see the module docstring)."""
     from models import checkpoint
 
+    if not uri.startswith("models:/") and io.exists(io.join(io.normalize(uri), io.MANIFEST_NAME)):
+        uri = io.read_manifest(uri).data_uris()[0]  # a committed stage output (e.g. train_vqgan's): its model
     p = local_path(uri)
     if p.is_dir():
         natives = sorted(p.rglob(f"*{NATIVE_SUFFIX}"))

@@ -53,6 +53,11 @@ def _mlflow():
     return mlflow
 
 
+def configured_mlflow():
+    """The mlflow module with its tracking and registry URIs set to :func:`tracking_uri`."""
+    return _mlflow()
+
+
 def set_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
     """Select (creating if needed) the experiment; returns its id."""
     mlflow = _mlflow()

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from infra import config as config_lib  # noqa: E402
 from infra import io, tracking  # noqa: E402
 from infra.cli import OVERRIDES_HELP, setup_logging  # noqa: E402
-from stages import depth, ingest, segmentation, tokenize_images  # noqa: E402
+from stages import depth, ingest, segmentation, tokenize_images, train_vqgan  # noqa: E402
 
 log = logging.getLogger("pipelines.full")
 
@@ -46,6 +46,7 @@ class FullConfig:
     run: RunConfig = field(default_factory=RunConfig)
     depth: depth.DepthConfig | None = None  # MiDaS depth maps (D-RIN conditioning), when present
     segmentation: segmentation.SegmentationConfig | None = None  # DeepLab label maps, when present
+    train_vqgan: train_vqgan.TrainVQGANConfig | None = None  # trains (and registers) the tokenizer
     tokenize_images: tokenize_images.TokenizeConfig | None = None  # runs when a tokenizer is configured
 
 
@@ -69,15 +70,27 @@ def resolve(cfg: FullConfig) -> FullConfig:
             output_uri=seg.output_uri or io.join(root, "segmentation"),
         )
         images = seg.output_uri
+    trn = cfg.train_vqgan
+    if trn is not None:
+        trn = dataclasses.replace(
+            trn,
+            images_uri=trn.images_uri or ing.output_uri,
+            output_uri=trn.output_uri or io.join(root, "vqgan"),
+        )
     if tok is not None:
+        # tokenizer_uri "" = the model this pipeline trains
         tok = dataclasses.replace(
-            tok, images_uri=tok.images_uri or images, output_uri=tok.output_uri or io.join(root, "codes")
+            tok,
+            images_uri=tok.images_uri or images,
+            output_uri=tok.output_uri or io.join(root, "codes"),
+            tokenizer_uri=tok.tokenizer_uri or (trn.output_uri if trn is not None else ""),
         )
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, root_uri=root),
         ingest=ing,
         depth=dep,
+        train_vqgan=trn,
         segmentation=seg,
         tokenize_images=tok,
     )
@@ -103,6 +116,15 @@ def run(cfg: FullConfig) -> dict:
                 manifest, cached = stage.run(scfg, cfg.run.experiment)
                 tracking.set_tags({f"{name}.cached": cached, f"{name}.output_uri": manifest.output_uri})
                 summary[name] = {"output_uri": manifest.output_uri, **manifest.counts, "cached": cached}
+        if cfg.train_vqgan is not None:
+            manifest, cached = train_vqgan.run(cfg.train_vqgan, cfg.run.experiment)
+            tracking.set_tags({"train_vqgan.cached": cached, "train_vqgan.output_uri": manifest.output_uri})
+            summary["train_vqgan"] = {
+                "output_uri": manifest.output_uri,
+                "cached": cached,
+                "registered": manifest.extra.get("registered_name"),
+                **{k: v for k, v in manifest.extra.items() if k.startswith("val/")},
+            }
         if cfg.tokenize_images is not None:
             tok = tokenize_images.run(cfg.tokenize_images, cfg.run.experiment)
             tracking.set_tags(

@@ -36,7 +36,7 @@ STAGE = "tokenize_images"
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    tokenizer_uri: str  # native checkpoint, taming release, or models:/<name>@<alias>
+    tokenizer_uri: str = ""  # native checkpoint, taming release, models:/<name>@<alias> ("" = the pipeline's)
     depth_tokenizer_uri: str | None = None  # 1-channel VQGAN for the `depth` column -> depth_codes
     segmentation_tokenizer_uri: str | None = None  # one-hot VQGAN for `segmentation` -> segmentation_codes
     images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
@@ -272,8 +272,8 @@ def _check_compatible(cfg: TokenizeConfig, images: io.Manifest, loaded: model_st
 
 
 def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> TokenizeResult:
-    if not cfg.output_uri or not cfg.images_uri:
-        raise config_lib.ConfigError("tokenize_images.images_uri and tokenize_images.output_uri must be set")
+    if not cfg.output_uri or not cfg.images_uri or not cfg.tokenizer_uri:
+        raise config_lib.ConfigError("tokenize_images: images_uri, tokenizer_uri and output_uri must be set")
     images = io.read_manifest(cfg.images_uri)  # raises a clear error when not committed
     loaded = model_store.load_first_stage(cfg.tokenizer_uri)  # fails before any work on a bad URI
     _check_compatible(cfg, images, loaded)
@@ -383,7 +383,9 @@ def _column_bytes(uri: str, column: str) -> int:
 
 
 def _hash(cfg: TokenizeConfig, tokenizer_sha256: str, images_hash: str) -> str:
-    base = config_lib.config_hash(cfg, exclude=EXECUTION_FIELDS)
+    # the tokenizers count by their weights (sha256), not by the URI they were reached through
+    uris = ("tokenizer_uri", "depth_tokenizer_uri", "segmentation_tokenizer_uri", "images_uri")
+    base = config_lib.config_hash(cfg, exclude=(*EXECUTION_FIELDS, *uris))
     return hashlib.sha256(f"{base}:{tokenizer_sha256}:{images_hash}".encode()).hexdigest()[:16]
 
 

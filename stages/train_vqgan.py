@@ -233,16 +233,21 @@ def train_loop(loop: dict[str, Any]) -> None:
                             Path(d) / "state.pt",
                         )
                         checkpoint = ray.train.Checkpoint.from_directory(d)
-                    ray.train.report({"step": step, "loss": float(g_loss)}, checkpoint=checkpoint)
+                    ray.train.report({"step": step, "loss": float(g_loss.detach())}, checkpoint=checkpoint)
     if mlflow is not None:
         mlflow.end_run()
 
 
-def _load_split(images_uri: str, split: str, channels: int, limit: int | None = None):
+def _load_split(images_uri: str, channels: int, limit: int | None = None):
+    """The held-out images: the ``val`` split, or ``test`` where the source has no val split."""
     import torch
 
     t = io.read_committed_table(images_uri, ["image", "split"])
-    t = t.filter(np.asarray(t["split"].to_pylist()) == split)
+    splits = np.asarray(t["split"].to_pylist())
+    split = "val" if (splits == "val").any() else "test"
+    t = t.filter(splits == split)
+    if t.num_rows == 0:
+        raise ValueError(f"{images_uri} has no val or test images to validate on")
     if limit is not None:
         t = t.slice(0, limit)
     return torch.from_numpy(pngs_to_array(t["image"].to_pylist(), channels))
@@ -341,11 +346,12 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
         model = VQGAN(mcfg)
         model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
-        metrics = validate(model, _load_split(cfg.images_uri, "val", channels, cfg.val_images))
+        metrics = validate(model, _load_split(cfg.images_uri, channels, cfg.val_images))
         tracking.log_metrics({**metrics, "train/seconds": seconds}, step=int(state["step"]))
         if cfg.perceptual_weight <= 0:
             tracking.set_tags({"val/lpips": "not computed: perceptual term off / no VGG16 trunk"})
-        data = ckpt_lib.to_bytes(model, {"stage": STAGE, "step": int(state["step"]), **metrics})
+        extra = {"stage": STAGE, "step": int(state["step"]), **metrics}
+        data = ckpt_lib.to_bytes(model, extra)  # the registered copy below has these very bytes
         io.write_bytes(io.join(out.work_uri, MODEL_FILE), data)
         marker = {
             "index": 0,
@@ -360,7 +366,9 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
         }
         version = None
         if cfg.register_name:
-            version = model_store.register(model, cfg.register_name, cfg.register_alias, tags=metrics)
+            version = model_store.register(
+                model, cfg.register_name, cfg.register_alias, tags=metrics, extra=extra
+            )
         manifest = out.commit(
             config=config_lib.to_dict(cfg),
             input_uris=[cfg.images_uri],

@@ -66,3 +66,57 @@ def test_two_workers_train_checkpoint_register(image_shards, tmp_path, mlflow_cl
     # resubmitting the finished run is a no-op
     again, cached = train_vqgan.run(dataclasses.replace(cfg, num_workers=1), "test-train")
     assert cached and again.mlflow_run_id == manifest.mlflow_run_id
+
+
+def test_killed_training_resumes_from_its_checkpoint(image_shards, tmp_path, mlflow_client):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import ray
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "vq"
+    section = {
+        "images_uri": image_shards,
+        "output_uri": str(out),
+        "steps": 30,
+        "batch_size": 8,
+        "warmup_steps": 2,
+        "checkpoint_every": 5,
+        "log_every": 1,
+        "image_every": 100,
+        "num_workers": 2,
+    }
+    (tmp_path / "cfg.yaml").write_text(
+        yaml.safe_dump({"run": {"experiment": "test-train"}, "train_vqgan": section})
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train_vqgan", "--config", str(tmp_path / "cfg.yaml")],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(out.glob("_attempts/*/ray/*/checkpoint_*/state.pt")):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver (and with it the job's workers) dies mid-training
+    log = proc.communicate()[0].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, log[-3000:]
+    assert not (out / "_SUCCESS.json").exists(), "finished before it could be killed"
+    time.sleep(2.0)
+    cfg = train_vqgan.TrainVQGANConfig(**section)
+    manifest, cached = train_vqgan.run(cfg, "test-train")
+    assert not cached and manifest.counts["steps"] == 30
+    steps = [m.step for m in mlflow_client.get_metric_history(manifest.mlflow_run_id, "train/rec_loss")]
+    assert steps == sorted(steps) and steps[-1] == 30
+    assert steps[0] > 5  # resumed from a checkpoint, not from step 0
