@@ -31,8 +31,12 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
 
 
-def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = False) -> dict:
-    """Initialise Ray once per process; returns the cluster's resources."""
+def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> dict:
+    """Initialise Ray once per process; returns the cluster's resources.
+
+    The dashboard stays on by default: Ray Train's controller polls it, and logs an error every few
+    seconds where it is missing.
+    """
     import ray
 
     if ray.is_initialized():
