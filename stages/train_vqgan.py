@@ -144,9 +144,14 @@ def train_loop(loop: dict[str, Any]) -> None:
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.ema_decay else None
     step = 0
+    states = []
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+            states.append(torch.load(Path(d) / "state.pt", map_location=device, weights_only=True))
+    if loop.get("fallback_checkpoint"):  # maybe newer: written by a run that died before Ray recorded it
+        states.append(torch.load(loop["fallback_checkpoint"], map_location=device, weights_only=True))
+    state = max(states, key=lambda st: int(st["step"])) if states else None
+    if state is not None:
         model.load_state_dict(state["model"])
         loss_fn.discriminator.load_state_dict(state["disc"])
         opt_g.load_state_dict(state["opt_g"])
@@ -253,6 +258,25 @@ def _load_split(images_uri: str, channels: int, limit: int | None = None):
     return torch.from_numpy(pngs_to_array(t["image"].to_pylist(), channels))
 
 
+def _latest_checkpoint(run_uri: str) -> str | None:
+    """The newest complete ``state.pt`` under a Ray Train run folder (local storage), if any.
+
+    Ray Train resumes from the checkpoints it recorded; a driver killed between a checkpoint's upload
+    and its recording leaves one Ray does not know about. This finds it, so no finished step is lost.
+    """
+    import torch
+
+    if io.is_remote(run_uri) or not Path(run_uri).is_dir():
+        return None
+    for d in sorted(Path(run_uri).glob("checkpoint_*"), reverse=True):
+        try:
+            torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+            return str(d / "state.pt")
+        except Exception:  # noqa: BLE001 - a partial copy: try the next older one
+            continue
+    return None
+
+
 def validate(model, x, batch: int = 256) -> dict[str, float]:
     import torch
 
@@ -317,6 +341,7 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
         storage = io.join(out.work_uri, "ray")
         if not io.is_remote(storage):
             Path(storage).mkdir(parents=True, exist_ok=True)
+        fallback = _latest_checkpoint(io.join(storage, f"train_vqgan-{chash}"))
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
@@ -325,6 +350,7 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
                 "run_id": run_id,
                 "tracking_uri": tracking.tracking_uri(),
                 "vgg16_path": vgg,
+                "fallback_checkpoint": fallback,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers,

@@ -119,4 +119,4 @@ def test_killed_training_resumes_from_its_checkpoint(image_shards, tmp_path, mlf
     assert not cached and manifest.counts["steps"] == 30
     steps = [m.step for m in mlflow_client.get_metric_history(manifest.mlflow_run_id, "train/rec_loss")]
     assert steps == sorted(steps) and steps[-1] == 30
-    assert steps[0] > 5  # resumed from a checkpoint, not from step 0
+    assert steps[0] > 5  # resumed from a checkpoint (the last one written), not from step 0
