@@ -91,6 +91,8 @@ def test_ray_job_submit(stack, tmp_path):
             "ingest.source_format=auto",
             "ingest.channels=3",
             f"run.root_uri={tmp_path / 'job'}",
+            "train_vqgan=null",  # the demo's training and tokenization are not what this test is about
+            "tokenize_images=null",
             "run.experiment=test-job",
         ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
