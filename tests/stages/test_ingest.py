@@ -6,11 +6,9 @@ import gzip
 import io as _io
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from infra import io
 from infra.imaging import png_to_array
 from stages import ingest
 from tests import images
+from tests.killing import kill_stage_when
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_PIXELS = 100 * 100
@@ -172,7 +171,6 @@ def test_real_fashion_mnist_listing():
 
 
 def test_killed_run_leaves_nothing_visible_and_rerun_completes(stack, tmp_path):
-    import ray
 
     n_shards, per_shard = 6, 12
     images.write_tree(
@@ -198,32 +196,13 @@ def test_killed_run_leaves_nothing_visible_and_rerun_completes(stack, tmp_path):
             }
         )
     )
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.ingest", "--config", str(cfg_path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    markers = out / "_attempts"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if markers.exists() and any(markers.glob("*/_shards/part-*.json")):
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, like a crashed job
-    log = proc.communicate()[0].decode(errors="replace")
-    assert proc.returncode == -signal.SIGKILL, log[-3000:]
-    assert not (out / "_SUCCESS.json").exists(), "the run finished before it could be killed"
+    kill_stage_when("stages.ingest", cfg_path, out, "_attempts/*/_shards/part-*.json")
     with pytest.raises(io.NotCommittedError):
         io.read_committed_table(str(out))
     from infra import sources
 
     with pytest.raises(io.NotCommittedError):  # as a source, the half-written output is refused too
         sources.list_items(str(out), "parquet")
-    time.sleep(1.0)  # let Ray reap the dead job's workers
 
     cfg = ingest.IngestConfig(
         source_uri=str(tmp_path / "src"), output_uri=str(out), resolution=16, rows_per_shard=per_shard

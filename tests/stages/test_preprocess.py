@@ -14,6 +14,7 @@ from models.deeplab import DeepLabMSC, segment
 from models.midas import MidasSmall, predict_depth
 from stages import depth, ingest, segmentation
 from tests import images
+from tests.killing import kill_stage_when
 
 
 @pytest.fixture(scope="module")
@@ -191,17 +192,9 @@ def test_segmentation_with_torchvision_deeplabv3(shards, tmp_path):
 
 def test_depth_killed_and_resumed(shards, tmp_path):
     """The shared shard-map contract: a killed depth run resumes with the finished shards kept."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
-    import ray
     import yaml
 
-    root = Path(__file__).resolve().parents[2]
     images.write_tree(
         tmp_path / "src",
         {f"x/{i:02d}.png": images.encode(images.noise(64, 64, "RGB", i), "PNG") for i in range(24)},
@@ -225,25 +218,7 @@ def test_depth_killed_and_resumed(shards, tmp_path):
             }
         )
     )
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.depth", "--config", str(tmp_path / "cfg.yaml")],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(out.glob("_attempts/*/_shards/part-*.json")):
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    log = proc.communicate()[0].decode(errors="replace")
-    assert proc.returncode == -signal.SIGKILL, log[-3000:]
-    assert not (out / "_SUCCESS.json").exists(), "finished before it could be killed"
-    time.sleep(1.0)
+    kill_stage_when("stages.depth", tmp_path / "cfg.yaml", out, "_attempts/*/_shards/part-*.json")
     manifest, _ = depth.run(
         depth.DepthConfig(images_uri=imgs.output_uri, output_uri=str(out), weights_uri=weights), "test-pre"
     )

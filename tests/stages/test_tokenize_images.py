@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -22,6 +17,7 @@ from models.vqgan import VQGAN, VQGANConfig
 from stages import ingest, tokenize_images
 from stages.tokenize_images import TokenizeConfig
 from tests import images
+from tests.killing import kill_stage_when
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = VQGANConfig(
@@ -105,7 +101,6 @@ def test_killed_run_resumes_byte_identical(image_shards, tmp_path):
         TokenizeConfig(images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(tmp_path / "a")),
         "test-tokenize",
     )
-    import ray
 
     cfg_path = tmp_path / "cfg.yaml"
     out_b = tmp_path / "b"
@@ -122,25 +117,7 @@ def test_killed_run_resumes_byte_identical(image_shards, tmp_path):
             }
         )
     )
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.tokenize_images", "--config", str(cfg_path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(out_b.glob("_attempts/*/_shards/part-*.json")):
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    log = proc.communicate()[0].decode(errors="replace")
-    assert proc.returncode == -signal.SIGKILL, log[-3000:]
-    assert not (out_b / "_SUCCESS.json").exists(), "finished before it could be killed"
-    time.sleep(1.0)
+    kill_stage_when("stages.tokenize_images", cfg_path, out_b, "_attempts/*/_shards/part-*.json")
     res = tokenize_images.run(
         TokenizeConfig(images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(out_b)),
         "test-tokenize",

@@ -10,6 +10,7 @@ import torch
 from infra import io, model_store
 from stages import ingest, train_vqgan
 from tests import images
+from tests.killing import kill_stage_when
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +70,9 @@ def test_two_workers_train_checkpoint_register(image_shards, tmp_path, mlflow_cl
 
 
 def test_killed_training_resumes_from_its_checkpoint(image_shards, tmp_path, mlflow_client):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
-    import ray
     import yaml
 
-    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "vq"
     section = {
         "images_uri": image_shards,
@@ -95,25 +88,9 @@ def test_killed_training_resumes_from_its_checkpoint(image_shards, tmp_path, mlf
     (tmp_path / "cfg.yaml").write_text(
         yaml.safe_dump({"run": {"experiment": "test-train"}, "train_vqgan": section})
     )
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.train_vqgan", "--config", str(tmp_path / "cfg.yaml")],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    kill_stage_when(
+        "stages.train_vqgan", tmp_path / "cfg.yaml", out, "_attempts/*/ray/*/checkpoint_*/state.pt"
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(out.glob("_attempts/*/ray/*/checkpoint_*/state.pt")):
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver (and with it the job's workers) dies mid-training
-    log = proc.communicate()[0].decode(errors="replace")
-    assert proc.returncode == -signal.SIGKILL, log[-3000:]
-    assert not (out / "_SUCCESS.json").exists(), "finished before it could be killed"
-    time.sleep(2.0)
     cfg = train_vqgan.TrainVQGANConfig(**section)
     manifest, cached = train_vqgan.run(cfg, "test-train")
     assert not cached and manifest.counts["steps"] == 30

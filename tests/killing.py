@@ -1,0 +1,38 @@
+"""Crash a stage for real: run it as its own driver on the session's Ray cluster and SIGKILL the whole
+process group once a file matching a pattern appears (a shard marker, a checkpoint)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def kill_stage_when(module: str, config: Path, watch: Path, pattern: str, timeout: float = 300) -> None:
+    """``python -m <module> --config <config>``, killed when ``watch.glob(pattern)`` finds a file."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(watch.glob(pattern)):
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, like a crashed job
+    log = proc.communicate()[0].decode(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, log[-3000:]
+    assert not (watch / "_SUCCESS.json").exists(), "the run finished before it could be killed"
+    time.sleep(1.0)  # let Ray reap the dead job's workers
