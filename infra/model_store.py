@@ -63,6 +63,21 @@ def local_path(uri: str) -> Path:
     return p
 
 
+def resolve_weights(uri: str, filename: str) -> Path:
+    """A local path of the weights: ``uri`` (local / s3), else the torch hub cache; clear error if absent."""
+    import torch
+
+    if uri:
+        return local_path(uri)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"weights {filename} not found: set weights_uri (a local path or s3:// URI of the official file) "
+            f"or put the file at {cached}"
+        )
+    return cached
+
+
 def file_sha256(p: Path) -> str:
     h = hashlib.sha256()
     with open(p, "rb") as f:

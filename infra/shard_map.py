@@ -138,44 +138,54 @@ class AnnotateWorker(ShardWorker):
 def run_annotate_stage(
     stage: str,
     cfg: Any,
-    images_uri: str,
-    output_uri: str,
-    chash: str,
     worker: type[AnnotateWorker],
-    worker_args: tuple,
+    weights_file: str,
     *,
-    extra: dict[str, Any],
+    exclude: tuple[str, ...],
+    info: dict[str, Any],
     preview: Any,
     experiment: str,
-    concurrency: int = 1,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    inputs_for_tracking: list[str] | None = None,
 ) -> tuple[io.Manifest, bool]:
-    """The common body of image-annotating stages (depth, segmentation): contract, counts, tracking.
+    """The common body of image-annotating stages (depth, segmentation).
 
-    ``worker_args`` must start with the :class:`~infra.io.StageOutput` the worker writes to.
-    ``preview(table) -> uint8 image`` renders the first output shard for MLflow. Returns the manifest
-    and whether it was already committed (nothing redone).
+    ``cfg`` has ``images_uri``, ``output_uri``, ``model``, ``weights_uri`` and the execution fields
+    ``concurrency``, ``num_cpus``, ``num_gpus``; ``exclude`` names the fields outside the config hash.
+    The weights' sha256 is part of the output's identity. ``info`` (e.g. label names) goes into the
+    manifest as ``<stage>_<key>`` and into the file metadata as ``taming.<stage>_<key>``; the worker
+    is built as ``worker(out, cfg, weights_path, metadata)``; ``preview(table) -> uint8 image``
+    renders the first output shard for MLflow. Returns the manifest and whether it was already
+    committed (nothing redone).
     """
+    import json
     import time
 
     from infra import config as config_lib
-    from infra import tracking
+    from infra import model_store, tracking
 
-    out = worker_args[0]
-    assert isinstance(out, io.StageOutput) and out.config_hash == chash
+    if not cfg.images_uri or not cfg.output_uri:
+        raise config_lib.ConfigError(f"{stage}.images_uri and {stage}.output_uri must be set")
+    images = io.read_manifest(cfg.images_uri)  # a clear error before anything else when it is missing
+    weights = model_store.resolve_weights(cfg.weights_uri, weights_file)
+    sha = model_store.file_sha256(weights)
+    chash = io.sha256(f"{config_lib.config_hash(cfg, exclude=exclude)}:{sha}".encode())[:16]
+    out = io.StageOutput(cfg.output_uri, stage, chash)
     if (m := out.committed()) is not None:
         return m, True
-    images = io.read_manifest(images_uri)
+    facts = {"model": cfg.model, "weights_sha256": sha, **info}
+    metadata = {f"taming.{stage}_{k}": v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()}
+    extra = {f"{stage}_{k}": v for k, v in facts.items()}
     inputs = images.data_uris()
-    with tracking.stage_run(
-        stage, cfg, inputs_for_tracking or [images_uri], out.output_uri, experiment
-    ) as run_id:
+    with tracking.stage_run(stage, cfg, [cfg.images_uri], out.output_uri, experiment) as run_id:
         t0 = time.perf_counter()
         reused = len(out.done_shards())
         markers = map_shards(
-            worker, worker_args, inputs, out, concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus
+            worker,
+            (out, cfg, str(weights), metadata),
+            inputs,
+            out,
+            concurrency=cfg.concurrency,
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
         )
         read = sum(m["read"] for m in markers)
         written = sum(m["files"]["data"]["rows"] for m in markers)
@@ -208,7 +218,7 @@ def run_annotate_stage(
                 break
         manifest = out.commit(
             config=config_lib.to_dict(cfg),
-            input_uris=[images_uri],
+            input_uris=[cfg.images_uri],
             markers=markers,
             counts=counts,
             mlflow_run_id=run_id,

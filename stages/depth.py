@@ -15,16 +15,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
-from infra import config as config_lib
 from infra import io, tracking
 from infra.imaging import colorize, image_grid
-from infra.model_store import file_sha256
 from infra.shard_map import AnnotateWorker, run_annotate_stage
 
 log = logging.getLogger(__name__)
@@ -55,23 +52,6 @@ class DepthConfig:
 
 
 EXECUTION_FIELDS = ("output_uri", "batch_size", "concurrency", "num_cpus", "num_gpus")
-
-
-def resolve_weights(uri: str, filename: str) -> Path:
-    """A local path of the weights: ``uri`` (local / s3), else the torch hub cache; clear error if absent."""
-    import torch
-
-    from infra import model_store
-
-    if uri:
-        return model_store.local_path(uri)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    if not cached.is_file():
-        raise FileNotFoundError(
-            f"weights {filename} not found: set weights_uri (a local path or s3:// URI of the official file) "
-            f"or put the file at {cached}"
-        )
-    return cached
 
 
 def encode_f16(maps: np.ndarray) -> list[bytes]:
@@ -125,32 +105,15 @@ def _preview(t: pa.Table) -> np.ndarray:
 
 def run(cfg: DepthConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:
     """Run (or resume, or reuse) the depth stage; returns its manifest and whether it was cached."""
-    if not cfg.images_uri or not cfg.output_uri:
-        raise config_lib.ConfigError("depth.images_uri and depth.output_uri must be set")
-    io.read_manifest(cfg.images_uri)  # a clear error before anything else when the input is missing
-    weights = resolve_weights(cfg.weights_uri, WEIGHT_FILES[cfg.model])
-    sha = file_sha256(weights)
-    chash = io.sha256(f"{config_lib.config_hash(cfg, exclude=EXECUTION_FIELDS)}:{sha}".encode())[:16]
-    out = io.StageOutput(cfg.output_uri, STAGE, chash)
-    metadata = {
-        "taming.depth_model": cfg.model,
-        "taming.depth_weights_sha256": sha,
-        "taming.depth_encoding": "float16-le, per image normalised to [-1, 1]",
-    }
     manifest, cached = run_annotate_stage(
         STAGE,
         cfg,
-        cfg.images_uri,
-        cfg.output_uri,
-        chash,
         DepthWorker,
-        (out, cfg, str(weights), metadata),
-        extra={"depth_model": cfg.model, "depth_weights_sha256": sha},
+        WEIGHT_FILES[cfg.model],
+        exclude=EXECUTION_FIELDS,
+        info={"encoding": "float16-le, per image normalised to [-1, 1]"},
         preview=_preview,
         experiment=experiment,
-        concurrency=cfg.concurrency,
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
     )
     log.info("depth: %s %s", "reused" if cached else "committed", manifest.output_uri)
     return manifest, cached

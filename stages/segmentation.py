@@ -21,12 +21,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from infra import config as config_lib
 from infra import io, tracking
 from infra.imaging import image_grid, label_colors
-from infra.model_store import file_sha256
 from infra.shard_map import AnnotateWorker, run_annotate_stage
-from stages.depth import resolve_weights
 
 log = logging.getLogger(__name__)
 STAGE = "segmentation"
@@ -94,36 +91,15 @@ def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) 
     from models.deeplab import COCO_STUFF_LABELS, torchvision_deeplabv3_labels
 
     names = COCO_STUFF_LABELS if cfg.model == "deeplabv2_cocostuff164k" else torchvision_deeplabv3_labels()
-    if not cfg.images_uri or not cfg.output_uri:
-        raise config_lib.ConfigError("segmentation.images_uri and segmentation.output_uri must be set")
-    io.read_manifest(cfg.images_uri)
-    weights = resolve_weights(cfg.weights_uri, WEIGHT_FILES[cfg.model])
-    sha = file_sha256(weights)
-    chash = io.sha256(f"{config_lib.config_hash(cfg, exclude=EXECUTION_FIELDS)}:{sha}".encode())[:16]
-    out = io.StageOutput(cfg.output_uri, STAGE, chash)
-    metadata = {
-        "taming.segmentation_model": cfg.model,
-        "taming.segmentation_weights_sha256": sha,
-        "taming.segmentation_labels": json.dumps(names),
-    }
     manifest, cached = run_annotate_stage(
         STAGE,
         cfg,
-        cfg.images_uri,
-        cfg.output_uri,
-        chash,
         SegmentationWorker,
-        (out, cfg, str(weights), metadata),
-        extra={
-            "segmentation_model": cfg.model,
-            "segmentation_weights_sha256": sha,
-            "segmentation_labels": names,
-        },
+        WEIGHT_FILES[cfg.model],
+        exclude=EXECUTION_FIELDS,
+        info={"labels": names},
         preview=_preview,
         experiment=experiment,
-        concurrency=cfg.concurrency,
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
     )
     log.info("segmentation: %s %s", "reused" if cached else "committed", manifest.output_uri)
     return manifest, cached

@@ -144,21 +144,7 @@ def test_official_mask_buffer_is_accepted():
 
 
 def test_net2net_class_condition_and_cfg():
-    torch.manual_seed(0)
-    vq = VQGAN(
-        VQGANConfig(
-            ch=32,
-            ch_mult=(1, 2),
-            num_res_blocks=1,
-            attn_resolutions=(),
-            resolution=16,
-            z_channels=8,
-            embed_dim=4,
-            codebook_size=16,
-        )
-    ).eval()
-    gpt = _gpt(GPTConfig(vocab_size=16 + 4, block_size=64, n_layer=1, n_head=2, n_embd=16))
-    net = Net2Net(vq, gpt, ConditionConfig(mode="class", n_classes=3, token_offset=16, null_token=19))
+    net = _tiny_net(ConditionConfig(mode="class", n_classes=3, token_offset=16, null_token=19), vocab=20)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     labels = torch.tensor([0, 2])
     assert net.encode_to_c(labels).tolist() == [[16], [18]]
