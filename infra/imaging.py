@@ -157,6 +157,24 @@ def pngs_to_array(pngs: list[bytes], channels: int) -> np.ndarray:
     return x[:, None] if channels == 1 else x.transpose(0, 3, 1, 2)
 
 
+def depth_maps(blobs: list[bytes]) -> np.ndarray:
+    """``depth`` column values (square little-endian float16 maps) -> float32 (N, 1, n, n)."""
+    maps = [np.frombuffer(b, dtype="<f2") for b in blobs]
+    if not maps:
+        return np.zeros((0, 1, 1, 1), np.float32)
+    n = int(round(len(maps[0]) ** 0.5))  # image shards are square (the ingest resolution)
+    return np.stack(maps).reshape(-1, 1, n, n).astype(np.float32)
+
+
+def label_maps(blobs: list[bytes]) -> np.ndarray:
+    """``segmentation`` column values (square uint8 label maps) -> uint8 (N, 1, n, n)."""
+    maps = [np.frombuffer(b, dtype=np.uint8) for b in blobs]
+    if not maps:
+        return np.zeros((0, 1, 1, 1), np.uint8)
+    n = int(round(len(maps[0]) ** 0.5))
+    return np.stack(maps).reshape(-1, 1, n, n)
+
+
 def colorize(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """A float map (H, W) -> uint8 RGB with a perceptual dark-blue/red/yellow ramp (for previews)."""
     lo = float(values.min()) if lo is None else lo

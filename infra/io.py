@@ -233,6 +233,15 @@ class Manifest:
         return [join(self.output_uri, f.path) for f in self.error_files]
 
 
+def column_names(m: Manifest) -> list[str]:
+    """The columns of a committed Parquet output (from its first data file's schema; [] if empty)."""
+    if not m.files:
+        return []
+    fs, path = filesystem(m.data_uris()[0])
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
 def read_manifest(output_uri: str) -> Manifest:
     """The committed manifest at ``output_uri``; :class:`NotCommittedError` when there is none."""
     output_uri = normalize(output_uri)

@@ -132,7 +132,8 @@ def _list_parquet(uri: str, label_column: str | None) -> Listing:
     return Listing(items, None, "parquet")
 
 
-def _read_idx(uri: str) -> np.ndarray:
+def read_idx(uri: str) -> np.ndarray:
+    """An unsigned-byte IDX array (MNIST / Fashion-MNIST format, optionally gzipped)."""
     raw = gzip.decompress(io.read_bytes(uri)) if uri.endswith(".gz") else io.read_bytes(uri)
     _, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if dtype_code != 0x08:
@@ -143,14 +144,14 @@ def _read_idx(uri: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _idx_images(uri: str) -> np.ndarray:
-    return _read_idx(uri)
+    return read_idx(uri)
 
 
 def _list_fashion_mnist(root: str) -> Listing:
     items = []
     for split, (images, labels) in _IDX_FILES.items():
         image_uri, label_uri = io.join(root, images), io.join(root, labels)
-        ys = _read_idx(label_uri)
+        ys = read_idx(label_uri)
         items.extend(
             {
                 "source_uri": f"{image_uri}#{i}",

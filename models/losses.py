@@ -41,6 +41,7 @@ class VQGANLossConfig:
     disc_num_layers: int = 3
     disc_in_channels: int = 3
     disc_ndf: int = 64
+    log_inactive_gan_terms: bool = False  # compute g_loss / d_weight before disc_start (as official)
 
 
 def find_vgg16(path: str | Path | None = None) -> Path | None:
@@ -96,6 +97,8 @@ class LPIPS(lpips.LPIPS):
         return super().train(False)  # a fixed metric: no dropout, whatever the parent's mode
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if x.shape[1] == 1:  # grey images (and depth maps) as RGB
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         return super().forward(x, y)  # (B, 1, 1, 1)
 
 
@@ -160,12 +163,16 @@ class VQGANLoss(nn.Module):
         """The autoencoder's step (official optimizer 0). ``last_layer=None``: no adaptive weight."""
         nll_loss, rec_loss, p_loss = self._nll(x, xrec)
         disc_factor = self._disc_factor(global_step)
-        logits_fake = self.discriminator(xrec)
-        g_loss = -logits_fake.mean()
-        if last_layer is not None and torch.is_grad_enabled():  # as the official code: always computed
-            d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer)
+        d_weight = torch.zeros((), device=x.device)
+        if disc_factor == 0 and not self.cfg.log_inactive_gan_terms:
+            # Before disc_start the GAN term is multiplied by zero: skip the discriminator forward
+            # and the two extra backward passes of the adaptive weight (the official code runs them
+            # to log g_loss and d_weight; ~20% of a small model's step).
+            g_loss = torch.zeros((), device=x.device)
         else:
-            d_weight = torch.zeros((), device=x.device)
+            g_loss = -self.discriminator(xrec).mean()
+            if last_layer is not None and torch.is_grad_enabled():
+                d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer)
         loss = nll_loss + d_weight * disc_factor * g_loss + self.cfg.codebook_weight * codebook_loss.mean()
         logs = {
             "total_loss": loss,

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from infra import io, tracking
-from infra.imaging import colorize, image_grid
+from infra.imaging import colorize, depth_maps, image_grid
 from infra.shard_map import AnnotateWorker, run_annotate_stage
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,7 @@ class DepthWorker(AnnotateWorker):
 
 
 def _preview(t: pa.Table) -> np.ndarray:
-    maps = [np.frombuffer(b, dtype="<f2") for b in t["depth"].to_pylist()]
-    n = int(round(len(maps[0]) ** 0.5))  # image shards are square (the ingest resolution)
-    return image_grid([colorize(m.reshape(n, n).astype(np.float32), -1.0, 1.0) for m in maps])
+    return image_grid([colorize(m[0], -1.0, 1.0) for m in depth_maps(t["depth"].to_pylist())])
 
 
 def run(cfg: DepthConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from infra import io, tracking
-from infra.imaging import image_grid, label_colors
+from infra.imaging import image_grid, label_colors, label_maps
 from infra.shard_map import AnnotateWorker, run_annotate_stage
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,7 @@ class SegmentationWorker(AnnotateWorker):
 
 
 def _preview(t: pa.Table) -> np.ndarray:
-    maps = [np.frombuffer(b, dtype=np.uint8) for b in t["segmentation"].to_pylist()]
-    n = int(round(len(maps[0]) ** 0.5))  # image shards are square (the ingest resolution)
-    return image_grid([label_colors(m.reshape(n, n)) for m in maps])
+    return image_grid([label_colors(m[0]) for m in label_maps(t["segmentation"].to_pylist())])
 
 
 def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:

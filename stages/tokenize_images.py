@@ -15,6 +15,7 @@ tokenizes only the missing shards and gives byte-identical files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import pyarrow as pa
 
 from infra import config as config_lib
 from infra import io, model_store, schemas, tracking
-from infra.imaging import pngs_to_array
+from infra.imaging import depth_maps, label_maps, pngs_to_array
 from infra.shard_map import ShardWorker, map_shards
 
 log = logging.getLogger(__name__)
@@ -139,33 +140,17 @@ class TokenizeShards(ShardWorker):
 
     def _conditions(self, t: pa.Table) -> dict[str, tuple]:
         """column -> (model, compact array (N, C, H, W), expand) for the configured condition tokenizers."""
-        import torch
+        from models.training import one_hot
 
         out = {}
         if "depth_codes" in self.cond_models:
-            maps = [np.frombuffer(b, dtype="<f2") for b in t["depth"].to_pylist()]
-            n = int(round(len(maps[0]) ** 0.5)) if maps else 1
-            arr = (
-                np.stack(maps).reshape(-1, 1, n, n).astype(np.float32)
-                if maps
-                else np.zeros((0, 1, 1, 1), np.float32)
-            )
+            arr = depth_maps(t["depth"].to_pylist())
             out["depth_codes"] = (self.cond_models["depth_codes"], arr, None)
         if "segmentation_codes" in self.cond_models:
             model = self.cond_models["segmentation_codes"]
             k = model.config.in_channels
-            maps = [np.frombuffer(b, dtype=np.uint8) for b in t["segmentation"].to_pylist()]
-            n = int(round(len(maps[0]) ** 0.5)) if maps else 1
-            arr = np.stack(maps).reshape(-1, 1, n, n) if maps else np.zeros((0, 1, 1, 1), np.uint8)
-            if arr.size and int(arr.max()) >= k:
-                raise ValueError(
-                    f"label {int(arr.max())} does not fit the {k}-channel segmentation tokenizer"
-                )
-
-            def one_hot(b: torch.Tensor, k: int = k) -> torch.Tensor:
-                return torch.nn.functional.one_hot(b[:, 0].long(), k).permute(0, 3, 1, 2).float()
-
-            out["segmentation_codes"] = (model, arr, one_hot)
+            arr = label_maps(t["segmentation"].to_pylist())
+            out["segmentation_codes"] = (model, arr, functools.partial(one_hot, classes=k))
         return out
 
     def process(self, shard: int, uri: str) -> dict[str, Any]:
@@ -228,8 +213,6 @@ class TokenizeShards(ShardWorker):
 
 def _check_conditions(cfg: TokenizeConfig, images: io.Manifest) -> dict[str, model_store.LoadedModel]:
     """Load the condition tokenizers and check that the image shards carry their columns."""
-    import pyarrow.parquet as pq
-
     wanted = {
         "depth_codes": (cfg.depth_tokenizer_uri, "depth"),
         "segmentation_codes": (cfg.segmentation_tokenizer_uri, "segmentation"),
@@ -239,15 +222,11 @@ def _check_conditions(cfg: TokenizeConfig, images: io.Manifest) -> dict[str, mod
         if not uri:
             continue
         loaded = model_store.load_first_stage(uri)
-        if images.files:
-            fs, path = io.filesystem(images.data_uris()[0])
-            with fs.open(path, "rb") as f:
-                names = pq.ParquetFile(f).schema_arrow.names
-            if source not in names:
-                raise ValueError(
-                    f"{cfg.images_uri} has no `{source}` column: run the {source} stage first "
-                    "and tokenize its output"
-                )
+        if images.files and source not in io.column_names(images):
+            raise ValueError(
+                f"{cfg.images_uri} has no `{source}` column: run the {source} stage first "
+                "and tokenize its output"
+            )
         if source == "depth" and loaded.model.config.in_channels != 1:
             raise ValueError(
                 f"the depth tokenizer {uri} must take 1 channel, not {loaded.model.config.in_channels}"

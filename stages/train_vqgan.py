@@ -16,20 +16,20 @@ usage on the val split), written as a native checkpoint, committed and registere
 from __future__ import annotations
 
 import dataclasses
+import io as _io
 import json
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from infra import config as config_lib
 from infra import io, model_store, tracking
-from infra.imaging import image_grid, pngs_to_array
+from infra.imaging import depth_maps, image_grid, label_colors, label_maps, pngs_to_array
 
 log = logging.getLogger(__name__)
 STAGE = "train_vqgan"
@@ -40,13 +40,18 @@ MODEL_FILE = "model.safetensors"
 class TrainVQGANConfig:
     images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = ""  # checkpoints and the final model ("" = derived from run.root_uri)
-    preset: str = "f4-small"  # models.vqgan.PRESETS; in/out channels follow the images
+    # what to learn a codebook for: the images, their 1-channel depth maps (the depth stage's
+    # `depth` column) or their label maps (`segmentation`, one-hot, binary cross-entropy)
+    input: Literal["image", "depth", "segmentation"] = "image"
+    segmentation_classes: int | None = None  # one-hot channels ("None" = the segmentation stage's labels)
+    preset: str = "f4-small"  # models.vqgan.PRESETS; in/out channels follow the input
     codebook_size: int | None = None  # override the preset's
     steps: int = 1500
     batch_size: int = 64  # global, split over the workers
     lr: float = 2e-4
     warmup_steps: int = 100
-    cosine_decay: bool = True
+    cosine_decay: bool = True  # half-cosine from lr down to min_lr_ratio * lr at `steps`
+    min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float | None = None  # EMA of the weights (the EMA model is the one saved)
     perceptual_weight: float = 0.0  # LPIPS needs vgg16-397923af.pth (hub cache or vgg16_uri)
@@ -56,6 +61,7 @@ class TrainVQGANConfig:
     codebook_weight: float = 1.0
     dead_code_threshold: float = 0.0  # restart codes used fewer times than this (EMA count)
     hflip: bool = True  # augmentation of the train split
+    crop_size: int | None = None  # random crops of this size for training (validation: centre crop)
     seed: int = 0
     register_name: str | None = None  # register the final model under this name ...
     register_alias: str = "candidate"  # ... with this alias
@@ -63,6 +69,7 @@ class TrainVQGANConfig:
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    bf16: bool = True  # autocast on GPU
     checkpoint_every: int = 250
     log_every: int = 25
     image_every: int = 250
@@ -75,6 +82,7 @@ EXECUTION_FIELDS = (
     "num_workers",
     "cpus_per_worker",
     "use_gpu",
+    "bf16",
     "checkpoint_every",
     "log_every",
     "image_every",
@@ -83,38 +91,87 @@ EXECUTION_FIELDS = (
 )
 
 
+def input_channels(cfg: TrainVQGANConfig, image_channels: int) -> int:
+    return {"image": image_channels, "depth": 1, "segmentation": cfg.segmentation_classes}[cfg.input]
+
+
+def segmentation_classes(images: io.Manifest, hops: int = 8) -> int | None:
+    """The label count the segmentation stage recorded, on this output or an output it derives from."""
+    m: io.Manifest | None = images
+    for _ in range(hops):
+        if m is None:
+            return None
+        if m.extra.get("segmentation_labels"):
+            return len(m.extra["segmentation_labels"])
+        ups = [u for u in m.input_uris if io.exists(io.join(u, io.MANIFEST_NAME))]
+        m = io.read_manifest(ups[0]) if ups else None
+    return None
+
+
 def model_config(cfg: TrainVQGANConfig, channels: int):
+    """The preset with this run's channels, codebook size, resolution and codebook options."""
     from models.quantize import QuantizerConfig
     from models.vqgan import PRESETS
 
+    if cfg.preset not in PRESETS:
+        raise config_lib.ConfigError(f"train_vqgan.preset: unknown {cfg.preset!r}; known: {sorted(PRESETS)}")
     base = PRESETS[cfg.preset]
     q = dataclasses.replace(base.quantizer, dead_code_threshold=cfg.dead_code_threshold)
     return dataclasses.replace(
         base,
         in_channels=channels,
         out_channels=channels,
+        resolution=cfg.crop_size or base.resolution,
         quantizer=QuantizerConfig(**dataclasses.asdict(q)),
         codebook_size=cfg.codebook_size or base.codebook_size,
+        segmentation_labels=channels if cfg.input == "segmentation" else None,
     )
 
 
-def lr_at(cfg: TrainVQGANConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if not cfg.cosine_decay:
-        return cfg.lr
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+def build_trainer(cfg: TrainVQGANConfig, channels: int, vgg16_path: str | None = None, device: str = "cpu"):
+    """The model, loss and optimizers of ``cfg`` for ``channels`` model input channels (a fresh
+    start; seed the RNG first for a fixed init)."""
+    import torch
+
+    from models.losses import VQGANLoss, VQGANLossConfig
+    from models.training import Schedule, VQGANTrainer
+    from models.vqgan import VQGAN
+
+    mcfg = model_config(cfg, channels)
+    model = VQGAN(mcfg).to(device)
+    loss = None
+    if cfg.input != "segmentation":
+        loss_cfg = VQGANLossConfig(
+            disc_start=cfg.disc_start,
+            disc_weight=cfg.disc_weight,
+            codebook_weight=cfg.codebook_weight,
+            perceptual_weight=cfg.perceptual_weight,
+            disc_in_channels=mcfg.in_channels,
+            disc_num_layers=2,
+        )
+        loss = VQGANLoss(loss_cfg, vgg16_path=vgg16_path).to(device)
+    schedule = Schedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.cosine_decay, cfg.min_lr_ratio)
+    bf16 = cfg.use_gpu and device.startswith("cuda") and cfg.bf16
+    return VQGANTrainer(
+        model,
+        loss,
+        schedule,
+        objective="bce" if cfg.input == "segmentation" else "image",
+        grad_clip=cfg.grad_clip,
+        ema_decay=cfg.ema_decay,
+        codebook_weight=cfg.codebook_weight,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+    )
 
 
-def _allreduce_grads(params, world: int) -> None:
-    import torch.distributed as dist
+def _to_model_input(cfg: TrainVQGANConfig, batch: dict):
+    """A training batch as model input: images/depth as they are, label maps one-hot."""
+    from models.training import one_hot
 
-    if world > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+    x = batch["x"]
+    if cfg.input == "segmentation":
+        return one_hot(x, cfg.segmentation_classes)
+    return x.float()
 
 
 def train_loop(loop: dict[str, Any]) -> None:
@@ -122,183 +179,150 @@ def train_loop(loop: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from models.losses import VQGANLoss, VQGANLossConfig
-    from models.vqgan import VQGAN
+    from models.training import hflip_, random_crop
 
     cfg: TrainVQGANConfig = loop["cfg"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)  # same init everywhere
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-    model = VQGAN(loop["model_cfg"]).to(device)
-    loss_cfg = VQGANLossConfig(
-        disc_start=cfg.disc_start,
-        disc_weight=cfg.disc_weight,
-        codebook_weight=cfg.codebook_weight,
-        perceptual_weight=cfg.perceptual_weight,
-        disc_in_channels=loop["model_cfg"].in_channels,
-        disc_num_layers=2,
-    )
-    loss_fn = VQGANLoss(loss_cfg, vgg16_path=loop.get("vgg16_path")).to(device)
-    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.ema_decay else None
-    step = 0
+    trainer = build_trainer(cfg, loop["channels"], loop.get("vgg16_path"), device)
     states = []
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             states.append(torch.load(Path(d) / "state.pt", map_location=device, weights_only=True))
-    if loop.get("fallback_checkpoint"):  # maybe newer: written by a run that died before Ray recorded it
-        states.append(torch.load(loop["fallback_checkpoint"], map_location=device, weights_only=True))
-    state = max(states, key=lambda st: int(st["step"])) if states else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        loss_fn.discriminator.load_state_dict(state["disc"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        ema = state.get("ema")
-        step = int(state["step"])
+    if (newest := _latest_checkpoint(loop["run_uri"], device)) is not None:
+        states.append(newest)  # maybe newer: written just before a crash, before Ray recorded it
+    data = {"epoch": 0, "batch": 0}  # the data position: epoch, and batches done in it
+    if states:
+        state = max(states, key=lambda st: int(st["step"]))
+        trainer.load_state_dict(state)
+        data = dict(state.get("data") or data)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7919 * trainer.step)
     mlflow = None
     if rank == 0 and loop.get("run_id"):
         import mlflow
 
         mlflow.set_tracking_uri(loop["tracking_uri"])
         mlflow.start_run(run_id=loop["run_id"])
+        if trainer.step:
+            mlflow.log_metric("train/resumed_from_step", trainer.step, step=trainer.step)
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, cfg.batch_size // world)
     t_last, seen = time.perf_counter(), 0
-    while step < cfg.steps:
+    while trainer.step < cfg.steps:
+        skip, batches = data["batch"], 0  # resuming mid-epoch: pass over the batches already trained on
         for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device):
-            if step >= cfg.steps:
+            batches += 1
+            if batches <= skip:
+                continue
+            if trainer.step >= cfg.steps:
                 break
-            x = batch["x"].float()
+            data["batch"] = batches
+            x = _to_model_input(cfg, batch)
+            if cfg.crop_size:
+                x = random_crop(x, cfg.crop_size, gen)
             if cfg.hflip:
-                flip = torch.rand(x.shape[0], device=device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            for g in opt_g.param_groups + opt_d.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            model.train()
-            out = model.encode_with_stats(x)
-            xrec = model.decode(out.quant)
-            g_loss, glog = loss_fn.generator_loss(out.loss, x, xrec, step, model.last_layer)
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            _allreduce_grads(model.parameters(), world)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt_g.step()
-            dlog = {}
-            if step >= cfg.disc_start:
-                d_loss, dlog = loss_fn.discriminator_loss(x, xrec, step)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                _allreduce_grads(loss_fn.discriminator.parameters(), world)
-                opt_d.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for k, v in model.state_dict().items():
-                        if v.dtype.is_floating_point:
-                            ema[k].mul_(cfg.ema_decay).add_(v.detach(), alpha=1 - cfg.ema_decay)
-                        else:
-                            ema[k].copy_(v)
-            step += 1
+                x = hflip_(x, gen)
+            logs, xrec = trainer.train_step(x)
+            step = trainer.step
             seen += x.shape[0] * world
             if mlflow is not None and step % cfg.log_every == 0:
                 now = time.perf_counter()
-                metrics = {f"train/{k}": float(v) for k, v in {**glog, **dlog}.items()}
-                metrics.update(
-                    {
-                        "train/lr": lr_at(cfg, step - 1),
-                        "train/codebook_usage": float(out.usage),
-                        "train/perplexity": float(out.perplexity),
-                        "train/images_per_s": seen / (now - t_last),
-                    }
-                )
+                metrics = {f"train/{k}": v for k, v in logs.items()}
+                metrics["train/images_per_s"] = seen / (now - t_last)
                 mlflow.log_metrics(metrics, step=step)
                 t_last, seen = now, 0
             if mlflow is not None and (step % cfg.image_every == 0 or step == cfg.steps):
-                pairs = torch.stack([x[:8], xrec[:8].detach().clamp(-1, 1)], 1).flatten(0, 1)
-                arr = ((pairs.cpu().numpy() + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
                 mlflow.log_image(
-                    image_grid([a[..., 0] if a.shape[-1] == 1 else a for a in arr], ncol=8),
+                    _reconstruction_grid(cfg, x[:8], xrec[:8]),
                     artifact_file=f"reconstructions/step_{step:07d}.png",
                 )
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 with tempfile.TemporaryDirectory() as d:
                     checkpoint = None
                     if rank == 0:
-                        torch.save(
-                            {
-                                "model": model.state_dict(),
-                                "disc": loss_fn.discriminator.state_dict(),
-                                "opt_g": opt_g.state_dict(),
-                                "opt_d": opt_d.state_dict(),
-                                "ema": ema,
-                                "step": step,
-                            },
-                            Path(d) / "state.pt",
-                        )
+                        torch.save({**trainer.state_dict(), "data": dict(data)}, Path(d) / "state.pt")
                         checkpoint = ray.train.Checkpoint.from_directory(d)
-                    ray.train.report({"step": step, "loss": float(g_loss.detach())}, checkpoint=checkpoint)
+                    ray.train.report({"step": step, "loss": logs["total_loss"]}, checkpoint=checkpoint)
+        else:  # the epoch ran out
+            if batches == 0:
+                raise ValueError(
+                    f"a worker got no full batch of {per_worker} training images: the train split "
+                    f"is smaller than batch_size={cfg.batch_size} (or num_workers={world} too many)"
+                )
+            data = {"epoch": data["epoch"] + 1, "batch": 0}
     if mlflow is not None:
         mlflow.end_run()
 
 
-def _load_split(images_uri: str, channels: int, limit: int | None = None):
-    """The held-out images: the ``val`` split, or ``test`` where the source has no val split."""
+def _reconstruction_grid(cfg: TrainVQGANConfig, x, xrec) -> np.ndarray:
+    """Inputs over their reconstructions, one PNG-ready grid (label maps drawn in label colours)."""
     import torch
 
-    t = io.read_committed_table(images_uri, ["image", "split"])
+    if cfg.input == "segmentation":
+        tiles = [label_colors(t.argmax(0).cpu().numpy()) for pair in zip(x, xrec) for t in pair]
+        return image_grid(tiles, ncol=8)
+    pairs = torch.stack([x, xrec.clamp(-1, 1)], 1).flatten(0, 1).float()
+    arr = ((pairs.cpu().numpy() + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return image_grid([a[..., 0] if a.shape[-1] == 1 else a for a in arr], ncol=8)
+
+
+COLUMNS = {"image": "image", "depth": "depth", "segmentation": "segmentation"}
+
+
+def decode_column(cfg: TrainVQGANConfig, blobs: list[bytes], image_channels: int) -> np.ndarray:
+    """A shard column as compact arrays: images/depth float32 in [-1, 1], label maps uint8 (N, 1, H, W)."""
+    if cfg.input == "depth":
+        return depth_maps(blobs)
+    if cfg.input == "segmentation":
+        return label_maps(blobs)
+    return pngs_to_array(blobs, image_channels)
+
+
+def _load_split(cfg: TrainVQGANConfig, image_channels: int, limit: int | None = None):
+    """The held-out data: the ``val`` split, else ``test``, else (tagged as such) ``train``, as
+    (model input, labels or None, split name)."""
+    import torch
+
+    from models.training import center_crop, one_hot
+
+    column = COLUMNS[cfg.input]
+    t = io.read_committed_table(cfg.images_uri, [column, "split"])
     splits = np.asarray(t["split"].to_pylist())
-    split = "val" if (splits == "val").any() else "test"
+    split = next((s for s in ("val", "test", "train") if (splits == s).any()), None)
+    if split is None:
+        raise ValueError(f"{cfg.images_uri} has no images to validate on")
+    if split == "train":
+        log.warning("train_vqgan: %s has no val or test split: validating on train images", cfg.images_uri)
     t = t.filter(splits == split)
-    if t.num_rows == 0:
-        raise ValueError(f"{images_uri} has no val or test images to validate on")
     if limit is not None:
         t = t.slice(0, limit)
-    return torch.from_numpy(pngs_to_array(t["image"].to_pylist(), channels))
+    x = torch.from_numpy(decode_column(cfg, t[column].to_pylist(), image_channels))
+    if cfg.crop_size:
+        x = center_crop(x, cfg.crop_size)
+    if cfg.input == "segmentation":
+        return one_hot(x, cfg.segmentation_classes), x[:, 0], split
+    return x, None, split
 
 
-def _latest_checkpoint(run_uri: str) -> str | None:
-    """The newest complete ``state.pt`` under a Ray Train run folder (local storage), if any.
+def _latest_checkpoint(run_uri: str, device: str = "cpu") -> dict | None:
+    """The newest complete checkpoint state under a Ray Train run folder (local or remote), if any.
 
-    Ray Train resumes from the checkpoints it recorded; a driver killed between a checkpoint's upload
-    and its recording leaves one Ray does not know about. This finds it, so no finished step is lost.
+    Ray Train resumes from the checkpoints it recorded; a process killed between a checkpoint's upload
+    and its recording (the driver, or a worker) leaves one Ray does not know about. This finds it, so
+    no finished step is lost. Folder names carry their creation time, so they sort by age.
     """
     import torch
 
-    if io.is_remote(run_uri) or not Path(run_uri).is_dir():
-        return None
-    for d in sorted(Path(run_uri).glob("checkpoint_*"), reverse=True):
+    names = [d for d in io.list_dirs(run_uri) if d.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")]
+    for d in sorted(names, reverse=True):
         try:
-            torch.load(d / "state.pt", map_location="cpu", weights_only=True)
-            return str(d / "state.pt")
-        except Exception:  # noqa: BLE001 - a partial copy: try the next older one
+            data = io.read_bytes(io.join(d, "state.pt"))
+            return torch.load(_io.BytesIO(data), map_location=device, weights_only=True)
+        except Exception:  # noqa: BLE001 - missing or a partial copy: try the next older one
             continue
     return None
-
-
-def validate(model, x, batch: int = 256) -> dict[str, float]:
-    import torch
-
-    from models.metrics import psnr, ssim
-    from models.quantize import usage_stats
-
-    ps, ss, counts = [], [], torch.zeros(model.config.codebook_size)
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            xb = x[i : i + batch]
-            quant, _, codes = model.encode(xb)
-            rec = model.decode(quant).clamp(-1, 1)
-            ps.append(psnr(rec, xb))
-            ss.append(ssim(rec, xb))
-            counts += usage_stats(codes, model.config.codebook_size)[2]
-    return {
-        "val/psnr": float(torch.cat(ps).mean()),
-        "val/ssim": float(torch.cat(ss).mean()),
-        "val/codebook_usage": float((counts > 0).float().mean()),
-        "val/images": len(x),
-    }
 
 
 def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:
@@ -310,12 +334,28 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
 
     from infra.cluster import ensure_ray
     from models import checkpoint as ckpt_lib
+    from models.losses import LPIPS, find_vgg16
+    from models.training import evaluate
     from models.vqgan import VQGAN
 
     if not cfg.images_uri or not cfg.output_uri:
         raise config_lib.ConfigError("train_vqgan.images_uri and train_vqgan.output_uri must be set")
     images = io.read_manifest(cfg.images_uri)
-    channels = int(images.config.get("channels", 3))
+    column = COLUMNS[cfg.input]
+    if column not in io.column_names(images):
+        raise ValueError(
+            f"train_vqgan.input={cfg.input}: {cfg.images_uri} has no `{column}` column "
+            f"(run the {column} stage first and train on its output)"
+        )
+    if cfg.input == "segmentation" and cfg.segmentation_classes is None:
+        classes = segmentation_classes(images)
+        if classes is None:
+            raise config_lib.ConfigError(
+                "train_vqgan.segmentation_classes: not set, and the segmentation stage recorded no labels"
+            )
+        cfg = dataclasses.replace(cfg, segmentation_classes=classes)
+    image_channels = int(images.config.get("channels", 3))
+    channels = input_channels(cfg, image_channels)
     mcfg = model_config(cfg, channels)
     chash = io.sha256(
         f"{config_lib.config_hash(cfg, exclude=EXECUTION_FIELDS)}:{images.config_hash}".encode()
@@ -323,34 +363,50 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
     out = io.StageOutput(cfg.output_uri, STAGE, chash)
     if (m := out.committed()) is not None:
         return m, True
-    vgg = None
-    if cfg.perceptual_weight > 0 and cfg.vgg16_uri:
-        vgg = str(model_store.local_path(cfg.vgg16_uri))
+    vgg = str(model_store.local_path(cfg.vgg16_uri)) if cfg.vgg16_uri else None
+    trunk = find_vgg16(vgg) if cfg.input != "segmentation" else None  # None: LPIPS cannot be computed
+    if cfg.input == "segmentation" and cfg.perceptual_weight > 0:
+        raise config_lib.ConfigError("train_vqgan.perceptual_weight must be 0 for input=segmentation")
+    if cfg.perceptual_weight > 0 and trunk is None:  # fail before any work, naming the file
+        from models.losses import VGG16_FILE
+
+        raise FileNotFoundError(
+            f"train_vqgan.perceptual_weight={cfg.perceptual_weight} needs the VGG16 trunk of LPIPS "
+            f"({VGG16_FILE}) in the torch hub cache ({torch.hub.get_dir()}/checkpoints) or at "
+            "train_vqgan.vgg16_uri; it cannot be downloaded here. "
+            "Set perceptual_weight=0 to train without it."
+        )
     with tracking.stage_run(STAGE, cfg, [cfg.images_uri], out.output_uri, experiment) as run_id:
         tracking.set_tags(
-            {"perceptual": "lpips-vgg16" if cfg.perceptual_weight > 0 else "off (perceptual_weight=0)"}
+            {
+                "perceptual": f"lpips-vgg16 ({trunk})"
+                if cfg.perceptual_weight > 0
+                else "off (perceptual_weight=0)",
+                "objective": "bce+codebook" if cfg.input == "segmentation" else "l1+perceptual+gan+codebook",
+            }
         )
         ensure_ray()
-        ds = ray.data.read_parquet(images.data_uris(), columns=["image", "split"])
+        ds = ray.data.read_parquet(images.data_uris(), columns=[column, "split"])
         ds = ds.map_batches(
             lambda b: {
-                "x": pngs_to_array([im for im, sp in zip(b["image"], b["split"]) if sp == "train"], channels)
+                "x": decode_column(
+                    cfg, [v for v, sp in zip(b[column], b["split"]) if sp == "train"], image_channels
+                )
             },
             batch_format="numpy",
         )
         storage = io.join(out.work_uri, "ray")
         if not io.is_remote(storage):
             Path(storage).mkdir(parents=True, exist_ok=True)
-        fallback = _latest_checkpoint(io.join(storage, f"train_vqgan-{chash}"))
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
                 "cfg": cfg,
-                "model_cfg": mcfg,
+                "channels": channels,
                 "run_id": run_id,
                 "tracking_uri": tracking.tracking_uri(),
                 "vgg16_path": vgg,
-                "fallback_checkpoint": fallback,
+                "run_uri": io.join(storage, f"train_vqgan-{chash}"),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers,
@@ -372,10 +428,22 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
         model = VQGAN(mcfg)
         model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
-        metrics = validate(model, _load_split(cfg.images_uri, channels, cfg.val_images))
+        x_val, labels, split = _load_split(cfg, image_channels, cfg.val_images)
+        lpips = LPIPS(trunk) if trunk is not None else None
+        metrics = {
+            f"val/{k}": v
+            for k, v in evaluate(model, x_val, mcfg.codebook_size, lpips=lpips, labels=labels).items()
+        }
         tracking.log_metrics({**metrics, "train/seconds": seconds}, step=int(state["step"]))
-        if cfg.perceptual_weight <= 0:
-            tracking.set_tags({"val/lpips": "not computed: perceptual term off / no VGG16 trunk"})
+        tracking.set_tags({"val/split": split})
+        if lpips is None and cfg.input != "segmentation":
+            tracking.set_tags(
+                {
+                    "val/lpips": "not computed: the VGG16 trunk of LPIPS (vgg16-397923af.pth) is not "
+                    "in the torch hub cache and no vgg16_uri was given"
+                }
+            )
+            log.warning("train_vqgan: val LPIPS not computed (no VGG16 trunk); PSNR/SSIM only")
         extra = {"stage": STAGE, "step": int(state["step"]), **metrics}
         data = ckpt_lib.to_bytes(model, extra)  # the registered copy below has these very bytes
         io.write_bytes(io.join(out.work_uri, MODEL_FILE), data)

@@ -20,10 +20,10 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def make_jpegs(root: Path, n: int) -> None:
-    from infra.sources import _read_idx
+    from infra.sources import read_idx
 
-    imgs = _read_idx(f"{FASHION_MNIST}/train-images-idx3-ubyte.gz")
-    labels = _read_idx(f"{FASHION_MNIST}/train-labels-idx1-ubyte.gz")
+    imgs = read_idx(f"{FASHION_MNIST}/train-images-idx3-ubyte.gz")
+    labels = read_idx(f"{FASHION_MNIST}/train-labels-idx1-ubyte.gz")
     rng = np.random.default_rng(0)
     tint = rng.integers(64, 256, size=(10, 3))
     for i in range(n):

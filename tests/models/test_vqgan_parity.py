@@ -98,6 +98,30 @@ def test_vqgan_loss_dropout_terms_match_official_distribution(vq):
         assert abs(official - t.mean()) < 3 * t.std(), (k, official, t.mean(), t.std())
 
 
+def test_training_step_gives_the_official_loss_terms(releases):
+    """One step of the training recipe (models.training) from the fixture weights at global step 1000:
+    the generator and discriminator terms are the official ones (the LPIPS-dropout-free ones exactly,
+    p_loss within the dropout tolerance above), and both optimizers moved their weights."""
+    from models.training import Schedule, VQGANTrainer
+
+    imported = load_taming(releases("taming/vqgan"), with_loss=True)  # fresh weights: this test steps them
+    e = fixtures.expected("taming/vqgan")
+    trainer = VQGANTrainer(imported.model, imported.loss, Schedule(lr=4.5e-6, steps=2000), grad_clip=None)
+    trainer.step = 1000
+    before_g = imported.model.decoder.conv_out.weight.detach().clone()
+    before_d = next(imported.loss.discriminator.parameters()).detach().clone()
+    logs, _ = trainer.train_step(e["x"])
+    for k in ("quant_loss", "g_loss", "disc_loss", "logits_real", "logits_fake"):
+        group = "train_d" if k in ("disc_loss", "logits_real", "logits_fake") else "train_g"
+        assert abs(logs[k] - float(e[f"{group}/{k}"])) < 1e-5, k
+    l1_official = float(e["train_g/nll_loss"] - e["train_g/p_loss"])
+    assert abs((logs["nll_loss"] - logs["p_loss"]) - l1_official) < 1e-5
+    assert abs(logs["p_loss"] - float(e["train_g/p_loss"])) < 5e-4
+    assert logs["disc_factor"] == 1.0 and logs["d_weight"] > 0 and trainer.step == 1001
+    assert not torch.equal(imported.model.decoder.conv_out.weight, before_g)
+    assert not torch.equal(next(imported.loss.discriminator.parameters()), before_d)
+
+
 def test_gumbel(releases):
     imported = load_taming(releases("taming/gumbel"))
     e = fixtures.expected("taming/gumbel")

@@ -102,16 +102,14 @@ def test_segmentation_stage(shards, tmp_path):
     assert (got == labels.numpy()).mean() > 0.999
 
 
-def test_tokenize_with_depth_and_segmentation_codes(shards, tmp_path):
-    """Depth and segmentation columns become depth_codes / segmentation_codes with their own VQGANs."""
-    from models import checkpoint
-    from models.vqgan import VQGAN, VQGANConfig
-    from stages import tokenize_images
-
+@pytest.fixture(scope="module")
+def annotated(shards, tmp_path_factory):
+    """Image shards with `depth` and `segmentation` columns (depth stage, then segmentation on it)."""
+    root = tmp_path_factory.mktemp("annotated")
     d, _ = depth.run(
         depth.DepthConfig(
             images_uri=shards["images"],
-            output_uri=str(tmp_path / "depth"),
+            output_uri=str(root / "depth"),
             weights_uri=str(shards["root"] / "midas_v21_small_256.pt"),
         ),
         "test-pre",
@@ -119,11 +117,20 @@ def test_tokenize_with_depth_and_segmentation_codes(shards, tmp_path):
     s, _ = segmentation.run(
         segmentation.SegmentationConfig(
             images_uri=d.output_uri,
-            output_uri=str(tmp_path / "seg"),
+            output_uri=str(root / "seg"),
             weights_uri=str(shards["root"] / "deeplab.pth"),
         ),
         "test-pre",
     )
+    return s.output_uri
+
+
+def test_tokenize_with_depth_and_segmentation_codes(shards, annotated, tmp_path):
+    """Depth and segmentation columns become depth_codes / segmentation_codes with their own VQGANs."""
+    from models import checkpoint
+    from models.vqgan import VQGAN, VQGANConfig
+    from stages import tokenize_images
+
     small = dict(
         ch=32,
         ch_mult=(1, 2),
@@ -143,7 +150,7 @@ def test_tokenize_with_depth_and_segmentation_codes(shards, tmp_path):
         checkpoint.save_native(vq, paths[name])
     cfg = tokenize_images.TokenizeConfig(
         tokenizer_uri=str(paths["img"]),
-        images_uri=s.output_uri,
+        images_uri=annotated,
         output_uri=str(tmp_path / "codes"),
         hflip=True,
         depth_tokenizer_uri=str(paths["depth"]),
@@ -152,7 +159,7 @@ def test_tokenize_with_depth_and_segmentation_codes(shards, tmp_path):
     res = tokenize_images.run(cfg, "test-pre")
     t = io.read_committed_table(res.output_uri).sort_by([("image_id", "ascending"), ("aug_id", "ascending")])
     assert res.rows == 12 and {"depth_codes", "segmentation_codes"} <= set(t.column_names)
-    src = io.read_committed_table(s.output_uri).sort_by("image_id")
+    src = io.read_committed_table(annotated).sort_by("image_id")
     dmodel, _ = checkpoint.load_native(paths["depth"])
     dmaps = torch.from_numpy(depth.decode_f16(src["depth"], 32, 32).astype(np.float32))[:, None]
     with torch.no_grad():
@@ -225,3 +232,68 @@ def test_depth_killed_and_resumed(shards, tmp_path):
     assert manifest.counts["reused_shards"] >= 1 and manifest.counts["written"] == 24
     t = io.read_committed_table(str(out), verify=True)
     assert len(set(t["image_id"].to_pylist())) == 24
+
+
+def test_train_condition_tokenizers_and_tokenize_with_them(annotated, tmp_path, mlflow_client):
+    """taming's condition stages, trained by train_vqgan from the preprocessing columns: a 1-channel
+    depth VQGAN and a one-hot segmentation VQGAN (BCE); registered, then used by tokenization."""
+    from stages import tokenize_images, train_vqgan
+
+    common = dict(
+        images_uri=annotated,
+        steps=4,
+        batch_size=2,
+        warmup_steps=1,
+        log_every=1,
+        image_every=4,
+        checkpoint_every=4,
+        num_workers=1,
+        codebook_size=32,
+    )
+    dm, _ = train_vqgan.run(
+        train_vqgan.TrainVQGANConfig(
+            input="depth", output_uri=str(tmp_path / "dvq"), register_name="test-depth-vq", **common
+        ),
+        "test-pre",
+    )
+    sm, _ = train_vqgan.run(
+        train_vqgan.TrainVQGANConfig(
+            input="segmentation", output_uri=str(tmp_path / "svq"), register_name="test-seg-vq", **common
+        ),
+        "test-pre",
+    )
+    assert dm.extra["model_config"]["in_channels"] == 1 and "val/psnr" in dm.extra
+    assert sm.extra["model_config"]["in_channels"] == 182  # the segmentation stage's label count
+    assert 0 <= sm.extra["val/pixel_accuracy"] <= 1 and "val/psnr" not in sm.extra
+    seg_run = mlflow_client.get_run(sm.mlflow_run_id)
+    assert "train/bce_loss" in seg_run.data.metrics and "train/disc_loss" not in seg_run.data.metrics
+    assert seg_run.data.tags["objective"] == "bce+codebook"
+    assert seg_run.data.tags["val/split"] == "train"  # these shards have no held-out split
+    arts = {a.path for a in mlflow_client.list_artifacts(sm.mlflow_run_id, "reconstructions")}
+    assert arts == {"reconstructions/step_0000004.png"}
+    assert "val/lpips" in mlflow_client.get_run(dm.mlflow_run_id).data.tags  # says why it is missing
+    from models import checkpoint
+    from models.vqgan import PRESETS, VQGAN
+
+    rgb = dataclasses.replace(PRESETS["f4-small"], in_channels=3, out_channels=3)
+    checkpoint.save_native(VQGAN(rgb), tmp_path / "rgb.safetensors")  # any image tokenizer will do
+    res = tokenize_images.run(
+        tokenize_images.TokenizeConfig(
+            tokenizer_uri=str(tmp_path / "rgb.safetensors"),
+            images_uri=annotated,
+            output_uri=str(tmp_path / "codes"),
+            depth_tokenizer_uri="models:/test-depth-vq@candidate",
+            segmentation_tokenizer_uri="models:/test-seg-vq@candidate",
+        ),
+        "test-pre",
+    )
+    t = io.read_committed_table(res.output_uri)
+    assert res.rows == 6 and {"depth_codes", "segmentation_codes"} <= set(t.column_names)
+    with pytest.raises(ValueError, match="no `segmentation` column"):
+        train_vqgan.run(
+            train_vqgan.TrainVQGANConfig(
+                input="segmentation",
+                images_uri=str(tmp_path / "codes"),
+                output_uri=str(tmp_path / "x"),
+            )
+        )
