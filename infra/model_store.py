@@ -129,6 +129,7 @@ def register(
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from infra.pyfunc_model import NativeCheckpoint
     from models import checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,27 +149,3 @@ def register(
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, str(version), k, str(v))
     return version
-
-
-try:
-    import mlflow.pyfunc as _pyfunc
-
-    class NativeCheckpoint(_pyfunc.PythonModel):
-        """A pyfunc over a native checkpoint: VQGAN -> codes of float images in [-1, 1] (B, C, H, W)."""
-
-        def load_context(self, context):
-            from models import checkpoint
-
-            self.model, _ = checkpoint.load_native(context.artifacts["checkpoint"])
-            self.model.eval()
-
-        def predict(self, context, model_input, params=None):
-            import numpy as np
-            import torch
-
-            with torch.inference_mode():
-                x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-                return self.model.encode(x)[2].numpy()
-
-except ImportError:  # pragma: no cover - mlflow is a dependency; keep models usable without it
-    NativeCheckpoint = None  # type: ignore[assignment,misc]

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-BENCHES = ["ingest", "vqgan", "gpt", "tokenize", "preprocess", "train"]
+BENCHES = ["ingest", "vqgan", "gpt", "tokenize", "preprocess", "train", "quality"]
 OUT = Path(__file__).resolve().parents[2] / ".local" / "bench"
 
 

@@ -1,13 +1,19 @@
 """VQGAN quality on real data: Fashion-MNIST padded to 32x32, f4 (8x8 codes), 512 codes, batch 64,
-1500 steps, then test-split PSNR, SSIM and codebook usage; our default recipe (``stages.train_vqgan``'s
-defaults through :class:`models.training.VQGANTrainer`) against the official recipe in the same run.
+1500 steps, then PSNR, SSIM and codebook usage on the 10k test images; our default recipe against
+the official recipe in the same run (`python -m tests.bench quality`, ~35 min on 2 CPU cores).
 
-The official recipe uses the official taming modules (Encoder/Decoder with ch 32, ch_mult [1, 2, 2],
-one res block, no attention, z_channels = embed_dim = 32, ``VectorQuantizer2`` with its legacy loss),
-L1 + codebook loss and Adam 2e-4 (betas 0.5, 0.9), as taming trains before ``disc_start``. Both run
-in this process with the same data order; step time is measured afterwards in an interleaved timing
-phase (``TIMING_STEPS`` steps per recipe, alternated, median), so that it is not skewed by whatever
-else ran during the long phase.
+- ours: ``stages.train_vqgan``'s defaults (preset ``f4-small``: l2-normalised 8-dim codes,
+  dead-code restart; lr 1e-3 with warm-up, cosine decay and clipping; random flips) through the
+  very step the stage runs on each Ray Train worker (:class:`models.training.VQGANTrainer`); the
+  GAN term is off within 1500 steps (``disc_start``), as in the official recipe below.
+- official: the official taming modules (Encoder/Decoder with ch 32, ch_mult [1, 2, 2], one res
+  block, no attention, z_channels = embed_dim = 32, ``VectorQuantizer2`` with its legacy loss),
+  L1 + codebook loss, Adam 2e-4 (betas 0.5, 0.9): taming's VQGAN before ``disc_start`` without
+  LPIPS (its VGG16 trunk is not available here).
+
+Both train in this process on the same data order. Step time is measured afterwards in an
+interleaved phase (``TIMING_STEPS`` steps per recipe, alternated, median of 3), so that it is not
+skewed by whatever else ran during the long phase.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ def test_two_workers_train_checkpoint_register(image_shards, tmp_path, mlflow_cl
         checkpoint_every=5,
         log_every=2,
         image_every=6,
+        val_every=6,
         num_workers=2,
         register_name="test-vqgan",
         disc_start=8,
@@ -55,6 +56,8 @@ def test_two_workers_train_checkpoint_register(image_shards, tmp_path, mlflow_cl
     history = mlflow_client.get_metric_history(run.info.run_id, "train/rec_loss")
     assert [m.step for m in history] == [2, 4, 6, 8, 10, 12]
     assert "train/disc_loss" in run.data.metrics and "train/codebook_usage" in run.data.metrics
+    val = mlflow_client.get_metric_history(run.info.run_id, "val/psnr")
+    assert sorted(m.step for m in val) == [6, 12]  # every val_every steps, and at the end
     arts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "reconstructions")}
     assert arts == {"reconstructions/step_0000006.png", "reconstructions/step_0000012.png"}
     # registered: later stages read models:/test-vqgan@candidate
