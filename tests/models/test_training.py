@@ -128,3 +128,19 @@ def test_augmentations():
     same = [torch.equal(f, x[i % 2]) for i, f in enumerate(flipped)]
     mirrored = [torch.equal(f, x[i % 2].flip(-1)) for i, f in enumerate(flipped)]
     assert all(a or b for a, b in zip(same, mirrored)) and any(same) and any(mirrored)
+
+
+def test_evaluate_with_lpips_on_grey_images(tmp_path):
+    """LPIPS in validation (grey images shown to it as RGB), from a VGG16 trunk file."""
+    import torchvision
+
+    from models.losses import LPIPS
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), tmp_path / "vgg16.pth")
+    lpips = LPIPS(tmp_path / "vgg16.pth")
+    t = _trainer()
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    m = evaluate(t.final_model(), x, 16, lpips=lpips)
+    assert m["lpips"] > 0 and set(m) == {"psnr", "ssim", "lpips", "codebook_usage", "images"}
+    assert float(lpips(x, x).max()) == 0.0
