@@ -41,8 +41,10 @@ def kill_stage_when(module: str, config: Path, watch: Path, pattern: str, timeou
 def kill_train_worker_when(watch: Path, pattern: str, count: int = 1, timeout: float = 300) -> int:
     """SIGKILL one live Ray Train worker process once ``watch.glob(pattern)`` finds ``count`` files
     (checkpoints); returns its pid. The driver lives on, and Ray Train must replace the worker."""
+    import ray
     from ray.util.state import list_actors
 
+    gcs = ray.get_runtime_context().gcs_address  # this session's cluster, whatever else runs here
     deadline = time.monotonic() + timeout
     while len(list(watch.glob(pattern))) < count:
         assert time.monotonic() < deadline, f"nothing matched {pattern} under {watch}"
@@ -50,7 +52,7 @@ def kill_train_worker_when(watch: Path, pattern: str, count: int = 1, timeout: f
     while True:
         workers = [
             a
-            for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], detail=True)
             if "RayTrainWorker" in a.class_name and a.pid
         ]
         if workers:
