@@ -16,7 +16,8 @@ from models.gpt import (
     top_p_filter,
 )
 from models.net2net import ConditionConfig, Net2Net
-from models.vqgan import VQGAN, VQGANConfig
+from models.vqgan import VQGAN
+from tests.tiny import TINY_VQGAN
 
 TINY = GPTConfig(vocab_size=23, block_size=40, n_layer=2, n_head=2, n_embd=16)
 
@@ -186,18 +187,7 @@ def test_strided_window_sampler_is_valid_and_matches_its_own_rule():
 
 def _tiny_net(cond: ConditionConfig, vocab: int) -> Net2Net:
     torch.manual_seed(0)
-    vq = VQGAN(
-        VQGANConfig(
-            ch=32,
-            ch_mult=(1, 2),
-            num_res_blocks=1,
-            attn_resolutions=(),
-            resolution=16,
-            z_channels=8,
-            embed_dim=4,
-            codebook_size=16,
-        )
-    ).eval()
+    vq = VQGAN(TINY_VQGAN).eval()
     return Net2Net(vq, _gpt(GPTConfig(vocab_size=vocab, block_size=80, n_layer=1, n_head=2, n_embd=16)), cond)
 
 

@@ -18,24 +18,14 @@ from models.training import (
     one_hot,
     random_crop,
 )
-from models.vqgan import VQGAN, VQGANConfig
-
-TINY = dict(
-    ch=32,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(),
-    resolution=16,
-    z_channels=8,
-    embed_dim=4,
-    codebook_size=16,
-    quantizer=QuantizerConfig(l2_norm=True, legacy_loss=False),
-)
+from models.vqgan import VQGAN
+from tests.tiny import tiny_vqgan
 
 
 def _trainer(channels=1, objective="image", **kw):
     torch.manual_seed(0)
-    model = VQGAN(VQGANConfig(in_channels=channels, out_channels=channels, **TINY))
+    l2 = QuantizerConfig(l2_norm=True, legacy_loss=False)
+    model = VQGAN(tiny_vqgan(in_channels=channels, out_channels=channels, quantizer=l2))
     loss = None
     if objective == "image":
         cfg = VQGANLossConfig(

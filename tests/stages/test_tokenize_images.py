@@ -13,25 +13,15 @@ import yaml
 from infra import code_shards, io, model_store, schemas
 from infra.imaging import pngs_to_array
 from models import checkpoint
-from models.vqgan import VQGAN, VQGANConfig
+from models.vqgan import VQGAN
 from stages import ingest, tokenize_images
 from stages.tokenize_images import TokenizeConfig
 from tests import images
 from tests.killing import kill_stage_when
+from tests.tiny import tiny_vqgan
 
 ROOT = Path(__file__).resolve().parents[2]
-TOK = VQGANConfig(
-    in_channels=3,
-    out_channels=3,
-    ch=32,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(),
-    resolution=16,
-    z_channels=8,
-    embed_dim=4,
-    codebook_size=64,
-)
+TOK = tiny_vqgan(in_channels=3, out_channels=3, codebook_size=64)
 
 
 @pytest.fixture(scope="module")
