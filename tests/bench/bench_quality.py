@@ -24,7 +24,8 @@ import time
 import numpy as np
 import torch
 
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+from tests.bench.data import FASHION_MNIST
+
 STEPS, BATCH, TIMING_STEPS = 1500, 64, 20
 
 

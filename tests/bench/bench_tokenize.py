@@ -23,6 +23,7 @@ from models import checkpoint
 from models.vqgan import PRESETS, VQGAN
 from stages import ingest, tokenize_images
 from stages.tokenize_images import TokenizeConfig
+from tests.bench.data import fashion_mnist_shards
 
 
 def bare_loop(images_uri: str, model: VQGAN, batch: int) -> int:
@@ -78,18 +79,7 @@ def run(quick: bool = False) -> dict:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         ensure_ray()
         n = 2_000 if quick else 20_000
-        small = ingest.run(
-            ingest.IngestConfig(
-                source_uri="/usr/share/datasets/fashion-mnist",
-                output_uri=str(tmp / "fm"),
-                resolution=32,
-                channels=1,
-                resize="pad",
-                max_images=n,
-                rows_per_shard=n // 2,
-            ),
-            "bench",
-        )
+        small = fashion_mnist_shards(tmp, n, n // 2)
         torch.manual_seed(0)
         out["demo_f4_small_32px"] = one(
             "small", tmp, small.output_uri, VQGAN(PRESETS["f4-small"]).eval(), 2, 1.0

@@ -15,7 +15,8 @@ def run(quick: bool = False) -> dict:
 
     from infra import tracking
     from infra.cluster import ensure_ray
-    from stages import ingest, train_vqgan
+    from stages import train_vqgan
+    from tests.bench.data import fashion_mnist_shards
 
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -23,18 +24,7 @@ def run(quick: bool = False) -> dict:
         os.environ["TAMING_LOCAL_DIR"] = str(tmp / "local")
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         ensure_ray()
-        images = ingest.run(
-            ingest.IngestConfig(
-                source_uri="/usr/share/datasets/fashion-mnist",
-                output_uri=str(tmp / "fm"),
-                resolution=32,
-                channels=1,
-                resize="pad",
-                max_images=12_000,
-                rows_per_shard=6_000,
-            ),
-            "bench",
-        )
+        images = fashion_mnist_shards(tmp, 12_000, 6_000)
         steps = 20 if quick else 60
         for workers in (1, 2):
             cfg = train_vqgan.TrainVQGANConfig(

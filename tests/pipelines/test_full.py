@@ -113,22 +113,12 @@ def test_pipeline_with_tokenize(stack, tmp_path):
     import torch
 
     from models import checkpoint
-    from models.vqgan import VQGAN, VQGANConfig
+    from models.vqgan import VQGAN
+    from tests.tiny import tiny_vqgan
 
     src = _source(tmp_path, n=4)
     torch.manual_seed(0)
-    tok = VQGAN(
-        VQGANConfig(
-            ch=32,
-            ch_mult=(1, 2),
-            num_res_blocks=1,
-            attn_resolutions=(),
-            resolution=8,
-            z_channels=8,
-            embed_dim=4,
-            codebook_size=32,
-        )
-    )
+    tok = VQGAN(tiny_vqgan(resolution=8, codebook_size=32))
     checkpoint.save_native(tok, tmp_path / "tok.safetensors")
     cfg_path = tmp_path / "p.yaml"
     cfg_path.write_text(

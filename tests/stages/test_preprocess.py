@@ -128,24 +128,15 @@ def annotated(shards, tmp_path_factory):
 def test_tokenize_with_depth_and_segmentation_codes(shards, annotated, tmp_path):
     """Depth and segmentation columns become depth_codes / segmentation_codes with their own VQGANs."""
     from models import checkpoint
-    from models.vqgan import VQGAN, VQGANConfig
+    from models.vqgan import VQGAN
     from stages import tokenize_images
+    from tests.tiny import tiny_vqgan
 
-    small = dict(
-        ch=32,
-        ch_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        resolution=32,
-        z_channels=8,
-        embed_dim=4,
-        codebook_size=16,
-    )
     torch.manual_seed(0)
     paths = {}
     for name, cin in (("img", 3), ("depth", 1), ("seg", 182)):
         paths[name] = tmp_path / f"{name}.safetensors"
-        vq = VQGAN(VQGANConfig(in_channels=cin, out_channels=cin, **small))
+        vq = VQGAN(tiny_vqgan(in_channels=cin, out_channels=cin, resolution=32))
         vq.quantize.embedding.weight.data.normal_()  # well-separated codes: no near-ties between batchings
         checkpoint.save_native(vq, paths[name])
     cfg = tokenize_images.TokenizeConfig(
