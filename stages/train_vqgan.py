@@ -277,9 +277,6 @@ def _reconstruction_grid(cfg: TrainVQGANConfig, x, xrec) -> np.ndarray:
     return image_grid([a[..., 0] if a.shape[-1] == 1 else a for a in arr], ncol=8)
 
 
-COLUMNS = {"image": "image", "depth": "depth", "segmentation": "segmentation"}
-
-
 def decode_column(cfg: TrainVQGANConfig, blobs: list[bytes], image_channels: int) -> np.ndarray:
     """A shard column as compact arrays: images/depth float32 in [-1, 1], label maps uint8 (N, 1, H, W)."""
     if cfg.input == "depth":
@@ -296,7 +293,7 @@ def _load_split(cfg: TrainVQGANConfig, image_channels: int, limit: int | None = 
 
     from models.training import center_crop, one_hot
 
-    column = COLUMNS[cfg.input]
+    column = cfg.input  # the shard column of that name
     t = io.read_committed_table(cfg.images_uri, [column, "split"])
     splits = np.asarray(t["split"].to_pylist())
     split = next((s for s in ("val", "test", "train") if (splits == s).any()), None)
@@ -350,7 +347,7 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
     if not cfg.images_uri or not cfg.output_uri:
         raise config_lib.ConfigError("train_vqgan.images_uri and train_vqgan.output_uri must be set")
     images = io.read_manifest(cfg.images_uri)
-    column = COLUMNS[cfg.input]
+    column = cfg.input  # the shard column of that name
     if column not in io.column_names(images):
         raise ValueError(
             f"train_vqgan.input={cfg.input}: {cfg.images_uri} has no `{column}` column "
