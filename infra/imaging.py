@@ -146,7 +146,10 @@ def image_grid(images: list[np.ndarray], ncol: int = 8, pad: int = 2) -> np.ndar
 
 
 def pngs_to_array(pngs: list[bytes], channels: int) -> np.ndarray:
-    """PNG bytes -> float32 (N, C, H, W) in [-1, 1]; C = 1 (L) or 3 (RGB, grayscale repeated)."""
+    """PNG bytes -> float32 (N, C, H, W) in [-1, 1]; C = 1 (L) or 3 (RGB, grayscale repeated).
+
+    The result is a view of (N, H, W, C) memory: ``torch.from_numpy`` gives a channels-last tensor.
+    """
     arrs = []
     for b in pngs:
         with Image.open(io.BytesIO(b)) as im:

@@ -190,3 +190,10 @@ def test_crops_are_deterministic(image_shards, tmp_path):
     assert [f.sha256 for f in again.manifest.files] == [f.sha256 for f in res.manifest.files]
     with pytest.raises(ValueError, match="crop_size 16 must be below"):
         tokenize_images.run(dataclasses.replace(cfg, crop_size=16), "test-tokenize")
+
+
+def test_auto_batch_size_is_a_pixel_budget():
+    auto = tokenize_images.auto_batch_size
+    assert auto(256, 256, "cpu") == 1 and auto(32, 32, "cpu") == 32  # CPU: small batches stay in cache
+    assert auto(256, 256, "cuda") == 64 and auto(512, 512, "cuda") == 16
+    assert auto(4096, 4096, "cpu") == 1 and auto(2, 2, "cuda") == 1024  # never 0, never unbounded
