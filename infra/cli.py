@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,3 +77,21 @@ def stage_cli(stage: str, cls: type[T], doc: str | None, argv: list[str] | None 
     except config_lib.ConfigError as e:
         p.error(str(e))
     return cfg, experiment
+
+
+def summary(result: Any) -> dict[str, Any]:
+    """What a stage's command prints: a result dataclass without its manifest, or for a stage that
+    returns ``(manifest, cached)`` the output, whether it was reused, its counts and ``val/*`` figures."""
+    if dataclasses.is_dataclass(result):
+        return {k: v for k, v in dataclasses.asdict(result).items() if k != "manifest"}
+    manifest, cached = result
+    val = {k: v for k, v in manifest.extra.items() if k.startswith("val/")}
+    return {"output_uri": manifest.output_uri, "cached": cached, **manifest.counts, **val}
+
+
+def stage_main(stage: str, cls: type[T], doc: str | None, run: Callable[[T, str], Any], argv=None) -> Any:
+    """The body of every stage's ``main``: parse the command line, run, print the summary as JSON."""
+    cfg, experiment = stage_cli(stage, cls, doc, argv)
+    result = run(cfg, experiment)
+    print(json.dumps(summary(result), indent=2))
+    return result

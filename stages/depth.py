@@ -12,7 +12,6 @@ the torch hub cache; a missing file is an error that names it.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -118,11 +117,9 @@ def run(cfg: DepthConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tupl
 
 
 def main(argv: list[str] | None = None) -> None:
-    from infra.cli import stage_cli
+    from infra.cli import stage_main
 
-    cfg, experiment = stage_cli(STAGE, DepthConfig, __doc__, argv)
-    manifest, cached = run(cfg, experiment)
-    print(json.dumps({"output_uri": manifest.output_uri, "cached": cached, **manifest.counts}, indent=2))
+    stage_main(STAGE, DepthConfig, __doc__, run, argv)
 
 
 if __name__ == "__main__":

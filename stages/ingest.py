@@ -13,7 +13,6 @@ is checked, and the stage fails loudly if it does not hold.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -285,12 +284,9 @@ def _result(m: io.Manifest, cached: bool) -> IngestResult:
 
 
 def main(argv: list[str] | None = None) -> IngestResult:
-    from infra.cli import stage_cli
+    from infra.cli import stage_main
 
-    cfg, experiment = stage_cli(STAGE, IngestConfig, __doc__, argv)
-    res = run(cfg, experiment)
-    print(json.dumps({k: v for k, v in dataclasses.asdict(res).items() if k != "manifest"}, indent=2))
-    return res
+    return stage_main(STAGE, IngestConfig, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ names it.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -104,11 +103,9 @@ def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from infra.cli import stage_cli
+    from infra.cli import stage_main
 
-    cfg, experiment = stage_cli(STAGE, SegmentationConfig, __doc__, argv)
-    manifest, cached = run(cfg, experiment)
-    print(json.dumps({"output_uri": manifest.output_uri, "cached": cached, **manifest.counts}, indent=2))
+    stage_main(STAGE, SegmentationConfig, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ tokenizes only the missing shards and gives byte-identical files.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -423,12 +422,9 @@ def _result(m: io.Manifest, cached: bool) -> TokenizeResult:
 
 
 def main(argv: list[str] | None = None) -> TokenizeResult:
-    from infra.cli import stage_cli
+    from infra.cli import stage_main
 
-    cfg, experiment = stage_cli(STAGE, TokenizeConfig, __doc__, argv)
-    res = run(cfg, experiment)
-    print(json.dumps({k: v for k, v in dataclasses.asdict(res).items() if k != "manifest"}, indent=2))
-    return res
+    return stage_main(STAGE, TokenizeConfig, __doc__, run, argv)
 
 
 if __name__ == "__main__":

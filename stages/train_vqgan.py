@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import io as _io
-import json
 import logging
 import tempfile
 import time
@@ -488,21 +487,9 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from infra.cli import stage_cli
+    from infra.cli import stage_main
 
-    cfg, experiment = stage_cli(STAGE, TrainVQGANConfig, __doc__, argv)
-    manifest, cached = run(cfg, experiment)
-    print(
-        json.dumps(
-            {
-                "output_uri": manifest.output_uri,
-                "cached": cached,
-                **manifest.counts,
-                **{k: v for k, v in manifest.extra.items() if k.startswith("val/")},
-            },
-            indent=2,
-        )
-    )
+    stage_main(STAGE, TrainVQGANConfig, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,19 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+def ingested_noise(root: Path, n: int, side: int, mode: str, experiment: str, classes: str = "ab", **fields):
+    """``n`` noise PNGs of ``side`` px under ``root/src/<class>/NNN.png`` (classes in turn), ingested
+    into ``root/images`` with the given ``IngestConfig`` fields; returns the ingest result."""
+    from stages import ingest
+
+    write_tree(
+        root / "src",
+        {
+            f"{classes[i % len(classes)]}/{i:03d}.png": encode(noise(side, side, mode, i), "PNG")
+            for i in range(n)
+        },
+    )
+    cfg = ingest.IngestConfig(source_uri=str(root / "src"), output_uri=str(root / "images"), **fields)
+    return ingest.run(cfg, experiment)

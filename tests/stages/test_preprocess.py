@@ -193,18 +193,8 @@ def test_depth_killed_and_resumed(shards, tmp_path):
 
     import yaml
 
-    images.write_tree(
-        tmp_path / "src",
-        {f"x/{i:02d}.png": images.encode(images.noise(64, 64, "RGB", i), "PNG") for i in range(24)},
-    )
-    imgs = ingest.run(
-        ingest.IngestConfig(
-            source_uri=str(tmp_path / "src"),
-            output_uri=str(tmp_path / "images"),
-            resolution=64,
-            rows_per_shard=4,
-        ),
-        "test-pre",
+    imgs = images.ingested_noise(
+        tmp_path, 24, 64, "RGB", "test-pre", classes="x", resolution=64, rows_per_shard=4
     )
     out = tmp_path / "depth"
     weights = str(shards["root"] / "midas_v21_small_256.pt")

@@ -14,7 +14,7 @@ from infra import code_shards, io, model_store, schemas
 from infra.imaging import pngs_to_array
 from models import checkpoint
 from models.vqgan import VQGAN
-from stages import ingest, tokenize_images
+from stages import tokenize_images
 from stages.tokenize_images import TokenizeConfig
 from tests import images
 from tests.killing import kill_stage_when
@@ -27,19 +27,8 @@ TOK = tiny_vqgan(in_channels=3, out_channels=3, codebook_size=64)
 @pytest.fixture(scope="module")
 def image_shards(stack, tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
-    files = {
-        f"{'ab'[i % 2]}/{i:03d}.png": images.encode(images.noise(20, 20, "RGB", i), "PNG") for i in range(40)
-    }
-    images.write_tree(root / "src", files)
-    res = ingest.run(
-        ingest.IngestConfig(
-            source_uri=str(root / "src"),
-            output_uri=str(root / "images"),
-            resolution=16,
-            rows_per_shard=10,
-            val_fraction=0.3,
-        ),
-        "test-tokenize",
+    res = images.ingested_noise(
+        root, 40, 20, "RGB", "test-tokenize", resolution=16, rows_per_shard=10, val_fraction=0.3
     )
     torch.manual_seed(0)
     model = VQGAN(TOK).eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from infra import io, model_store
-from stages import ingest, train_vqgan
+from stages import train_vqgan
 from tests import images
 from tests.killing import kill_stage_when, kill_train_worker_when
 
@@ -16,20 +16,7 @@ from tests.killing import kill_stage_when, kill_train_worker_when
 @pytest.fixture(scope="module")
 def image_shards(stack, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    files = {
-        f"{'ab'[i % 2]}/{i:03d}.png": images.encode(images.noise(20, 20, "L", i), "PNG") for i in range(48)
-    }
-    images.write_tree(root / "src", files)
-    res = ingest.run(
-        ingest.IngestConfig(
-            source_uri=str(root / "src"),
-            output_uri=str(root / "images"),
-            resolution=32,
-            channels=1,
-            val_fraction=0.25,
-        ),
-        "test-train",
-    )
+    res = images.ingested_noise(root, 48, 20, "L", "test-train", resolution=32, channels=1, val_fraction=0.25)
     return res.output_uri
 
 
