@@ -82,7 +82,7 @@ def ray_dataset(uri: str, *, split: str | None = None, labels: Sequence[int] | N
     m = io.read_manifest(uri)
     h, w = m.extra["grid"]
     n = h * w
-    ds = ray.data.read_parquet(m.data_uris(), columns=COLUMNS)
+    ds = ray.data.read_parquet(m.data_uris()).select_columns(COLUMNS)
 
     def decode(batch: pa.Table) -> dict[str, np.ndarray]:
         batch = _filter(batch, split, labels)

@@ -391,7 +391,7 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
             }
         )
         ensure_ray()
-        ds = ray.data.read_parquet(images.data_uris(), columns=[column, "split"])
+        ds = ray.data.read_parquet(images.data_uris()).select_columns([column, "split"])
         ds = ds.map_batches(
             lambda b: {
                 "x": decode_column(
