@@ -25,7 +25,11 @@ def shards(stack, tmp_path_factory):
     )
     res = ingest.run(
         ingest.IngestConfig(
-            source_uri=str(root / "src"), output_uri=str(root / "images"), resolution=32, rows_per_shard=4
+            source_uri=str(root / "src"),
+            output_uri=str(root / "images"),
+            resolution=32,
+            rows_per_shard=4,
+            val_fraction=0.0,  # image ids hash the (temporary) path: no held-out split, deterministically
         ),
         "test-pre",
     )
