@@ -12,7 +12,7 @@ from infra import io
 from infra.imaging import pngs_to_array
 from models.deeplab import DeepLabMSC, segment
 from models.midas import MidasSmall, predict_depth
-from stages import depth, ingest, segmentation
+from stages import depth, segmentation
 from tests import images
 from tests.killing import kill_stage_when
 
@@ -20,18 +20,9 @@ from tests.killing import kill_stage_when
 @pytest.fixture(scope="module")
 def shards(stack, tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
-    images.write_tree(
-        root / "src", {f"x/{i}.png": images.encode(images.noise(40, 40, "RGB", i), "PNG") for i in range(6)}
-    )
-    res = ingest.run(
-        ingest.IngestConfig(
-            source_uri=str(root / "src"),
-            output_uri=str(root / "images"),
-            resolution=32,
-            rows_per_shard=4,
-            val_fraction=0.0,  # image ids hash the (temporary) path: no held-out split, deterministically
-        ),
-        "test-pre",
+    # val_fraction 0: image ids hash the (temporary) path, so no held-out split, deterministically
+    res = images.ingested_noise(
+        root, 6, 40, "RGB", "test-pre", classes="x", resolution=32, rows_per_shard=4, val_fraction=0.0
     )
     torch.manual_seed(0)
     midas = MidasSmall().eval()
