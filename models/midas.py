@@ -5,14 +5,17 @@ models (taming ``scripts/extract_depth.py``).
 encoder (timm's ``tf_efficientnet_lite3``, the same keys and features as the official
 gen-efficientnet model, regrouped into ``pretrained.layer1..4``), RefineNet-style fusion blocks
 and a small head, with the official state-dict names so the release file loads strictly.
-``transform`` is the official input transform (keep aspect, multiple of 32, upper bound 256,
-bicubic, ImageNet mean/std) and ``predict_depth`` the taming pipeline: relative inverse depth,
-bicubically resized back to the image size.
+``transform`` is the official input transform of each model (:data:`TRANSFORMS`: keep aspect,
+multiple of 32, bicubic; MiDaS v2.1 with the ``upper_bound`` rule and ImageNet mean/std, DPT with
+the ``minimal`` rule and mean = std = 0.5) and ``predict_depth`` the taming pipeline: relative
+inverse depth, bicubically resized back to the image size.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -184,31 +187,61 @@ class MidasNet(nn.Module):
         return s.output_conv(path).squeeze(1)
 
 
-def input_size(h: int, w: int, target: int = 256, multiple: int = 32) -> tuple[int, int]:
-    """The official Resize(keep_aspect_ratio=True, ensure_multiple_of=32, resize_method="upper_bound")."""
-    scale = min(target / h, target / w)  # upper bound: fit inside target x target
+@dataclass(frozen=True)
+class TransformSpec:
+    """The official input transform of one MiDaS/DPT model (isl-org/MiDaS ``model_loader.py``)."""
+
+    size: int  # net_w = net_h
+    resize: Literal["upper_bound", "minimal"]  # upper_bound: fit inside size x size; minimal: scale nearest 1
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+TRANSFORMS = {
+    "midas_v21_small_256": TransformSpec(256, "upper_bound", IMAGENET_MEAN, IMAGENET_STD),
+    "midas_v21_384": TransformSpec(384, "upper_bound", IMAGENET_MEAN, IMAGENET_STD),
+    "dpt_hybrid_384": TransformSpec(384, "minimal", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dpt_large_384": TransformSpec(384, "minimal", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+SMALL = TRANSFORMS["midas_v21_small_256"]
+
+
+def input_size(h: int, w: int, spec: TransformSpec = SMALL, multiple: int = 32) -> tuple[int, int]:
+    """The official ``Resize(keep_aspect_ratio=True, ensure_multiple_of=32)`` size rule.
+
+    Both sides use one scale: ``upper_bound`` the smaller of ``size/h`` and ``size/w`` (the image
+    fits inside size x size; a side rounding above ``size`` is floored instead), ``minimal`` the one
+    closer to 1 (no bound: 600x1000 becomes 384x640). Sides round to a multiple of 32, half to even.
+    """
+    scale_h, scale_w = spec.size / h, spec.size / w
+    if spec.resize == "upper_bound":
+        scale = min(scale_h, scale_w)
+    else:
+        scale = scale_w if abs(1 - scale_w) < abs(1 - scale_h) else scale_h
 
     def constrain(x: float) -> int:
-        y = int(round(x / multiple) * multiple)
-        if y > target:
+        y = int(round(x / multiple) * multiple)  # round(): half to even, as numpy's
+        if spec.resize == "upper_bound" and y > spec.size:
             y = int(math.floor(x / multiple) * multiple)
         return max(y, multiple)
 
     return constrain(scale * h), constrain(scale * w)
 
 
-def transform(image: torch.Tensor, target: int = 256) -> torch.Tensor:
-    """RGB in [-1, 1] (B, 3, H, W) -> the network input (resized bicubically, ImageNet-normalised)."""
+def transform(image: torch.Tensor, spec: TransformSpec = SMALL) -> torch.Tensor:
+    """RGB in [-1, 1] (B, 3, H, W) -> the network input of ``spec``'s model: resized bicubically
+    (align_corners=False, no antialiasing: cv2's INTER_CUBIC), then ``(x - mean) / std``. Matches the
+    official transform to max |diff| < 5e-4 (cv2 computes its source positions in float32)."""
     x = (image + 1.0) / 2.0  # the official pipeline feeds img/255 from (image+1)*127.5
-    h, w = input_size(*x.shape[-2:], target=target)
+    h, w = input_size(*x.shape[-2:], spec=spec)
     x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 @torch.no_grad()
-def predict_depth(model: MidasSmall | MidasNet, image: torch.Tensor, target: int = 256) -> torch.Tensor:
+def predict_depth(model: nn.Module, image: torch.Tensor, spec: TransformSpec = SMALL) -> torch.Tensor:
     """RGB in [-1, 1] (B, 3, H, W) -> relative inverse depth at the image size (B, H, W), as taming."""
-    pred = model(transform(image, target))
+    pred = model(transform(image, spec))
     return F.interpolate(pred[:, None], size=image.shape[-2:], mode="bicubic", align_corners=False)[:, 0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_midas_small
-from models.midas import MidasSmall, input_size, predict_depth, transform
+from models.midas import TRANSFORMS, MidasSmall, input_size, predict_depth, transform
 from tests import fixtures
 
 pytestmark = pytest.mark.parity
@@ -48,6 +48,34 @@ def test_input_size_rule():
     assert input_size(240, 320) == (192, 256)  # keep aspect, upper bound 256, multiple of 32
     assert input_size(256, 256) == (256, 256)
     assert input_size(1000, 100) == (256, 32)
+    dpt = TRANSFORMS["dpt_hybrid_384"]  # the minimal rule: the scale nearest 1, no upper bound
+    assert input_size(480, 640, dpt) == (384, 512) and input_size(600, 1000, dpt) == (384, 640)
+
+
+# The official transform resizes with cv2 (float32 source positions), ours with torch's bicubic:
+# the values differ by at most 2.9e-4 (net-input units); the fixture's README sets this bar.
+MAX_DIFF, MEAN_DIFF, MOMENT_ATOL = 5e-4, 1e-5, 1e-5
+
+
+@pytest.mark.parametrize("model", sorted(TRANSFORMS))
+def test_transform_matches_the_official_net_inputs(model):
+    """Every model's official net input (size, values, per-channel mean/std) on five image sizes."""
+    import numpy as np
+    from PIL import Image
+
+    root = fixtures.require("midas/transforms")
+    e = torch.load(root / "expected.pt", map_location="cpu", weights_only=True)
+    for img in e["images"].split(","):
+        rgb = np.array(Image.open(root / e[f"image/{img}/file"]).convert("RGB"))
+        assert int(rgb.astype(np.int64).sum()) == e[f"image/{img}/sum"]
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # as pngs_to_array
+        net = transform(x, TRANSFORMS[model])[0]
+        assert list(net.shape[1:]) == e[f"{model}/{img}/hw"].tolist(), (model, img)
+        diff = (net[:, ::2, ::2] - e[f"{model}/{img}/net_input_s2"]).abs()
+        assert diff.max() <= MAX_DIFF and diff.mean() <= MEAN_DIFF, (model, img, float(diff.max()))
+        moments = net.double().mean((1, 2)), net.double().std((1, 2), correction=0)
+        torch.testing.assert_close(moments[0], e[f"{model}/{img}/mean"], atol=MOMENT_ATOL, rtol=0)
+        torch.testing.assert_close(moments[1], e[f"{model}/{img}/std"], atol=MOMENT_ATOL, rtol=0)
 
 
 def test_midasnet_384_keys_match_the_release():
