@@ -1,4 +1,9 @@
-"""Image reconstruction metrics (pure torch): PSNR and SSIM (Wang et al. 2004)."""
+"""Image reconstruction metrics (pure torch): PSNR and SSIM (Wang et al. 2004).
+
+Both agree with torchmetrics (``tests/models/test_metrics.py`` pins them): SSIM with the Gaussian
+11 x 11 window (sigma 1.5) over the whole image, borders reflected. scikit-image and the authors'
+MATLAB code leave a 5-pixel border out of the mean, which gives other numbers on small images.
+"""
 
 from __future__ import annotations
 
