@@ -171,7 +171,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
 
 
 def test_codebook_identical_across_workers():
-    with mp.Manager() as manager:
+    # spawn, not fork: a forked child of a process with Ray initialised (the session's cluster) runs
+    # Ray's exit hooks as the driver when it ends, and breaks the driver's later actor calls
+    with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
         mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
         a, b = out[0], out[1]
