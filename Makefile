@@ -6,7 +6,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # pip prints one warning per package missing from this machine's extra local indexes: hide them
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 export RAY_AUTH_MODE ?= disabled
@@ -36,16 +35,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(BIN)/python -c "import torch, torchvision, ray, mlflow, s3fs, pyarrow, timm, lpips"
 	@touch $(STAMP)
 
-data:
-	@if [ ! -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
-	  echo "Fashion-MNIST not found in $(FASHION_MNIST): installing the Debian package dataset-fashion-mnist"; \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-	      || { echo "ERROR: could not install dataset-fashion-mnist; install it (apt-get install dataset-fashion-mnist) and rerun"; exit 1; }; \
-	  else \
-	    echo "ERROR: not root; run: sudo apt-get install dataset-fashion-mnist"; exit 1; \
-	  fi; \
-	fi
+data: install
+	$(BIN)/python -m infra.sources fashion-mnist
 
 demo: install data
 	$(BIN)/python pipelines/full.py --config pipelines/configs/demo.yaml $(ARGS)

@@ -1,11 +1,19 @@
-"""Command-line helpers shared by stage and pipeline entry points."""
+"""Command-line helpers shared by stage and pipeline entry points.
+
+Every command logs to stderr and to a file (``<local dir>/logs/<command>-<time>.log``). A mistake
+a user can fix (a source or model that does not exist, a URI that is not committed, an output that
+another config committed, input the stage cannot use) ends in one line naming the problem and the
+log file, exit status 1; ``--debug`` prints the traceback as well (the log file always has it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as _dt
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +23,7 @@ from infra import config as config_lib
 from infra import tracking
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 OVERRIDES_HELP = (
     "dotted overrides, parsed as YAML values: e.g. ingest.resolution=64 ingest.max_images=null "
@@ -22,40 +31,114 @@ OVERRIDES_HELP = (
 )
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "your input or config is wrong", not "the program is broken"."""
+    from infra.stage import InputError, NotCommittedError, OutputConflictError
+    from models.checkpoint import CheckpointError
+
+    return (
+        config_lib.ConfigError,
+        InputError,
+        NotCommittedError,
+        OutputConflictError,
+        CheckpointError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
     )
+
+
+_traceback_log = logging.getLogger("taming.traceback")  # the log file only: see run_guarded
+_traceback_log.propagate = False
+_handlers: list[logging.Handler] = []
+
+
+def setup_logging(name: str, level: int = logging.INFO) -> Path:
+    """Log to stderr and to a new file for this command; returns the file's path."""
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+    path = tracking.local_dir() / "logs" / f"{name}-{stamp}-{os.getpid()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    to_file = logging.FileHandler(path)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    for h in (to_file, to_stderr):
+        h.setFormatter(fmt)
+    root = logging.getLogger()
+    for h in _handlers:  # a second command in one process (tests): replace, do not stack
+        root.removeHandler(h)
+        h.close()
+    _handlers[:] = [to_stderr, to_file]
+    root.addHandler(to_stderr)
+    root.addHandler(to_file)
+    root.setLevel(level)
+    _traceback_log.handlers = [to_file]
     for noisy in ("alembic", "botocore", "urllib3", "s3fs", "fsspec", "aiobotocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path
+
+
+def _user_error(e: BaseException | None, depth: int = 0) -> BaseException | None:
+    """``e`` or the user error it wraps: Ray wraps what tasks raise (``.cause``) and Ray Train what
+    its workers raise (``.worker_failures``)."""
+    if e is None or depth > 8:
+        return None
+    if isinstance(e, user_errors()):
+        return e
+    inner = [getattr(e, "cause", None), e.__cause__, *getattr(e, "worker_failures", {}).values()]
+    for x in inner:
+        if isinstance(x, BaseException) and (found := _user_error(x, depth + 1)) is not None:
+            return found
+    return None
+
+
+def run_guarded(fn: Callable[[], T], log_file: Path, debug: bool) -> T:
+    """``fn()``; a user error becomes one line on stderr and exit status 1 (see the module docstring)."""
+    try:
+        return fn()
+    except Exception as e:
+        _traceback_log.error("failed", exc_info=True)
+        found = _user_error(e)
+        if found is None or debug:
+            raise
+        message = str(found).strip().splitlines()[0] if str(found).strip() else type(found).__name__
+        print(f"error: {message} (traceback in {log_file}; --debug prints it)", file=sys.stderr)
+        sys.exit(1)
 
 
 def _config_help(cls: type, prefix: str) -> str:
     lines = []
     for f in dataclasses.fields(cls):
         default = "(required)" if f.default is dataclasses.MISSING else f"= {f.default!r}"
-        lines.append(f"  {prefix}{f.name} {default}")
+        role = f.metadata.get(config_lib.ROLE)
+        lines.append(f"  {prefix}{f.name} {default}" + (f"   [{role}]" if role == "execution" else ""))
     return "\n".join(lines)
 
 
-def stage_cli(stage: str, cls: type[T], doc: str | None, argv: list[str] | None = None) -> tuple[T, str]:
-    """Parse ``--config FILE key=value ...`` for one stage.
+def stage_cli(
+    stage: str, cls: type[T], doc: str | None, argv: list[str] | None = None
+) -> tuple[T, str, bool]:
+    """Parse ``--config FILE key=value ...`` for one stage: (config, experiment, debug).
 
     The file may be a pipeline YAML (the stage's section ``<stage>:`` is used, plus ``run.experiment``)
     or a file holding the stage's keys alone. Overrides may be written with or without the
     ``<stage>.`` prefix.
     """
+    keys = _config_help(cls, f"{stage}.")
     p = argparse.ArgumentParser(
         prog=f"python -m stages.{stage}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"config keys:\n{_config_help(cls, stage + '.')}",
+        epilog=f"config keys ([execution]: not part of the output's identity):\n{keys}",
     )
     p.add_argument("--config", type=Path, help="YAML file (a pipeline config or this stage's section)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     args = p.parse_args(argv)
-    setup_logging()
-    raw: dict[str, Any] = config_lib.read_yaml(args.config) if args.config else {}
+    raw: dict[str, Any] = {}
+    try:
+        raw = config_lib.read_yaml(args.config) if args.config else {}
+    except config_lib.ConfigError as e:
+        p.error(str(e))
     experiment = (raw.get("run") or {}).get("experiment", tracking.DEFAULT_EXPERIMENT)
     if stage in raw or "run" in raw:  # a pipeline file: this stage's section (maybe absent)
         section = raw.get(stage) or {}
@@ -76,22 +159,13 @@ def stage_cli(stage: str, cls: type[T], doc: str | None, argv: list[str] | None 
         )
     except config_lib.ConfigError as e:
         p.error(str(e))
-    return cfg, experiment
-
-
-def summary(result: Any) -> dict[str, Any]:
-    """What a stage's command prints: a result dataclass without its manifest, or for a stage that
-    returns ``(manifest, cached)`` the output, whether it was reused, its counts and ``val/*`` figures."""
-    if dataclasses.is_dataclass(result):
-        return {k: v for k, v in dataclasses.asdict(result).items() if k != "manifest"}
-    manifest, cached = result
-    val = {k: v for k, v in manifest.extra.items() if k.startswith("val/")}
-    return {"output_uri": manifest.output_uri, "cached": cached, **manifest.counts, **val}
+    return cfg, experiment, args.debug
 
 
 def stage_main(stage: str, cls: type[T], doc: str | None, run: Callable[[T, str], Any], argv=None) -> Any:
     """The body of every stage's ``main``: parse the command line, run, print the summary as JSON."""
-    cfg, experiment = stage_cli(stage, cls, doc, argv)
-    result = run(cfg, experiment)
-    print(json.dumps(summary(result), indent=2))
+    cfg, experiment, debug = stage_cli(stage, cls, doc, argv)
+    log_file = setup_logging(stage)
+    result = run_guarded(lambda: run(cfg, experiment), log_file, debug)
+    print(json.dumps(result.summary(), indent=2))
     return result

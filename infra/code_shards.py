@@ -12,14 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra import io, schemas
+from infra import schemas, stage, storage
 
 COLUMNS = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w", "codes"]
 
 
 def info(uri: str) -> dict[str, Any]:
     """Codebook size, grid, code dtype, tokenizer sha256 and label names of a code-shard output."""
-    m = io.read_manifest(uri)
+    m = stage.read_manifest(uri)
     return {
         k: m.extra.get(k) for k in ("codebook_size", "grid", "code_dtype", "tokenizer_sha256", "label_names")
     }
@@ -55,7 +55,7 @@ def iter_batches(
     drop_last: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Torch batches from the shards with pyarrow alone (single process); missing labels are -1."""
-    m = io.read_manifest(uri)
+    m = stage.read_manifest(uri)
     h, w = m.extra["grid"]
     uris = m.data_uris()
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
@@ -63,7 +63,7 @@ def iter_batches(
         uris = [uris[i] for i in rng.permutation(len(uris))]
     pending: pa.Table | None = None
     for u in uris:
-        t = _filter(io.read_parquet(u, COLUMNS), split, labels)
+        t = _filter(storage.read_parquet(u, COLUMNS), split, labels)
         if rng is not None and t.num_rows:
             t = t.take(pa.array(rng.permutation(t.num_rows)))
         pending = t if pending is None else pa.concat_tables([pending, t])
@@ -74,15 +74,15 @@ def iter_batches(
         yield _to_torch(pending, h * w)
 
 
-def ray_dataset(uri: str, *, split: str | None = None, labels: Sequence[int] | None = None):
-    """A Ray Dataset over the shards with ``codes`` decoded to (N, T) int64 arrays (for Ray Train's
-    ``get_dataset_shard(...).iter_torch_batches()``)."""
-    import ray
+def ray_dataset(uri: str, *, split: str | None = None, labels: Sequence[int] | None = None, seed: int = 0):
+    """A Ray Dataset over the shards (in an order permuted by ``seed``, see ``infra.ray_train``) with
+    ``codes`` decoded to (N, T) int64 arrays (for ``get_dataset_shard(...).iter_torch_batches()``)."""
+    from infra import ray_train
 
-    m = io.read_manifest(uri)
+    m = stage.read_manifest(uri)
     h, w = m.extra["grid"]
     n = h * w
-    ds = ray.data.read_parquet(m.data_uris()).select_columns(COLUMNS)
+    ds = ray_train.read_parquet(m.data_uris(), COLUMNS, seed)
 
     def decode(batch: pa.Table) -> dict[str, np.ndarray]:
         batch = _filter(batch, split, labels)

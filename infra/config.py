@@ -26,6 +26,28 @@ class ConfigError(ValueError):
     """A configuration problem, naming the offending dotted key."""
 
 
+# --------------------------------------------------------------------------- field roles
+
+ROLE = "taming.role"
+
+
+def execution_field(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A field that changes how the work runs (batch sizes, CPUs, logging cadence), not what it
+    produces: outside the config hash, so changing it keeps a committed output valid."""
+    return dataclasses.field(default=default, metadata={ROLE: "execution"}, **kwargs)
+
+
+def input_field(default: Any = "", **kwargs: Any) -> Any:
+    """Where an input is (``*_uri``): outside the config hash; the input counts by its identity
+    (a committed output's, a weights file's sha256, a source listing's digest)."""
+    return dataclasses.field(default=default, metadata={ROLE: "input"}, **kwargs)
+
+
+def output_field(default: Any = "", **kwargs: Any) -> Any:
+    """Where the output goes: outside the config hash."""
+    return dataclasses.field(default=default, metadata={ROLE: "output"}, **kwargs)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -123,17 +145,20 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
 
 
+def to_dict_value(v: Any) -> Any:
+    """A config value as plain YAML/JSON data (tuples become lists, dataclasses mappings)."""
+    if dataclasses.is_dataclass(v):
+        v = dataclasses.asdict(v)
+    if isinstance(v, tuple | list):
+        return [to_dict_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: to_dict_value(x) for k, x in v.items()}
+    return v
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, YAML/JSON-serialisable mapping of a config dataclass."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return to_dict_value(cfg)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -186,17 +211,32 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Sequenc
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def config_hash(cfg: Any, exclude: typing.Iterable[str] = ()) -> str:
+def config_hash(cfg: Any) -> str:
     """A stable hash of the fields that determine a stage's output.
 
-    ``exclude`` names fields that only change how the work runs (batch sizes, CPU counts, the
-    output location itself), so changing them does not make a committed output "different".
+    Fields declared with :func:`execution_field`, :func:`input_field` or :func:`output_field` are
+    left out (nested configs too): how the work runs, where the inputs are (they count by their own
+    identity, see ``infra.stage.identity``) and where the output goes do not make an output
+    "different".
     """
-    data = to_dict(cfg)
-    for name in exclude:
-        data.pop(name, None)
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def identity_dict(cfg: Any) -> dict[str, Any]:
+    """``to_dict(cfg)`` without the fields that carry a role (see :func:`config_hash`)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get(ROLE):
+            continue
+        v = getattr(cfg, f.name)
+        out[f.name] = identity_dict(v) if dataclasses.is_dataclass(v) else to_dict_value(v)
+    return out
+
+
+def role(cls: type, name: str) -> str | None:
+    """The role a config field was declared with ("execution", "input", "output"), or None."""
+    return {f.name: f.metadata.get(ROLE) for f in dataclasses.fields(cls)}[name]
 
 
 def to_yaml(cfg: Any) -> str:

@@ -178,6 +178,28 @@ def label_maps(blobs: list[bytes]) -> np.ndarray:
     return np.stack(maps).reshape(-1, 1, n, n)
 
 
+def decode_column(kind: str, blobs: list[bytes], channels: int = 3) -> np.ndarray:
+    """An image-shard column as compact arrays (N, C, H, W): ``image`` (PNG) and ``depth`` float32 in
+    [-1, 1], ``segmentation`` uint8 label ids (one channel)."""
+    if kind == "depth":
+        return depth_maps(blobs)
+    if kind == "segmentation":
+        return label_maps(blobs)
+    return pngs_to_array(blobs, channels)
+
+
+def reconstruction_grid(x, xrec, labels: bool = False, ncol: int = 8) -> np.ndarray:
+    """Inputs beside their reconstructions (torch, (N, C, H, W) in [-1, 1]) as one uint8 grid; with
+    ``labels`` the inputs are one-hot label maps (or logits), drawn in label colours."""
+    import torch
+
+    if labels:
+        return image_grid([label_colors(t.argmax(0).cpu().numpy()) for p in zip(x, xrec) for t in p], ncol)
+    pairs = torch.stack([x, xrec.clamp(-1, 1)], 1).flatten(0, 1).float()
+    arr = ((pairs.cpu().numpy() + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return image_grid([a[..., 0] if a.shape[-1] == 1 else a for a in arr], ncol)
+
+
 def colorize(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """A float map (H, W) -> uint8 RGB with a perceptual dark-blue/red/yellow ramp (for previews)."""
     lo = float(values.min()) if lo is None else lo

@@ -4,21 +4,29 @@ A model URI may name
 - a native checkpoint (``*.safetensors``, see ``models.checkpoint``), local or on S3;
 - an official taming release (a folder with ``configs/model.yaml`` + ``checkpoints/last.ckpt``, or
   the ``.ckpt`` file), local or on S3;
+- a committed stage output that holds a model (``train_vqgan``'s), local or on S3;
 - a registered model, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, whose artifacts
   hold a native checkpoint (as :func:`register` logs it).
-Remote files are copied once into a local cache keyed by URI. Every load reports the sha256 of
-the weights, so outputs can record exactly which model made them.
+
+Remote models are copied into a local cache keyed by their content as the store reports it (S3:
+each file's ETag and size; the registry: the immutable version an alias points to now), through a
+temporary folder renamed into place once complete: a changed object is fetched again, and a
+download that died half-way is never used. Every load reports the sha256 of the weights, so outputs
+record exactly which model made them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra import io, tracking
+from infra import stage, storage, tracking
 
 NATIVE_SUFFIX = ".safetensors"
 
@@ -32,32 +40,59 @@ class LoadedModel:
     extra: dict[str, Any]
 
 
-def _cache_dir(uri: str) -> Path:
-    d = tracking.local_dir() / "model-cache" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def _cached(key: str, fetch) -> Path:
+    """``<cache>/<key>``, filled once by ``fetch(tmp_dir)`` in a temporary folder and renamed into
+    place (atomic; of two concurrent fetches the first rename wins and the other is dropped)."""
+    root = tracking.local_dir() / "model-cache"
+    final = root / hashlib.sha256(key.encode()).hexdigest()[:24]
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        fetch(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # a concurrent fetch got there first
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _single(folder: Path) -> Path:
+    """The one entry a cache folder holds (the file or folder that was fetched)."""
+    entries = list(folder.iterdir())
+    return entries[0] if len(entries) == 1 else folder
 
 
 def local_path(uri: str) -> Path:
-    """A local file or folder holding what ``uri`` names (downloaded once if remote)."""
+    """A local file or folder holding what ``uri`` names (fetched once per content if remote)."""
     if uri.startswith("models:/"):
-        mlflow = tracking.configured_mlflow()  # this process's tracking/registry URIs, as the stages use
-        dest = _cache_dir(uri)
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-        except Exception as e:  # noqa: BLE001 - MlflowException, RestException, ...
-            raise FileNotFoundError(
-                f"cannot resolve {uri} in the MLflow registry at {tracking.tracking_uri()}: {e}"
-            ) from None
-    if io.is_remote(uri):
-        if not io.exists(uri):
+        name, version = tracking.model_version(uri)  # the alias as it points now
+        key = f"{tracking.tracking_uri()}|{name}/{version}"
+        return _single(_cached(key, lambda d: tracking.download_model(name, version, d)))
+    if storage.is_remote(uri):
+        entries = storage.list_entries(uri)
+        if not entries:
             raise FileNotFoundError(f"model {uri} does not exist")
-        fs, path = io.filesystem(uri)
-        dest = _cache_dir(uri) / Path(path).name
-        if not dest.exists():
-            fs.get(path, str(dest), recursive=fs.isdir(path))
-        return dest
-    p = Path(io.normalize(uri))
+        key = "|".join(f"{storage.relative(e.uri, uri)}:{e.size}:{e.version}" for e in entries)
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+
+        def fetch(d: Path) -> None:
+            for e in entries:
+                rel = storage.relative(e.uri, uri) if e.uri != uri else ""
+                dest = d / name / rel if rel else d / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fs, path = storage.filesystem(e.uri)
+                fs.get_file(path, str(dest))
+                if dest.stat().st_size != e.size:
+                    raise OSError(f"download of {e.uri} incomplete: {dest.stat().st_size} of {e.size} bytes")
+
+        return _cached(f"{uri}|{key}", fetch) / name
+    p = Path(storage.normalize(uri))
     if not p.exists():
         raise FileNotFoundError(f"model {uri} does not exist")
     return p
@@ -78,20 +113,17 @@ def resolve_weights(uri: str, filename: str) -> Path:
     return cached
 
 
-def file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = storage.file_sha256
 
 
 def load(uri: str) -> LoadedModel:
     """Load the model that ``uri`` names (see the module docstring)."""
     from models import checkpoint
 
-    if not uri.startswith("models:/") and io.exists(io.join(io.normalize(uri), io.MANIFEST_NAME)):
-        uri = io.read_manifest(uri).data_uris()[0]  # a committed stage output (e.g. train_vqgan's): its model
+    if not uri.startswith("models:/") and stage.is_committed(uri):
+        uri = stage.read_manifest(uri).data_uris()[
+            0
+        ]  # a committed stage output (e.g. train_vqgan's): its model
     p = local_path(uri)
     if p.is_dir():
         natives = sorted(p.rglob(f"*{NATIVE_SUFFIX}"))
@@ -110,42 +142,20 @@ def load_first_stage(uri: str) -> LoadedModel:
 
     loaded = load(uri)
     if not isinstance(loaded.model, VQGAN):
-        raise TypeError(f"{uri} holds a {type(loaded.model).__name__}, not a VQGAN tokenizer")
+        raise stage.InputError(f"{uri} holds a {type(loaded.model).__name__}, not a VQGAN tokenizer")
     return loaded
 
 
 def register(
-    model: Any,
+    data: bytes,
     name: str,
     alias: str | None = None,
     tags: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> int:
-    """Log ``model`` as a native checkpoint in the active MLflow run and register it under ``name``.
-
-    Returns the new version; ``alias`` (e.g. ``candidate``) is pointed at it. Later stages read it
-    back with ``models:/<name>@<alias>``.
-    """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from infra.pyfunc_model import NativeCheckpoint
-    from models import checkpoint
-
+) -> dict[str, Any]:
+    """Register the native checkpoint ``data`` (``models.checkpoint.to_bytes``) under ``name`` in the
+    active MLflow run; returns ``{"name", "version", "uri"}``. ``alias`` (e.g. ``candidate``) is
+    pointed at the new version; later stages read it back with ``models:/<name>@<alias>``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}{NATIVE_SUFFIX}"
-        checkpoint.save_native(model, path, extra)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=NativeCheckpoint(),
-            artifacts={"checkpoint": str(path)},
-            pip_requirements=["torch", "safetensors", "taming-pipeline"],
-            registered_model_name=name,
-        )
-    version = int(info.registered_model_version)
-    client = MlflowClient(tracking.tracking_uri())
-    if alias:
-        client.set_registered_model_alias(name, alias, version)
-    for k, v in (tags or {}).items():
-        client.set_model_version_tag(name, str(version), k, str(v))
-    return version
+        path.write_bytes(data)
+        return tracking.register_model(path, name, alias, tags or {})

@@ -1,28 +1,41 @@
 """Where raw images come from: a folder (local or an ``s3://`` prefix), Parquet files with an
 image-bytes column, or the Fashion-MNIST IDX files.
 
-``list_items`` runs on the driver and returns small records (no image bytes), sorted by a stable
-key so that shard assignment is deterministic. ``load_bytes`` runs in the workers and fetches the
-bytes of a batch of items.
+``list_items`` runs on the driver and returns small records (no image bytes), each with a ``key``
+relative to the source root (so the same files under another prefix are the same items), and the
+listing's digest: the names relative to the root, sizes and versions (modification times or ETags)
+of the files read, so that changed or added files make a new listing. ``load_bytes`` runs in the
+workers and fetches the bytes of a batch of items.
+
+    python -m infra.sources fashion-mnist   # make sure the Debian package's files are there
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import io as _io
+import os
 import struct
+import subprocess
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from infra import io
+from infra import stage, storage
 
 SourceFormat = Literal["auto", "folder", "parquet", "fashion_mnist"]
 SPLITS = ("train", "val", "test")
+# The Debian package dataset-fashion-mnist installs the IDX files here.
+FASHION_MNIST_URI = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -44,45 +57,62 @@ _IDX_FILES = {
 
 @dataclass(frozen=True)
 class Listing:
-    items: list[dict[str, Any]]  # source_uri, label, split, kind, path, index
+    items: list[dict[str, Any]]  # key, source_uri, label, split, kind, path, index
     label_names: list[str] | None
     format: str
+    root: str  # the folder the keys are relative to
+    digest: str  # of the files read: names relative to root, sizes, versions
 
 
-def detect_format(uri: str) -> str:
-    files = io.list_files(uri)
+def digest(entries: Sequence[storage.Entry], root: str) -> str:
+    """A listing's digest: each file's name relative to ``root``, size and version (mtime or ETag)."""
+    h = hashlib.sha256()
+    for e in sorted(entries, key=lambda e: e.uri):
+        h.update(f"{storage.relative(e.uri, root)}\0{e.size}\0{e.version}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def detect_format(entries: Sequence[storage.Entry]) -> str:
+    files = [e.uri for e in entries]
     names = {f.rsplit("/", 1)[-1] for f in files}
     if {n for pair in _IDX_FILES.values() for n in pair} <= names:
         return "fashion_mnist"
-    if io.MANIFEST_NAME in names or (files and all(f.endswith(".parquet") for f in files)):
+    if stage.MANIFEST_NAME in names or (files and all(f.endswith(".parquet") for f in files)):
         return "parquet"
     return "folder"
 
 
 def list_items(uri: str, fmt: SourceFormat = "auto", label_column: str | None = "label") -> Listing:
-    uri = io.normalize(uri)
-    if not io.exists(uri):
-        raise FileNotFoundError(f"source {uri} does not exist")
-    fmt = detect_format(uri) if fmt == "auto" else fmt
+    uri = storage.normalize(uri)
+    entries = storage.list_entries(uri)
+    if not entries:
+        raise FileNotFoundError(
+            f"source {uri} does not exist or holds no files: point ingest.source_uri at a folder, an "
+            "s3:// prefix, Parquet files or the Fashion-MNIST IDX folder"
+        )
+    root = uri if not (len(entries) == 1 and entries[0].uri == uri) else uri.rsplit("/", 1)[0]
+    fmt = detect_format(entries) if fmt == "auto" else fmt
     if fmt == "fashion_mnist":
-        return _list_fashion_mnist(uri)
+        return _list_fashion_mnist(root, entries)
     if fmt == "parquet":
-        return _list_parquet(uri, label_column)
-    return _list_folder(uri)
+        return _list_parquet(uri, root, entries, label_column)
+    return _list_folder(root, entries)
 
 
-def _list_folder(root: str) -> Listing:
+def _list_folder(root: str, entries: Sequence[storage.Entry]) -> Listing:
     rows = []
-    for f in io.list_files(root):
-        parts = f[len(root) + 1 :].split("/")
+    for e in entries:
+        key = storage.relative(e.uri, root)
+        parts = key.split("/")
         split = None
         if len(parts) >= 2 and parts[0] in SPLITS:
             split, parts = parts[0], parts[1:]
-        rows.append((f, split, parts[0] if len(parts) >= 2 else None))
-    names = sorted({name for _, _, name in rows if name is not None})
+        rows.append((e.uri, key, split, parts[0] if len(parts) >= 2 else None))
+    names = sorted({name for *_, name in rows if name is not None})
     ids = {n: i for i, n in enumerate(names)}
     items = [
         {
+            "key": key,
             "source_uri": f,
             "label": ids.get(name) if name else None,
             "split": split,
@@ -90,23 +120,26 @@ def _list_folder(root: str) -> Listing:
             "path": f,
             "index": -1,
         }
-        for f, split, name in rows
+        for f, key, split, name in rows
     ]
-    return Listing(items, names or None, "folder")
+    return Listing(items, names or None, "folder", root, digest(entries, root))
 
 
-def _list_parquet(uri: str, label_column: str | None) -> Listing:
-    try:  # a committed stage output: read exactly the files its manifest lists
-        files = io.read_manifest(uri).data_uris()
-    except io.NotCommittedError:
-        if io.exists(io.join(uri, io.ATTEMPTS_DIR)):
-            raise  # a stage output that was never committed: its files are not to be trusted
-        files = [f for f in io.list_files(uri) if f.endswith(".parquet") and "/_" not in f[len(uri) :]]
+def _list_parquet(uri: str, root: str, entries: Sequence[storage.Entry], label_column: str | None) -> Listing:
+    if stage.is_committed(uri):  # a committed stage output: read exactly the files its manifest lists
+        m = stage.read_manifest(uri)
+        files = m.data_uris()
+        listed = hashlib.sha256(f"output:{m.identity}".encode()).hexdigest()[:32]
+    else:
+        if storage.exists(storage.join(uri, stage.ATTEMPTS_DIR)):
+            stage.read_manifest(uri)  # a stage output never committed: its files are not to be trusted
+        parquet = [e for e in entries if e.uri.endswith(".parquet") and "/_" not in e.uri[len(root) :]]
+        files, listed = [e.uri for e in parquet], digest(parquet, root)
     if not files:
         raise FileNotFoundError(f"no Parquet files under {uri}")
     items = []
     for f in files:
-        fs, path = io.filesystem(f)
+        fs, path = storage.filesystem(f)
         with fs.open(path, "rb") as fh:
             meta = pq.ParquetFile(fh)
             n = meta.metadata.num_rows
@@ -121,6 +154,7 @@ def _list_parquet(uri: str, label_column: str | None) -> Listing:
             split = splits[i] if splits is not None and splits[i] in SPLITS else None
             items.append(
                 {
+                    "key": f"{storage.relative(f, root)}#row={i}",
                     "source_uri": f"{f}#row={i}",
                     "label": None if label is None else int(label),
                     "split": split,
@@ -129,12 +163,12 @@ def _list_parquet(uri: str, label_column: str | None) -> Listing:
                     "index": i,
                 }
             )
-    return Listing(items, None, "parquet")
+    return Listing(items, None, "parquet", root, listed)
 
 
 def read_idx(uri: str) -> np.ndarray:
     """An unsigned-byte IDX array (MNIST / Fashion-MNIST format, optionally gzipped)."""
-    raw = gzip.decompress(io.read_bytes(uri)) if uri.endswith(".gz") else io.read_bytes(uri)
+    raw = gzip.decompress(storage.read_bytes(uri)) if uri.endswith(".gz") else storage.read_bytes(uri)
     _, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if dtype_code != 0x08:
         raise ValueError(f"{uri}: only unsigned-byte IDX files are supported")
@@ -147,13 +181,16 @@ def _idx_images(uri: str) -> np.ndarray:
     return read_idx(uri)
 
 
-def _list_fashion_mnist(root: str) -> Listing:
+def _list_fashion_mnist(root: str, entries: Sequence[storage.Entry]) -> Listing:
     items = []
+    names = {n for pair in _IDX_FILES.values() for n in pair}
+    used = [e for e in entries if e.uri.rsplit("/", 1)[-1] in names]
     for split, (images, labels) in _IDX_FILES.items():
-        image_uri, label_uri = io.join(root, images), io.join(root, labels)
+        image_uri, label_uri = storage.join(root, images), storage.join(root, labels)
         ys = read_idx(label_uri)
         items.extend(
             {
+                "key": f"{images}#{i}",
                 "source_uri": f"{image_uri}#{i}",
                 "label": int(y),
                 "split": split,
@@ -163,7 +200,7 @@ def _list_fashion_mnist(root: str) -> Listing:
             }
             for i, y in enumerate(ys)
         )
-    return Listing(items, list(FASHION_MNIST_CLASSES), "fashion_mnist")
+    return Listing(items, list(FASHION_MNIST_CLASSES), "fashion_mnist", root, digest(used, root))
 
 
 def load_bytes(
@@ -177,8 +214,8 @@ def load_bytes(
     out: list[tuple[bytes, bytes] | Exception | None] = [None] * len(items)
     files = [(i, it) for i, it in enumerate(items) if it["kind"] == "file"]
     if files:
-        fs, _ = io.filesystem(files[0][1]["path"])
-        paths = [io.filesystem(it["path"])[1] for _, it in files]
+        fs, _ = storage.filesystem(files[0][1]["path"])
+        paths = [storage.filesystem(it["path"])[1] for _, it in files]
         got = fs.cat(paths, on_error="return")
         for (i, _), p in zip(files, paths):
             data = got.get(p, FileNotFoundError(p))
@@ -197,7 +234,7 @@ def load_bytes(
                     Image.fromarray(pixels, "L").save(buf, format="PNG", compress_level=0)
                     out[i] = (pixels.tobytes(), buf.getvalue())
             else:
-                col = io.read_parquet(path, [image_column]).column(0)
+                col = storage.read_parquet(path, [image_column]).column(0)
                 for i in idxs:
                     data = col[items[i]["index"]].as_py() or b""
                     out[i] = (data, data)
@@ -205,3 +242,23 @@ def load_bytes(
             for i in idxs:
                 out[i] = e
     return out  # type: ignore[return-value]
+
+
+def ensure_fashion_mnist(root: str = FASHION_MNIST_URI) -> None:
+    """Make sure the Fashion-MNIST IDX files are at ``root``: install the Debian package when they
+    are missing (as root), else say how."""
+    if Path(root, _IDX_FILES["train"][0]).is_file():
+        return
+    print(f"Fashion-MNIST not found in {root}: installing the Debian package {FASHION_MNIST_PACKAGE}")
+    if os.geteuid() != 0:
+        sys.exit(f"error: not root; run: sudo apt-get install {FASHION_MNIST_PACKAGE}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", FASHION_MNIST_PACKAGE]):
+        if subprocess.run(cmd, env=env).returncode != 0:
+            sys.exit(f"error: could not install {FASHION_MNIST_PACKAGE}; install it and rerun")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["fashion-mnist"]:
+        sys.exit("usage: python -m infra.sources fashion-mnist")
+    ensure_fashion_mnist()

@@ -6,13 +6,21 @@ input/output URIs as tags, its counts and timings as metrics, and preview images
 needed; browse it with ``mlflow ui --backend-store-uri sqlite:///.local/mlflow.db``). Set
 ``MLFLOW_TRACKING_URI`` to use a tracking server; its database backend also serves the model
 registry that later stages read ``models:/name@alias`` from.
+
+Everything the project logs or registers goes through this module: the stages' child runs, the
+rank-0 logging of Ray Train workers (:func:`resume_run`), and the model registry
+(:func:`register_model`, :func:`download_model`). The tracking URI is also exported to the
+environment, so that subprocesses MLflow itself starts log to the same place (never to a stray
+``./mlflow.db``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from infra import config as config_lib
-from infra import io
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +54,37 @@ def _mlflow():
     import mlflow
 
     uri = tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # subprocesses MLflow starts (model validation) too
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
     return mlflow
+
+
+@functools.cache
+def code_version() -> str:
+    """The git commit of this checkout (``+dirty`` with local changes), else the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        if sha:
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"taming-pipeline=={version('taming-pipeline')}"
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def configured_mlflow():
@@ -66,7 +100,13 @@ def set_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
         artifact_location = None
         if tracking_uri().startswith("sqlite:"):  # embedded: keep artifacts beside the database
             artifact_location = (local_dir() / "mlartifacts").as_uri()
-        exp_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+        try:
+            exp_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+        except mlflow.exceptions.MlflowException:
+            exp = mlflow.get_experiment_by_name(name)  # another process created it in between
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
@@ -91,7 +131,7 @@ def pipeline_run(name: str, cfg: Any, experiment: str = DEFAULT_EXPERIMENT) -> I
     mlflow = _mlflow()
     set_experiment(experiment)
     with mlflow.start_run(run_name=name) as run:
-        mlflow.set_tags({"kind": "pipeline", "code_version": io.code_version()})
+        mlflow.set_tags({"kind": "pipeline", "code_version": code_version()})
         _log_config(mlflow, cfg)
         log.info("MLflow run %s (experiment %r) at %s", run.info.run_id, experiment, tracking_uri())
         yield run.info.run_id
@@ -107,7 +147,7 @@ def stage_run(
     if parent is None:
         set_experiment(experiment)
     with mlflow.start_run(run_name=stage, nested=parent is not None) as run:
-        tags = {"kind": "stage", "stage": stage, "output_uri": output_uri, "code_version": io.code_version()}
+        tags = {"kind": "stage", "stage": stage, "output_uri": output_uri, "code_version": code_version()}
         tags.update({f"input_uri.{i}": u for i, u in enumerate(input_uris)})
         mlflow.set_tags(tags)
         _log_config(mlflow, cfg)
@@ -129,3 +169,81 @@ def log_image(image: np.ndarray, artifact_file: str) -> None:
 
 def log_dict(data: dict[str, Any], artifact_file: str) -> None:
     _mlflow().log_dict(data, artifact_file)
+
+
+@contextlib.contextmanager
+def resume_run(run_id: str | None, uri: str | None) -> Iterator[bool]:
+    """Log into an existing run from another process (rank 0 of a Ray Train worker group).
+
+    ``uri`` is the tracking URI of the process that opened the run (workers may not share its
+    environment). Yields whether a run is active (False when ``run_id`` is None: log nothing).
+    """
+    if run_id is None:
+        yield False
+        return
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow = _mlflow()
+    with mlflow.start_run(run_id=run_id):
+        yield True
+
+
+# --------------------------------------------------------------------------- the model registry
+
+
+def register_model(
+    checkpoint_path: Path, name: str, alias: str | None, tags: dict[str, Any]
+) -> dict[str, Any]:
+    """Log a native checkpoint file in the active run as a pyfunc model and register it as ``name``.
+
+    ``alias`` (e.g. ``candidate``) is pointed at the new version and ``tags`` set on it. Returns
+    ``{"name", "version", "uri"}`` with the immutable ``models:/<name>/<version>``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from infra.pyfunc_model import NativeCheckpoint
+
+    mlflow = _mlflow()
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=NativeCheckpoint(),
+        artifacts={"checkpoint": str(checkpoint_path)},
+        pip_requirements=["torch", "safetensors", "taming-pipeline"],
+        registered_model_name=name,
+    )
+    version = int(info.registered_model_version)
+    client = MlflowClient(tracking_uri())
+    if alias:
+        client.set_registered_model_alias(name, alias, str(version))
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
+def model_version(uri: str) -> tuple[str, int]:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (name, version) now."""
+    from mlflow.tracking import MlflowClient
+
+    _mlflow()
+    rest = uri[len("models:/") :]
+    client = MlflowClient(tracking_uri())
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return name, int(client.get_model_version_by_alias(name, alias).version)
+        name, version = rest.rsplit("/", 1)
+        return name, int(client.get_model_version(name, version).version)
+    except Exception as e:  # noqa: BLE001 - MlflowException, RestException, ValueError
+        raise FileNotFoundError(
+            f"cannot resolve {uri} in the MLflow registry at {tracking_uri()}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__} "
+            "(check the name and alias, and MLFLOW_TRACKING_URI)"
+        ) from None
+
+
+def download_model(name: str, version: int, dest: Path) -> Path:
+    """The artifacts of a registered model version, downloaded into ``dest``."""
+    mlflow = _mlflow()
+    return Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
+    )

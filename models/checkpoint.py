@@ -4,6 +4,10 @@ Native: a safetensors file whose metadata carries the model kind and its full co
 stage rebuilds the model from the file alone (no architecture flags). Loading is strict and
 executes no pickle.
 
+Training state: the resumable state of a training run (weights, optimizers, EMA, step, data
+position) as :func:`training_state_to_bytes` writes it: a torch archive of tensors and plain values
+with a format tag, read back with ``weights_only=True``.
+
 Official: ``load_taming(path)`` imports a taming first-stage release, the folder a user downloads
 (``configs/model.yaml`` + ``checkpoints/last.ckpt``) or the ckpt with its yaml. ``VQModel``,
 ``GumbelVQ`` and ``VQSegmentationModel`` become our :class:`~models.vqgan.VQGAN`; with
@@ -119,6 +123,31 @@ def save_native(model: nn.Module, path: str | Path, extra: dict[str, Any] | None
 
 def load_native(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return from_bytes(Path(path).read_bytes())
+
+
+TRAIN_STATE_FORMAT = "taming-pipeline-train-state"
+
+
+def training_state_to_bytes(state: dict[str, Any]) -> bytes:
+    """A training run's resumable state (tensors, optimizer states, ints, floats, strings) as bytes."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"format": TRAIN_STATE_FORMAT, "format_version": FORMAT_VERSION, "state": state}, buf)
+    return buf.getvalue()
+
+
+def training_state_from_bytes(data: bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state :func:`training_state_to_bytes` wrote; :class:`CheckpointError` for anything else."""
+    import io
+
+    try:
+        obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated files, pickles beyond tensors, ...
+        raise CheckpointError(f"not a readable training state: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict) or obj.get("format") != TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"not a {TRAIN_STATE_FORMAT} file")
+    return obj["state"]
 
 
 def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
@@ -439,21 +468,18 @@ def load_deeplab_v2(path: str | Path, cfg: DeepLabConfig | None = None) -> DeepL
 
 
 MIDAS_MODELS = {
-    "midas_v21_small_256": (MidasSmall, 256),
-    "midas_v21_384": (MidasNet, 384),
-    "dpt_hybrid_384": (lambda: DPTDepth("dpt_hybrid_384"), 384),
-    "dpt_large_384": (lambda: DPTDepth("dpt_large_384"), 384),
+    "midas_v21_small_256": MidasSmall,
+    "midas_v21_384": MidasNet,
+    "dpt_hybrid_384": lambda: DPTDepth("dpt_hybrid_384"),
+    "dpt_large_384": lambda: DPTDepth("dpt_large_384"),
 }
 
 
 def load_midas(path: str | Path, name: str = "midas_v21_small_256") -> MidasSmall | MidasNet | DPTDepth:
     """An official MiDaS release file (plain state_dict or a {"model": ...} wrapper), loaded strictly."""
     if name not in MIDAS_MODELS:
-        raise CheckpointError(
-            f"unknown MiDaS model {name!r}; supported: {sorted(MIDAS_MODELS)} "
-            "(DPT hybrid/large are not implemented yet)"
-        )
-    model = MIDAS_MODELS[name][0]()
+        raise CheckpointError(f"unknown MiDaS model {name!r}; supported: {sorted(MIDAS_MODELS)}")
+    model = MIDAS_MODELS[name]()
     state = _plain_state(path)
     for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked"):

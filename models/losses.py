@@ -57,6 +57,18 @@ def find_vgg16(path: str | Path | None = None) -> Path | None:
     return cached if cached.is_file() else None
 
 
+def require_vgg16(path: str | Path | None = None, why: str = "the perceptual loss") -> Path:
+    """:func:`find_vgg16`, or a FileNotFoundError that names the file and what to do."""
+    trunk = find_vgg16(path)
+    if trunk is None:
+        raise FileNotFoundError(
+            f"{why} needs the VGG16 trunk of LPIPS, {VGG16_FILE}, which cannot be downloaded here. Put it "
+            f"at {Path(torch.hub.get_dir()) / 'checkpoints'}/ or pass its path (vgg16_path / the stage's "
+            "vgg16_uri), or set perceptual_weight=0."
+        )
+    return trunk
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
@@ -114,15 +126,8 @@ class VQGANLoss(nn.Module):
         self.cfg = cfg = cfg or VQGANLossConfig()
         self.perceptual_mode = "off"
         if cfg.perceptual_weight > 0:
-            trunk = find_vgg16(vgg16_path)
-            if trunk is None and require_trunk:
-                raise FileNotFoundError(
-                    f"perceptual_weight={cfg.perceptual_weight} needs the VGG16 trunk of LPIPS, "
-                    f"{VGG16_FILE}, "
-                    "which cannot be downloaded here. Put it at "
-                    f"{Path(torch.hub.get_dir()) / 'checkpoints'}/ "
-                    "or pass its path (vgg16_path / the stage's vgg16_uri), or set perceptual_weight=0."
-                )
+            why = f"perceptual_weight={cfg.perceptual_weight}"
+            trunk = require_vgg16(vgg16_path, why) if require_trunk else find_vgg16(vgg16_path)
             self.perceptual_loss = LPIPS(trunk)
             self.perceptual_mode = (
                 f"lpips-vgg16 ({trunk})" if trunk else "lpips-vgg16 (trunk from checkpoint)"

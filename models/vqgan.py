@@ -293,6 +293,34 @@ class VQGAN(nn.Module):
         return self.decoder.conv_out.weight
 
 
+def preset(
+    name: str,
+    *,
+    channels: int,
+    codebook_size: int | None = None,
+    resolution: int | None = None,
+    dead_code_threshold: float | None = None,
+    segmentation: bool = False,
+) -> VQGANConfig:
+    """Preset ``name`` for ``channels`` in/out channels (one-hot labels with ``segmentation``), with
+    its codebook size, training resolution and dead-code threshold overridden where given."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown VQGAN preset {name!r}; known: {sorted(PRESETS)}")
+    base = PRESETS[name]
+    q = base.quantizer
+    if dead_code_threshold is not None:
+        q = dataclasses.replace(q, dead_code_threshold=dead_code_threshold)
+    return dataclasses.replace(
+        base,
+        in_channels=channels,
+        out_channels=channels,
+        resolution=resolution or base.resolution,
+        quantizer=q,
+        codebook_size=codebook_size or base.codebook_size,
+        segmentation_labels=channels if segmentation else None,
+    )
+
+
 def config_from_dict(d: dict) -> VQGANConfig:
     d = dict(d)
     d["quantizer"] = QuantizerConfig(**d.get("quantizer", {}))

@@ -26,8 +26,8 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infra import config as config_lib  # noqa: E402
-from infra import io, tracking  # noqa: E402
-from infra.cli import OVERRIDES_HELP, setup_logging  # noqa: E402
+from infra import storage, tracking  # noqa: E402
+from infra.cli import OVERRIDES_HELP, run_guarded, setup_logging  # noqa: E402
 from stages import depth, ingest, segmentation, tokenize_images, train_vqgan  # noqa: E402
 
 log = logging.getLogger("pipelines.full")
@@ -52,22 +52,22 @@ class FullConfig:
 
 def resolve(cfg: FullConfig) -> FullConfig:
     """Fill the stage URIs left empty from ``run.root_uri`` (absolute, so workers agree on them)."""
-    root = io.normalize(cfg.run.root_uri)
+    root = storage.normalize(cfg.run.root_uri)
     ing = cfg.ingest
     if not ing.output_uri:
-        ing = dataclasses.replace(ing, output_uri=io.join(root, "images"))
+        ing = dataclasses.replace(ing, output_uri=storage.join(root, "images"))
     images = ing.output_uri  # each stage reads the previous one's output: images (+ depth) (+ segmentation)
     dep, seg, tok = cfg.depth, cfg.segmentation, cfg.tokenize_images
     if dep is not None:
         dep = dataclasses.replace(
-            dep, images_uri=dep.images_uri or images, output_uri=dep.output_uri or io.join(root, "depth")
+            dep, images_uri=dep.images_uri or images, output_uri=dep.output_uri or storage.join(root, "depth")
         )
         images = dep.output_uri
     if seg is not None:
         seg = dataclasses.replace(
             seg,
             images_uri=seg.images_uri or images,
-            output_uri=seg.output_uri or io.join(root, "segmentation"),
+            output_uri=seg.output_uri or storage.join(root, "segmentation"),
         )
         images = seg.output_uri
     trn = cfg.train_vqgan
@@ -75,14 +75,14 @@ def resolve(cfg: FullConfig) -> FullConfig:
         trn = dataclasses.replace(
             trn,
             images_uri=trn.images_uri or ing.output_uri,
-            output_uri=trn.output_uri or io.join(root, "vqgan"),
+            output_uri=trn.output_uri or storage.join(root, "vqgan"),
         )
     if tok is not None:
         # tokenizer_uri "" = the model this pipeline trains
         tok = dataclasses.replace(
             tok,
             images_uri=tok.images_uri or images,
-            output_uri=tok.output_uri or io.join(root, "codes"),
+            output_uri=tok.output_uri or storage.join(root, "codes"),
             tokenizer_uri=tok.tokenizer_uri or (trn.output_uri if trn is not None else ""),
         )
     return dataclasses.replace(
@@ -96,47 +96,28 @@ def resolve(cfg: FullConfig) -> FullConfig:
     )
 
 
+# The stages in the order they chain; each is `module.run(cfg, experiment) -> StageResult`.
+STAGES = (
+    ("ingest", ingest),
+    ("depth", depth),
+    ("segmentation", segmentation),
+    ("train_vqgan", train_vqgan),
+    ("tokenize_images", tokenize_images),
+)
+
+
 def run(cfg: FullConfig) -> dict:
     cfg = resolve(cfg)
     summary: dict = {"root_uri": cfg.run.root_uri}
     with tracking.pipeline_run(cfg.run.name, cfg, cfg.run.experiment) as run_id:
         summary["mlflow_run_id"] = run_id
-        res = ingest.run(cfg.ingest, cfg.run.experiment)
-        tracking.set_tags({"ingest.cached": res.cached, "ingest.output_uri": res.output_uri})
-        summary["ingest"] = {
-            "output_uri": res.output_uri,
-            "read": res.read,
-            "written": res.written,
-            "rejected": res.rejected,
-            "cached": res.cached,
-        }
-        for name, stage in (("depth", depth), ("segmentation", segmentation)):
+        for name, module in STAGES:
             scfg = getattr(cfg, name)
-            if scfg is not None:
-                manifest, cached = stage.run(scfg, cfg.run.experiment)
-                tracking.set_tags({f"{name}.cached": cached, f"{name}.output_uri": manifest.output_uri})
-                summary[name] = {"output_uri": manifest.output_uri, **manifest.counts, "cached": cached}
-        if cfg.train_vqgan is not None:
-            manifest, cached = train_vqgan.run(cfg.train_vqgan, cfg.run.experiment)
-            tracking.set_tags({"train_vqgan.cached": cached, "train_vqgan.output_uri": manifest.output_uri})
-            summary["train_vqgan"] = {
-                "output_uri": manifest.output_uri,
-                "cached": cached,
-                "registered": manifest.extra.get("registered_name"),
-                **{k: v for k, v in manifest.extra.items() if k.startswith("val/")},
-            }
-        if cfg.tokenize_images is not None:
-            tok = tokenize_images.run(cfg.tokenize_images, cfg.run.experiment)
-            tracking.set_tags(
-                {"tokenize_images.cached": tok.cached, "tokenize_images.output_uri": tok.output_uri}
-            )
-            summary["tokenize_images"] = {
-                "output_uri": tok.output_uri,
-                "images": tok.images,
-                "rows": tok.rows,
-                "bytes_per_code": round(tok.bytes_per_code, 3),
-                "cached": tok.cached,
-            }
+            if scfg is None:
+                continue
+            res = module.run(scfg, cfg.run.experiment)
+            tracking.set_tags({f"{name}.cached": res.cached, f"{name}.output_uri": res.output_uri})
+            summary[name] = res.summary()
     summary["tracking_uri"] = tracking.tracking_uri()
     return summary
 
@@ -146,14 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
         prog="pipelines/full.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", type=Path, required=True, help="pipeline YAML (see pipelines/configs/)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     args = p.parse_args(argv)
-    setup_logging()
     try:
         cfg = config_lib.load(FullConfig, args.config, args.overrides)
     except config_lib.ConfigError as e:
         p.error(str(e))
-    summary = run(cfg)
+    log_file = setup_logging("pipeline")
+    summary = run_guarded(lambda: run(cfg), log_file, args.debug)
     print(json.dumps(summary, indent=2))
     return summary
 

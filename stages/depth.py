@@ -19,9 +19,11 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from infra import io, tracking
+from infra import stage, tracking
+from infra.config import execution_field, input_field, output_field
+from infra.devices import Precision, placement
 from infra.imaging import colorize, depth_maps, image_grid
-from infra.shard_map import AnnotateWorker, run_annotate_stage
+from stages.annotate import AnnotateWorker, run_annotate
 
 log = logging.getLogger(__name__)
 STAGE = "depth"
@@ -35,22 +37,19 @@ WEIGHT_FILES = {
 
 @dataclass(frozen=True)
 class DepthConfig:
-    images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
-    output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
+    images_uri: str = input_field()  # committed image shards ("" = the pipeline's ingest output)
+    output_uri: str = output_field()  # "" = derived by the pipeline from run.root_uri
     # midas_v21_384 is taming's "MiDaS"; the DPT models are MiDaS v3
     model: Literal["midas_v21_small_256", "midas_v21_384", "dpt_hybrid_384", "dpt_large_384"] = (
         "midas_v21_small_256"
     )
-    weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    # execution only (not part of the config hash)
-    batch_size: int | None = None  # per forward; None: 1 on CPU (batching measured slower), 16 on GPU
-    concurrency: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-
-EXECUTION_FIELDS = ("output_uri", "batch_size", "concurrency", "num_cpus", "num_gpus")
+    weights_uri: str = input_field()  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # execution only (not part of the identity)
+    batch_size: int | None = execution_field(None)  # per forward; None: 1 on CPU (measured faster), 16 on GPU
+    concurrency: int = execution_field(1)
+    num_cpus: float = execution_field(1.0)
+    num_gpus: float = execution_field(0.0)
 
 
 def encode_f16(maps: np.ndarray) -> list[bytes]:
@@ -62,19 +61,15 @@ def decode_f16(column: pa.Array | pa.ChunkedArray, h: int, w: int) -> np.ndarray
 
 
 class DepthWorker(AnnotateWorker):
-    def __init__(self, out: io.StageOutput, cfg: DepthConfig, weights: str, metadata: dict[str, str]):
-        import torch
-
-        from models.checkpoint import MIDAS_MODELS, load_midas
+    def __init__(self, out: stage.StageOutput, cfg: DepthConfig, weights: str, metadata: dict[str, str]):
+        from models.checkpoint import load_midas
+        from models.midas import TRANSFORMS
 
         self.out, self.cfg, self.metadata = out, cfg, metadata
-        torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
-        self.batch_size = cfg.batch_size or (16 if self.device == "cuda" else 1)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device == "cuda")
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
-        self.model = load_midas(weights, cfg.model).to(self.device, self.dtype)
-        self.target = MIDAS_MODELS[cfg.model][1]  # the official input size of this model
+        self.place = placement(cfg.num_cpus, cfg.num_gpus, cfg.precision)
+        self.batch_size = cfg.batch_size or (16 if self.place.device == "cuda" else 1)
+        self.model = load_midas(weights, cfg.model).to(self.place.device, self.place.dtype)
+        self.spec = TRANSFORMS[cfg.model]  # the official input transform of this model
 
     def fields(self) -> list[pa.Field]:
         return [
@@ -89,8 +84,8 @@ class DepthWorker(AnnotateWorker):
         from models.midas import predict_depth
 
         with torch.inference_mode():
-            d = predict_depth(self.model, torch.from_numpy(x).to(self.device, self.dtype), self.target)
-            d = d.float().cpu().numpy()
+            image = torch.from_numpy(x).to(self.place.device, self.place.dtype)
+            d = predict_depth(self.model, image, self.spec).float().cpu().numpy()
         lo, hi = d.min(axis=(1, 2)), d.max(axis=(1, 2))
         norm = 2.0 * (d - lo[:, None, None]) / np.maximum(hi - lo, 1e-8)[:, None, None] - 1.0
         return {"depth": encode_f16(norm), "depth_min": lo.tolist(), "depth_max": hi.tolist()}
@@ -100,26 +95,23 @@ def _preview(t: pa.Table) -> np.ndarray:
     return image_grid([colorize(m[0], -1.0, 1.0) for m in depth_maps(t["depth"].to_pylist())])
 
 
-def run(cfg: DepthConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:
-    """Run (or resume, or reuse) the depth stage; returns its manifest and whether it was cached."""
-    manifest, cached = run_annotate_stage(
+def run(cfg: DepthConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> stage.StageResult:
+    """Run (or resume, or reuse) the depth stage."""
+    return run_annotate(
         STAGE,
         cfg,
         DepthWorker,
         WEIGHT_FILES[cfg.model],
-        exclude=EXECUTION_FIELDS,
         info={"encoding": "float16-le, per image normalised to [-1, 1]"},
         preview=_preview,
         experiment=experiment,
     )
-    log.info("depth: %s %s", "reused" if cached else "committed", manifest.output_uri)
-    return manifest, cached
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> stage.StageResult:
     from infra.cli import stage_main
 
-    stage_main(STAGE, DepthConfig, __doc__, run, argv)
+    return stage_main(STAGE, DepthConfig, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ stored as PNG in Parquet shards with the columns of ``infra.schemas.IMAGE_SCHEMA
 cannot be used are written to ``_errors`` shards with the reason; ``read == written + rejected``
 is checked, and the stage fails loudly if it does not hold.
 
+Items are written in a fixed pseudo-random order (by a hash of their key, the path relative to the
+source root), not in listing order: a class-per-folder source gives shards that mix the classes,
+and ``max_images`` keeps a sample of every class rather than the first folders. The output's
+identity covers the source listing (names, sizes, modification times or ETags), so files added to
+a source folder are new work.
+
     python -m stages.ingest --config pipelines/configs/demo.yaml ingest.resolution=64
 """
 
@@ -16,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +29,10 @@ import numpy as np
 import pyarrow as pa
 
 from infra import config as config_lib
-from infra import io, schemas, sources, tracking
+from infra import pool, schemas, sources, stage, storage, tracking
+from infra.config import execution_field, input_field, output_field
 from infra.imaging import DecodeSpec, Rejected, ResizeMode, decode, image_grid, png_to_array
+from infra.stage import InputRef, ShardMarker, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "ingest"
@@ -33,8 +40,12 @@ STAGE = "ingest"
 
 @dataclass(frozen=True)
 class IngestConfig:
-    source_uri: str  # folder, s3:// prefix, Parquet file/folder, or the Fashion-MNIST IDX folder
-    output_uri: str = ""  # where the image shards go ("" = derived by the pipeline from run.root_uri)
+    # folder, s3:// prefix, Parquet file/folder, or the Fashion-MNIST IDX folder ("" with
+    # source_format fashion_mnist: the Debian package's, infra.sources.FASHION_MNIST_URI)
+    source_uri: str = input_field()
+    output_uri: str = (
+        output_field()
+    )  # where the image shards go ("" = derived by the pipeline from run.root_uri)
     source_format: sources.SourceFormat = "auto"
     image_column: str = "image"  # Parquet sources: the column with encoded image bytes
     label_column: str | None = "label"  # Parquet sources: an integer label column, if any
@@ -45,12 +56,12 @@ class IngestConfig:
     max_pixels: int = 89_478_485  # larger inputs are rejected as decompression bombs
     min_side: int = 8  # smaller inputs are rejected
     val_fraction: float = 0.05  # for sources without a split: share of images put in "val"
-    max_images: int | None = None  # keep only the first N items (in stable order); for quick runs
+    max_images: int | None = None  # keep N items, a fixed pseudo-random sample across classes; quick runs
     rows_per_shard: int = 10_000
-    # execution only (not part of the config hash): how the work runs, not what it produces
-    batch_size: int = 64  # images fetched together (s3fs fetches a batch concurrently)
-    num_cpus: float = 1.0  # per shard task
-    concurrency: int | None = None  # max shards in flight (None: as many as the CPUs allow)
+    # execution only (not part of the identity): how the work runs, not what it produces
+    batch_size: int = execution_field(64)  # images fetched together (s3fs fetches a batch concurrently)
+    num_cpus: float = execution_field(1.0)  # per shard task
+    concurrency: int | None = execution_field(None)  # max shards in flight (None: as the CPUs allow)
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -66,61 +77,46 @@ class IngestConfig:
             self.resolution, self.channels, self.resize, self.pad_value, self.max_pixels, self.min_side
         )
 
-
-EXECUTION_FIELDS = ("output_uri", "batch_size", "num_cpus", "concurrency")
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    output_uri: str
-    read: int
-    written: int
-    rejected: int
-    shards: int
-    reused_shards: int
-    label_names: list[str] | None
-    manifest: io.Manifest
-    cached: bool  # True when an identical run had already committed: nothing was redone
+    @property
+    def source(self) -> str:
+        """The source location, with the Fashion-MNIST default filled in."""
+        if self.source_uri:
+            return self.source_uri
+        if self.source_format == "fashion_mnist":
+            return sources.FASHION_MNIST_URI
+        raise config_lib.ConfigError("ingest.source_uri is not set")
 
 
-def image_id(source_uri: str, data: bytes) -> str:
-    h = hashlib.sha256(source_uri.encode())
+def image_id(key: str, data: bytes) -> str:
+    """Stable id of an image: its key (path relative to the source root) and its bytes."""
+    h = hashlib.sha256(key.encode())
     h.update(b"\0")
     h.update(data)
     return h.hexdigest()[:32]
+
+
+def _order(key: str) -> str:
+    return hashlib.sha256(f"order:{key}".encode()).hexdigest()
 
 
 def _split_of(iid: str, val_fraction: float) -> str:
     return "val" if int(iid[:8], 16) / 0xFFFFFFFF < val_fraction else "train"
 
 
-def ingest_shards(
-    batch: dict[str, np.ndarray], cfg: IngestConfig, out: io.StageOutput, metadata: dict[str, str]
-) -> dict[str, Any]:
-    """Ray Data step over shard specs: read, decode and write one whole shard per row.
-
-    Each task writes its own shard and marker, so no image bytes pass through the driver and a
-    shard is either complete (marker written) or absent.
-    """
-    markers = []
-    for shard, spec in zip(batch["shard"], batch["items"]):
-        items = json.loads(spec)
-        rows: dict[str, list] = {k: [] for k in (*schemas.IMAGE_SCHEMA.names, "ok", "reason", "num_bytes")}
-        for lo in range(0, len(items), cfg.batch_size):
-            chunk = items[lo : lo + cfg.batch_size]
-            for item, got in zip(chunk, sources.load_bytes(chunk, cfg.image_column)):
-                row = _row(cfg, item, got)
-                for k in rows:
-                    rows[k].append(row.get(k))
-        tables = _shard_tables(pa.table(rows), metadata)
-        markers.append(json.dumps(out.write_shard(int(shard), tables, {"read": len(items)})))
-        log.info(
-            "ingest: shard %d written (%d images, %d rejected)",
-            shard,
-            tables["data"].num_rows,
-            tables["_errors"].num_rows,
-        )
-    return {"marker": markers}
+def ingest_shard(
+    index: int, item: dict[str, Any], cfg: IngestConfig, out: stage.StageOutput, metadata: dict[str, str]
+) -> ShardMarker:
+    """One Ray task: read, decode and write one whole shard (no image bytes pass through the driver)."""
+    items = item["items"]
+    rows: dict[str, list] = {k: [] for k in (*schemas.IMAGE_SCHEMA.names, "ok", "reason", "num_bytes")}
+    for lo in range(0, len(items), cfg.batch_size):
+        chunk = items[lo : lo + cfg.batch_size]
+        for it, got in zip(chunk, sources.load_bytes(chunk, cfg.image_column)):
+            row = _row(cfg, it, got)
+            for k in rows:
+                rows[k].append(row.get(k))
+    tables = _shard_tables(pa.table(rows), metadata)
+    return out.write_shard(index, tables, {"read": len(items)})
 
 
 def _row(cfg: IngestConfig, item: dict[str, Any], got: tuple[bytes, bytes] | Exception) -> dict[str, Any]:
@@ -131,7 +127,7 @@ def _row(cfg: IngestConfig, item: dict[str, Any], got: tuple[bytes, bytes] | Exc
         id_bytes, data = got
         row["num_bytes"] = len(data)
         img = decode(data, cfg.decode_spec)
-        iid = image_id(item["source_uri"], id_bytes)
+        iid = image_id(item["key"], id_bytes)
         split = item["split"] or _split_of(iid, cfg.val_fraction)
         row.update(ok=True, image_id=iid, image=img.png, width=img.width, height=img.height, split=split)
     except Rejected as e:
@@ -142,148 +138,80 @@ def _row(cfg: IngestConfig, item: dict[str, Any], got: tuple[bytes, bytes] | Exc
 def _shard_tables(rows: pa.Table, metadata: dict[str, str]) -> dict[str, pa.Table]:
     ok = rows.filter(pa.compute.equal(rows["ok"], True))
     bad = rows.filter(pa.compute.equal(rows["ok"], False))
-    data = ok.select(schemas.IMAGE_SCHEMA.names).sort_by("source_uri")
-    data = data.cast(schemas.with_metadata(schemas.IMAGE_SCHEMA, metadata))
-    errors = bad.select(schemas.ERROR_SCHEMA.names).sort_by("source_uri").cast(schemas.ERROR_SCHEMA)
+    data = ok.select(schemas.IMAGE_SCHEMA.names).cast(schemas.with_metadata(schemas.IMAGE_SCHEMA, metadata))
+    errors = bad.select(schemas.ERROR_SCHEMA.names).cast(schemas.ERROR_SCHEMA)
     return {"data": data, "_errors": errors}
 
 
-def _preview(out: io.StageOutput, markers: list[dict[str, Any]], n: int = 32) -> np.ndarray | None:
+def _preview(out: stage.StageOutput, markers: list[ShardMarker], n: int = 32) -> np.ndarray | None:
     for m in markers:
-        if m["files"]["data"]["rows"]:
-            t = io.read_parquet(io.join(out.output_uri, m["files"]["data"]["path"]), ["image"]).slice(0, n)
+        if m.rows():
+            t = storage.read_parquet(storage.join(out.output_uri, m.files["data"].path), ["image"]).slice(
+                0, n
+            )
             return image_grid([png_to_array(b) for b in t.column("image").to_pylist()])
     return None
 
 
-def run(cfg: IngestConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> IngestResult:
-    """Run (or resume, or reuse) the ingest stage; returns its counts and manifest."""
-    import ray
-
-    from infra.cluster import ensure_ray
-
-    if not cfg.output_uri:
-        raise config_lib.ConfigError("ingest.output_uri is not set")
-    chash = config_lib.config_hash(cfg, exclude=EXECUTION_FIELDS)
-    out = io.StageOutput(cfg.output_uri, STAGE, chash)
-    if (m := out.committed()) is not None:
-        log.info("ingest: %s is already committed with this config; nothing to do", out.output_uri)
-        return _result(m, cached=True)
-
-    listing = sources.list_items(cfg.source_uri, cfg.source_format, cfg.label_column)
-    items = sorted(listing.items, key=lambda it: it["source_uri"])[: cfg.max_images]
-    n_shards = max(1, -(-len(items) // cfg.rows_per_shard))
-    done = out.done_shards()
-    pending = [i for i in range(n_shards) if i not in done]
+def run(cfg: IngestConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> StageResult:
+    """Run (or resume, or reuse) the ingest stage."""
+    listing = sources.list_items(cfg.source, cfg.source_format, cfg.label_column)
+    job = StageRun(
+        STAGE, cfg, cfg.output_uri, [InputRef.source("source", listing.root, listing.digest)], experiment
+    )
+    if (done := job.cached()) is not None:
+        return done
+    items = sorted(listing.items, key=lambda it: _order(it["key"]))[: cfg.max_images]
+    n = cfg.rows_per_shard
+    shards = [{"items": items[lo : lo + n]} for lo in range(0, max(1, len(items)), n)]
     log.info(
-        "ingest: %d items from %s (%s) -> %d shards, %d already done",
-        len(items),
-        cfg.source_uri,
-        listing.format,
-        n_shards,
-        n_shards - len(pending),
+        "ingest: %d items from %s (%s) -> %d shards", len(items), listing.root, listing.format, len(shards)
     )
     metadata = {
         "taming.label_names": json.dumps(listing.label_names),
         "taming.channels": str(cfg.channels),
         "taming.resolution": str(cfg.resolution),
-        "taming.config_hash": chash,
+        "taming.identity": job.identity,
     }
-
-    with tracking.stage_run(STAGE, cfg, [cfg.source_uri], out.output_uri, experiment) as run_id:
-        t0 = time.perf_counter()
-        if pending:
-            ensure_ray()
-            specs = [
-                {
-                    "shard": s,
-                    "items": json.dumps(items[s * cfg.rows_per_shard : (s + 1) * cfg.rows_per_shard]),
-                }
-                for s in pending
-            ]
-            ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
-                ingest_shards,
-                fn_kwargs={"cfg": cfg, "out": out, "metadata": metadata},
-                batch_size=1,
-                num_cpus=cfg.num_cpus,
-                compute=ray.data.TaskPoolStrategy(size=cfg.concurrency) if cfg.concurrency else None,
-                batch_format="numpy",
-            )
-            for row in ds.iter_rows():
-                marker = json.loads(row["marker"])
-                done[marker["index"]] = marker
-        markers = [done[s] for s in range(n_shards)]
-        read = sum(m["read"] for m in markers)
-        written = sum(m["files"]["data"]["rows"] for m in markers)
-        rejected = sum(m["files"]["_errors"]["rows"] for m in markers)
-        if read != len(items) or read != written + rejected:
-            raise RuntimeError(
-                f"ingest counts do not add up: listed {len(items)}, read {read}, "
-                f"written {written}, rejected {rejected}"
-            )
-        seconds = time.perf_counter() - t0
-        counts = {
-            "read": read,
-            "written": written,
-            "rejected": rejected,
-            "shards": n_shards,
-            "reused_shards": n_shards - len(pending),
-        }
-        tracking.log_metrics(
-            {
-                **{f"ingest/{k}": v for k, v in counts.items()},
-                "ingest/seconds": seconds,
-                "ingest/images_per_s": len(items) / seconds if pending and seconds else 0.0,
-            }
+    with job:
+        markers, reused = pool.map_items(
+            ingest_shard,
+            (cfg, job.out, metadata),
+            shards,
+            job.out,
+            concurrency=cfg.concurrency,
+            num_cpus=cfg.num_cpus,
         )
-        if (grid := _preview(out, markers)) is not None:
+        counts = stage.tally(STAGE, markers, expected=len(items))
+        counts.update(shards=len(shards), reused_shards=reused)
+        if (grid := _preview(job.out, markers)) is not None:
             tracking.log_image(grid, "previews/ingest_samples.png")
-        manifest = out.commit(
-            config=config_lib.to_dict(cfg),
-            input_uris=[cfg.source_uri],
-            markers=markers,
+        if counts["rejected"]:
+            tracking.log_dict(_reasons(job.out.output_uri, markers), "rejected_reasons.json")
+        return job.commit(
+            markers,
             counts=counts,
-            mlflow_run_id=run_id,
-            extra={"label_names": listing.label_names, "source_format": listing.format},
+            figures={"images_per_s": len(items) / max(job.seconds, 1e-9) if reused < len(shards) else 0.0},
+            extra={
+                "label_names": listing.label_names,
+                "source_format": listing.format,
+                "source_root": listing.root,
+            },
         )
-        if rejected:
-            tracking.log_dict(_reasons(manifest), "rejected_reasons.json")
-        log.info(
-            "ingest: committed %s: %d read, %d written, %d rejected in %.1f s",
-            out.output_uri,
-            read,
-            written,
-            rejected,
-            seconds,
-        )
-    return _result(manifest, cached=False)
 
 
-def _reasons(manifest: io.Manifest) -> dict[str, int]:
+def _reasons(output_uri: str, markers: list[ShardMarker]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for uri in manifest.error_uris():
-        for r in io.read_parquet(uri, ["reason"]).column(0).to_pylist():
-            key = r.split(":")[0]
-            counts[key] = counts.get(key, 0) + 1
+    for m in markers:
+        if m.rows("_errors"):
+            uri = storage.join(output_uri, m.files["_errors"].path)
+            for r in storage.read_parquet(uri, ["reason"]).column(0).to_pylist():
+                key = r.split(":")[0]
+                counts[key] = counts.get(key, 0) + 1
     return counts
 
 
-def _result(m: io.Manifest, cached: bool) -> IngestResult:
-    c = m.counts
-    return IngestResult(
-        m.output_uri,
-        c["read"],
-        c["written"],
-        c["rejected"],
-        c["shards"],
-        c["reused_shards"],
-        m.extra.get("label_names"),
-        m,
-        cached,
-    )
-
-
-def main(argv: list[str] | None = None) -> IngestResult:
+def main(argv: list[str] | None = None) -> StageResult:
     from infra.cli import stage_main
 
     return stage_main(STAGE, IngestConfig, __doc__, run, argv)

@@ -20,9 +20,11 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from infra import io, tracking
+from infra import stage, tracking
+from infra.config import execution_field, input_field, output_field
+from infra.devices import placement
 from infra.imaging import image_grid, label_colors, label_maps
-from infra.shard_map import AnnotateWorker, run_annotate_stage
+from stages.annotate import AnnotateWorker, run_annotate
 
 log = logging.getLogger(__name__)
 STAGE = "segmentation"
@@ -34,33 +36,29 @@ WEIGHT_FILES = {
 
 @dataclass(frozen=True)
 class SegmentationConfig:
-    images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
-    output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
+    images_uri: str = input_field()  # committed image shards ("" = the pipeline's ingest output)
+    output_uri: str = output_field()  # "" = derived by the pipeline from run.root_uri
     model: Literal["deeplabv2_cocostuff164k", "torchvision_deeplabv3_voc"] = "deeplabv2_cocostuff164k"
-    weights_uri: str = ""  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
+    weights_uri: str = input_field()  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
     v3_resize: int = 520  # torchvision_deeplabv3_voc: shorter side fed to the network (its preset: 520)
-    # execution only (not part of the config hash)
-    batch_size: int | None = None  # per forward; None: 1 on CPU (batching measured slower), 8 on GPU
-    concurrency: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-
-EXECUTION_FIELDS = ("output_uri", "batch_size", "concurrency", "num_cpus", "num_gpus")
+    # execution only (not part of the identity)
+    batch_size: int | None = execution_field(None)  # per forward; None: 1 on CPU (measured faster), 8 on GPU
+    concurrency: int = execution_field(1)
+    num_cpus: float = execution_field(1.0)
+    num_gpus: float = execution_field(0.0)
 
 
 class SegmentationWorker(AnnotateWorker):
-    def __init__(self, out: io.StageOutput, cfg: SegmentationConfig, weights: str, metadata: dict[str, str]):
-        import torch
-
+    def __init__(
+        self, out: stage.StageOutput, cfg: SegmentationConfig, weights: str, metadata: dict[str, str]
+    ):
         from models.checkpoint import load_deeplab_v2, load_deeplab_v3_torchvision
 
         self.out, self.cfg, self.metadata = out, cfg, metadata
-        torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
-        self.batch_size = cfg.batch_size or (8 if self.device == "cuda" else 1)
+        self.place = placement(cfg.num_cpus, cfg.num_gpus, "fp32")  # label maps: argmax of fp32 logits
+        self.batch_size = cfg.batch_size or (8 if self.place.device == "cuda" else 1)
         v2 = cfg.model == "deeplabv2_cocostuff164k"
-        self.model = (load_deeplab_v2 if v2 else load_deeplab_v3_torchvision)(weights).to(self.device)
+        self.model = (load_deeplab_v2 if v2 else load_deeplab_v3_torchvision)(weights).to(self.place.device)
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("segmentation", pa.binary())]
@@ -70,7 +68,7 @@ class SegmentationWorker(AnnotateWorker):
 
         from models.deeplab import segment, segment_v3
 
-        x = torch.from_numpy(x).to(self.device)
+        x = torch.from_numpy(x).to(self.place.device)
         with torch.inference_mode():
             if self.cfg.model == "deeplabv2_cocostuff164k":
                 labels, _ = segment(self.model, x)
@@ -83,29 +81,26 @@ def _preview(t: pa.Table) -> np.ndarray:
     return image_grid([label_colors(m[0]) for m in label_maps(t["segmentation"].to_pylist())])
 
 
-def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> tuple[io.Manifest, bool]:
-    """Run (or resume, or reuse) the segmentation stage; returns its manifest and whether it was cached."""
+def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> stage.StageResult:
+    """Run (or resume, or reuse) the segmentation stage."""
     from models.deeplab import COCO_STUFF_LABELS, torchvision_deeplabv3_labels
 
     names = COCO_STUFF_LABELS if cfg.model == "deeplabv2_cocostuff164k" else torchvision_deeplabv3_labels()
-    manifest, cached = run_annotate_stage(
+    return run_annotate(
         STAGE,
         cfg,
         SegmentationWorker,
         WEIGHT_FILES[cfg.model],
-        exclude=EXECUTION_FIELDS,
         info={"labels": names},
         preview=_preview,
         experiment=experiment,
     )
-    log.info("segmentation: %s %s", "reused" if cached else "committed", manifest.output_uri)
-    return manifest, cached
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> stage.StageResult:
     from infra.cli import stage_main
 
-    stage_main(STAGE, SegmentationConfig, __doc__, run, argv)
+    return stage_main(STAGE, SegmentationConfig, __doc__, run, argv)
 
 
 if __name__ == "__main__":

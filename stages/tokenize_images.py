@@ -20,15 +20,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from infra import config as config_lib
-from infra import io, model_store, schemas, tracking
+from infra import model_store, pool, schemas, stage, storage, tracking
+from infra.config import execution_field, input_field, output_field
+from infra.devices import Precision, placement
 from infra.imaging import depth_maps, label_maps, pngs_to_array
-from infra.shard_map import ShardWorker, map_shards
+from infra.stage import InputError, InputRef, ShardMarker, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "tokenize_images"
@@ -36,42 +38,27 @@ STAGE = "tokenize_images"
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    tokenizer_uri: str = ""  # native checkpoint, taming release, models:/<name>@<alias> ("" = the pipeline's)
-    depth_tokenizer_uri: str | None = None  # 1-channel VQGAN for the `depth` column -> depth_codes
-    segmentation_tokenizer_uri: str | None = None  # one-hot VQGAN for `segmentation` -> segmentation_codes
-    images_uri: str = ""  # committed image shards ("" = the pipeline's ingest output)
-    output_uri: str = ""  # "" = derived by the pipeline from run.root_uri
+    # native checkpoint, taming release, models:/<name>@<alias> ("" = the pipeline's); the
+    # tokenizers count by their weights (sha256), not by the URI they were reached through
+    tokenizer_uri: str = input_field()
+    depth_tokenizer_uri: str | None = input_field(None)  # 1-channel VQGAN for `depth` -> depth_codes
+    segmentation_tokenizer_uri: str | None = input_field(None)  # one-hot VQGAN -> segmentation_codes
+    images_uri: str = input_field()  # committed image shards ("" = the pipeline's ingest output)
+    output_uri: str = output_field()  # "" = derived by the pipeline from run.root_uri
     hflip: bool = False  # also tokenize the mirrored image (aug_id 1)
     num_crops: int = 0  # LlamaGen's recipe: extra random crops (aug_id 2, 3, ...), fixed per image_id
     crop_size: int | None = None  # tokenize crops of this side: aug 0/1 use the centre crop
     splits: list[str] | None = None  # only these splits (None: all)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    # execution only (not part of the config hash)
-    batch_size: int | None = None  # images per forward pass; None: auto_batch_size (by pixels and device)
-    concurrency: int = 1  # actors (each holds one copy of the model)
-    num_cpus: float = 1.0  # per actor
-    num_gpus: float = 0.0  # per actor
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # execution only (not part of the identity)
+    batch_size: int | None = execution_field(None)  # per forward pass; None: auto_batch_size (pixels, device)
+    concurrency: int = execution_field(1)  # actors (each holds one copy of the model)
+    num_cpus: float = execution_field(1.0)  # per actor
+    num_gpus: float = execution_field(0.0)  # per actor
 
     def __post_init__(self):
         if self.num_crops and not self.crop_size:
             raise ValueError("num_crops needs crop_size")
-
-
-EXECUTION_FIELDS = ("output_uri", "batch_size", "concurrency", "num_cpus", "num_gpus")
-
-
-@dataclass(frozen=True)
-class TokenizeResult:
-    output_uri: str
-    images: int
-    rows: int
-    shards: int
-    reused_shards: int
-    grid: tuple[int, int]
-    codebook_size: int
-    bytes_per_code: float
-    manifest: io.Manifest
-    cached: bool
 
 
 CPU_BATCH_PIXELS = 32 * 1024  # fastest here: f16 at 256px one image, f4 at 32px 32 images (bench_tokenize)
@@ -99,19 +86,17 @@ def _crop_offsets(image_id: str, k: int, side: int, crop: int) -> tuple[int, int
     return int.from_bytes(h[:4], "little") % span, int.from_bytes(h[4:8], "little") % span
 
 
-class TokenizeShards(ShardWorker):
+class TokenizeShards(pool.Worker):
     """Ray Data actor: loads the tokenizer once, then tokenizes whole image shards per call."""
 
-    def __init__(self, cfg: TokenizeConfig, out: io.StageOutput, metadata: dict[str, str]):
+    def __init__(self, cfg: TokenizeConfig, out: stage.StageOutput, metadata: dict[str, str]):
         import torch
 
         t0 = time.perf_counter()
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # in the actor
         self.cfg, self.out, self.metadata = cfg, out, metadata
-        torch.set_num_threads(max(1, int(cfg.num_cpus)))  # intra-op threads = the CPUs this actor holds
-        self.device = "cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu"
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device == "cuda")
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        place = placement(cfg.num_cpus, cfg.num_gpus, cfg.precision)
+        self.device, self.dtype = place.device, place.dtype
 
         def load(uri):
             model = model_store.load_first_stage(uri).model.to(self.device, self.dtype).eval()
@@ -178,7 +163,7 @@ class TokenizeShards(ShardWorker):
             out["segmentation_codes"] = (model, arr, functools.partial(one_hot, classes=k))
         return out
 
-    def process(self, shard: int, uri: str) -> dict[str, Any]:
+    def process(self, shard: int, item: dict[str, Any]) -> ShardMarker:
         columns = ["image_id", "image", "label", "split"]
         columns += [
             c
@@ -186,7 +171,7 @@ class TokenizeShards(ShardWorker):
             if on in self.cond_models
         ]
         t_start = time.perf_counter()
-        t = io.read_parquet(uri, columns)
+        t = storage.read_parquet(item["uri"], columns)
         if self.cfg.splits is not None:
             t = t.filter(pa.compute.is_in(t["split"], pa.array(self.cfg.splits)))
         ids = t["image_id"].to_pylist()
@@ -248,7 +233,7 @@ class TokenizeShards(ShardWorker):
         return pa.table(data, schema=schema)
 
 
-def _check_conditions(cfg: TokenizeConfig, images: io.Manifest) -> dict[str, model_store.LoadedModel]:
+def _check_conditions(cfg: TokenizeConfig, images: stage.Manifest) -> dict[str, model_store.LoadedModel]:
     """Load the condition tokenizers and check that the image shards carry their columns."""
     wanted = {
         "depth_codes": (cfg.depth_tokenizer_uri, "depth"),
@@ -259,47 +244,51 @@ def _check_conditions(cfg: TokenizeConfig, images: io.Manifest) -> dict[str, mod
         if not uri:
             continue
         loaded = model_store.load_first_stage(uri)
-        if images.files and source not in io.column_names(images):
-            raise ValueError(
+        if images.files and source not in stage.column_names(images):
+            raise InputError(
                 f"{cfg.images_uri} has no `{source}` column: run the {source} stage first "
                 "and tokenize its output"
             )
         if source == "depth" and loaded.model.config.in_channels != 1:
-            raise ValueError(
+            raise InputError(
                 f"the depth tokenizer {uri} must take 1 channel, not {loaded.model.config.in_channels}"
             )
         out[col] = loaded
     return out
 
 
-def _check_compatible(cfg: TokenizeConfig, images: io.Manifest, loaded: model_store.LoadedModel) -> None:
+def _check_compatible(cfg: TokenizeConfig, images: stage.Manifest, loaded: model_store.LoadedModel) -> None:
     mcfg = loaded.model.config
     channels = images.config.get("channels")
     if channels is not None and channels != mcfg.in_channels:
-        raise ValueError(
+        raise InputError(
             f"the tokenizer {cfg.tokenizer_uri} takes {mcfg.in_channels}-channel images but {cfg.images_uri} "
             f"holds {channels}-channel images"
         )
     if mcfg.codebook_size > schemas.MAX_CODEBOOK:
-        raise ValueError(f"codebook of {mcfg.codebook_size} codes does not fit 2 bytes per code")
+        raise InputError(f"codebook of {mcfg.codebook_size} codes does not fit 2 bytes per code")
     side = images.config.get("resolution")
     if cfg.crop_size and side is not None and cfg.crop_size >= side:
-        raise ValueError(f"crop_size {cfg.crop_size} must be below the image side {side}")
+        raise InputError(f"crop_size {cfg.crop_size} must be below the image side {side}")
 
 
-def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> TokenizeResult:
-    if not cfg.output_uri or not cfg.images_uri or not cfg.tokenizer_uri:
-        raise config_lib.ConfigError("tokenize_images: images_uri, tokenizer_uri and output_uri must be set")
-    images = io.read_manifest(cfg.images_uri)  # raises a clear error when not committed
+def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> StageResult:
+    """Run (or resume, or reuse) the tokenize stage."""
+    if not cfg.images_uri or not cfg.tokenizer_uri:
+        raise config_lib.ConfigError("tokenize_images: images_uri and tokenizer_uri must be set")
+    images = stage.read_manifest(cfg.images_uri)  # raises a clear error when not committed
     loaded = model_store.load_first_stage(cfg.tokenizer_uri)  # fails before any work on a bad URI
     _check_compatible(cfg, images, loaded)
     mcfg = loaded.model.config
     conds = _check_conditions(cfg, images)
-    chash = _hash(cfg, ":".join([loaded.sha256, *(c.sha256 for c in conds.values())]), images.config_hash)
-    out = io.StageOutput(cfg.output_uri, STAGE, chash)
-    if (m := out.committed()) is not None:
-        log.info("tokenize: %s is already committed with this config and tokenizer", out.output_uri)
-        return _result(m, cached=True)
+    inputs = [
+        InputRef.output("images", images),
+        InputRef.weights("tokenizer", cfg.tokenizer_uri, loaded.sha256),
+    ]
+    inputs += [InputRef.weights(f"{col}_tokenizer", c.uri, c.sha256) for col, c in conds.items()]
+    job = StageRun(STAGE, cfg, cfg.output_uri, inputs, experiment)
+    if (done := job.cached()) is not None:
+        return done
     metadata = {
         "taming.tokenizer_uri": cfg.tokenizer_uri,
         "taming.tokenizer_sha256": loaded.sha256,
@@ -309,26 +298,19 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> T
         **{f"taming.{col}.tokenizer_sha256": c.sha256 for col, c in conds.items()},
         **{f"taming.{col}.codebook_size": str(c.model.config.codebook_size) for col, c in conds.items()},
     }
-    inputs = images.data_uris()
-    done = out.done_shards()
-    reused = sum(1 for i in range(len(inputs)) if i in done)
-    log.info("tokenize: %d image shards, %d already done", len(inputs), reused)
-    with tracking.stage_run(
-        STAGE, cfg, [cfg.images_uri, cfg.tokenizer_uri], out.output_uri, experiment
-    ) as run_id:
+    with job:
         tracking.set_tags({"tokenizer_sha256": loaded.sha256})
-        t0 = time.perf_counter()
-        markers = map_shards(
+        markers, reused = pool.map_items(
             TokenizeShards,
-            (cfg, out, metadata),
-            inputs,
-            out,
+            (cfg, job.out, metadata),
+            pool.shard_items(images.data_uris()),
+            job.out,
             concurrency=cfg.concurrency,
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
         )
-        n_images = sum(m["images"] for m in markers)
-        rows = sum(m["files"]["data"]["rows"] for m in markers)
+        n_images = sum(m.counts["images"] for m in markers)
+        rows = sum(m.rows() for m in markers)
         n_aug = len(_augmentations(cfg))
         if rows != n_images * n_aug:
             raise RuntimeError(
@@ -337,91 +319,47 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> T
         expected_images = sum(f.rows for f in images.files)
         if cfg.splits is None and n_images != expected_images:
             raise RuntimeError(f"tokenize read {n_images} images but the image shards hold {expected_images}")
-        seconds = time.perf_counter() - t0
         grid = (mcfg.resolution // mcfg.downsample_factor,) * 2  # nominal; rows carry the real grid
-        data_bytes = sum(m["files"]["data"]["bytes"] for m in markers)
-        code_bytes = sum(
-            _column_bytes(io.join(out.output_uri, m["files"]["data"]["path"]), "codes") for m in markers
-        )
-        first = io.read_parquet(
-            io.join(out.output_uri, markers[0]["files"]["data"]["path"]), ["grid_h", "grid_w"]
-        )
+        data_uris = [storage.join(job.out.output_uri, m.files["data"].path) for m in markers]
+        data_bytes = sum(m.files["data"].bytes for m in markers)
+        code_bytes = sum(_column_bytes(u, "codes") for u in data_uris)
+        first = storage.read_parquet(data_uris[0], ["grid_h", "grid_w"])
         if first.num_rows:
             grid = (first["grid_h"][0].as_py(), first["grid_w"][0].as_py())
-        n_codes = rows * grid[0] * grid[1]
-        counts = {
-            "images": n_images,
-            "rows": rows,
-            "shards": len(inputs),
-            "reused_shards": reused,
-        }
-        tracking.log_metrics(
-            {
-                **{f"tokenize/{k}": v for k, v in counts.items()},
-                "tokenize/seconds": seconds,
-                "tokenize/images_per_s": n_images / seconds if reused < len(inputs) and seconds else 0.0,
-                "tokenize/bytes_per_code": code_bytes / max(n_codes, 1),
-                "tokenize/file_bytes_per_code": data_bytes / max(n_codes, 1),
-            }
-        )
-        manifest = out.commit(
-            config=config_lib.to_dict(cfg),
-            input_uris=[cfg.images_uri, cfg.tokenizer_uri],
-            markers=markers,
-            counts=counts,
-            mlflow_run_id=run_id,
+        n_codes = max(rows * grid[0] * grid[1], 1)
+        fresh = reused < len(markers)
+        return job.commit(
+            markers,
+            counts={"images": n_images, "rows": rows, "shards": len(markers), "reused_shards": reused},
+            figures={
+                "images_per_s": n_images / max(job.seconds, 1e-9) if fresh else 0.0,
+                "bytes_per_code": code_bytes / n_codes,
+                "file_bytes_per_code": data_bytes / n_codes,
+            },
             extra={
+                "tokenizer_uri": cfg.tokenizer_uri,
                 "tokenizer_sha256": loaded.sha256,
                 "codebook_size": mcfg.codebook_size,
                 "grid": list(grid),
                 "code_dtype": schemas.CODE_DTYPE,
                 "augmentations": _augmentations(cfg),
                 "label_names": images.extra.get("label_names"),
-                "bytes_per_code": code_bytes / max(n_codes, 1),
-                "file_bytes_per_code": data_bytes / max(n_codes, 1),
             },
         )
-        log.info(
-            "tokenize: committed %s: %d images -> %d rows in %.1f s", out.output_uri, n_images, rows, seconds
-        )
-    return _result(manifest, cached=False)
 
 
 def _column_bytes(uri: str, column: str) -> int:
     """Compressed on-disk bytes of one column (from the Parquet footer alone)."""
     import pyarrow.parquet as pq
 
-    fs, path = io.filesystem(uri)
+    fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as f:
         meta = pq.ParquetFile(f).metadata
     idx = meta.schema.to_arrow_schema().get_field_index(column)
     return sum(meta.row_group(g).column(idx).total_compressed_size for g in range(meta.num_row_groups))
 
 
-def _hash(cfg: TokenizeConfig, tokenizer_sha256: str, images_hash: str) -> str:
-    # the tokenizers count by their weights (sha256), not by the URI they were reached through
-    uris = ("tokenizer_uri", "depth_tokenizer_uri", "segmentation_tokenizer_uri", "images_uri")
-    base = config_lib.config_hash(cfg, exclude=(*EXECUTION_FIELDS, *uris))
-    return hashlib.sha256(f"{base}:{tokenizer_sha256}:{images_hash}".encode()).hexdigest()[:16]
-
-
-def _result(m: io.Manifest, cached: bool) -> TokenizeResult:
-    c, e = m.counts, m.extra
-    return TokenizeResult(
-        m.output_uri,
-        c["images"],
-        c["rows"],
-        c["shards"],
-        c["reused_shards"],
-        tuple(e["grid"]),
-        e["codebook_size"],
-        e["bytes_per_code"],
-        m,
-        cached,
-    )
-
-
-def main(argv: list[str] | None = None) -> TokenizeResult:
+def main(argv: list[str] | None = None) -> StageResult:
     from infra.cli import stage_main
 
     return stage_main(STAGE, TokenizeConfig, __doc__, run, argv)

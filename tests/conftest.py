@@ -14,6 +14,22 @@ from infra import services
 ROOT = Path(__file__).resolve().parent.parent
 
 
+STRAY = ("mlflow.db", "mlruns")  # MLflow's defaults in the working directory: nothing may write them
+
+
+def _stray_state() -> dict[str, float]:
+    return {n: (ROOT / n).stat().st_mtime for n in STRAY if (ROOT / n).exists()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_written_to_the_repo_root():
+    """No command under test writes MLflow's default store into the working directory."""
+    before = _stray_state()
+    yield
+    after = _stray_state()
+    assert after == before, f"something wrote MLflow's default store into {ROOT}: {sorted(after)}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_local_dir(tmp_path_factory):
     """Embedded defaults (.local/) of code under test go to a temporary folder, not the repo's."""

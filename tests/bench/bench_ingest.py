@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+from tests.bench.data import FASHION_MNIST
 
 
 def make_jpegs(root: Path, n: int) -> None:
@@ -85,7 +85,7 @@ def run(quick: bool = False) -> dict:
             t0 = time.perf_counter()
             res = ingest.run(cfg, experiment="bench")
             timings[name] = time.perf_counter() - t0
-            assert res.written == n and not res.cached, res
+            assert res.counts["written"] == n and not res.cached, res
     return {
         "images": n,
         "cpus": os.cpu_count(),

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infra import io
+from infra import stage, storage
 from infra.imaging import pngs_to_array
 from models import checkpoint
 from models.vqgan import PRESETS, VQGAN
@@ -34,8 +34,8 @@ from tests.bench.data import fashion_mnist_shards
 def bare_loop(images_uri: str, model: VQGAN, batch: int) -> int:
     n = 0
     with torch.inference_mode():
-        for uri in io.read_manifest(images_uri).data_uris():
-            t = io.read_parquet(uri, ["image_id", "image"])
+        for uri in stage.read_manifest(images_uri).data_uris():
+            t = storage.read_parquet(uri, ["image_id", "image"])
             x = pngs_to_array(t["image"].to_pylist(), model.config.in_channels)
             codes = [model.encode(torch.from_numpy(x[i : i + batch]))[2] for i in range(0, len(x), batch)]
             n += int(sum(len(c) for c in codes))
@@ -47,7 +47,7 @@ def one(name: str, tmp: Path, images_uri: str, model: VQGAN, concurrency: int, n
     this shared machine shows as a spread between them rather than as Ray overhead."""
     ckpt = tmp / f"{name}.safetensors"
     checkpoint.save_native(model, ckpt)
-    images = io.read_manifest(images_uri)
+    images = stage.read_manifest(images_uri)
     n = sum(f.rows for f in images.files)
     side = images.config["resolution"]
     batch = auto_batch_size(side, side, "cpu")  # the stage's default; the loop does the same work
@@ -77,9 +77,9 @@ def one(name: str, tmp: Path, images_uri: str, model: VQGAN, concurrency: int, n
         "stage_cold_images_per_s": round(n / stages["cold"], 2),
         "ray_overhead_pct": round(100 * (stages["warm"] / loop_s - 1), 1),
         "ray_overhead_cold_pct": round(100 * (stages["cold"] / loop_s - 1), 1),
-        "bytes_per_code_codes_column": round(res.bytes_per_code, 3),
-        "bytes_per_code_whole_files": round(res.manifest.extra["file_bytes_per_code"], 3),
-        "grid": list(res.grid),
+        "bytes_per_code_codes_column": round(res.figures["bytes_per_code"], 3),
+        "bytes_per_code_whole_files": round(res.figures["file_bytes_per_code"], 3),
+        "grid": res.manifest.extra["grid"],
     }
 
 

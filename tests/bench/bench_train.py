@@ -38,9 +38,9 @@ def run(quick: bool = False) -> dict:
                 num_workers=workers,
                 val_images=500,
             )
-            manifest, _ = train_vqgan.run(cfg, "bench")
+            res = train_vqgan.run(cfg, "bench")
             hist = MlflowClient(tracking.tracking_uri()).get_metric_history(
-                manifest.mlflow_run_id, "train/images_per_s"
+                res.manifest.mlflow_run_id, "train/images_per_s"
             )
             rates = [m.value for m in sorted(hist, key=lambda m: m.step)][
                 1:
@@ -48,7 +48,7 @@ def run(quick: bool = False) -> dict:
             out[f"workers_{workers}"] = {
                 "images_per_s": round(statistics.median(rates), 1),
                 "steps": steps,
-                "wall_s_incl_startup_and_val": round(manifest.extra["train_seconds"], 1),
+                "wall_s_incl_startup_and_val": round(res.figures["train_seconds"], 1),
             }
             print(out)
     out["speedup_2_over_1"] = round(out["workers_2"]["images_per_s"] / out["workers_1"]["images_per_s"], 2)

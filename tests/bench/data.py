@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
 
 def fashion_mnist_shards(tmp: Path, images: int, rows_per_shard: int):
     """The first ``images`` Fashion-MNIST images ingested as the demo does (1 channel, padded to 32)."""
@@ -13,7 +11,7 @@ def fashion_mnist_shards(tmp: Path, images: int, rows_per_shard: int):
 
     return ingest.run(
         ingest.IngestConfig(
-            source_uri=FASHION_MNIST,
+            source_format="fashion_mnist",
             output_uri=str(tmp / "fm"),
             resolution=32,
             channels=1,

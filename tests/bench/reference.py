@@ -1,9 +1,9 @@
 """Locate the official taming-transformers code for side-by-side benchmarks (never committed here).
 
-Set ``TAMING_REFERENCE_SRC`` to a checkout (the folder holding ``taming/``), or
-``TAMING_REFERENCE_GIT`` to a git directory of github.com/CompVis/taming-transformers; its ``taming``
-package is then exported into a temporary folder. Without either, benchmarks report our figures
-alone and say that the reference was missing.
+The location comes from the environment alone: ``TAMING_REFERENCE_SRC``, a checkout (the folder
+holding ``taming/``), or ``TAMING_REFERENCE_GIT``, a git directory of
+github.com/CompVis/taming-transformers, whose ``taming`` package is then exported into a temporary
+folder. Without either, benchmarks report our figures alone and say that the reference was missing.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEFAULT_GIT = "/work/.mirror/CompVis+taming-transformers/repo"
-
 
 def taming_reference() -> Path | None:
     src = os.environ.get("TAMING_REFERENCE_SRC")
     if src and (Path(src) / "taming").is_dir():
         return Path(src)
-    git_dir = os.environ.get("TAMING_REFERENCE_GIT", DEFAULT_GIT)
-    if not Path(git_dir).exists():
+    git_dir = os.environ.get("TAMING_REFERENCE_GIT")
+    if not git_dir or not Path(git_dir).exists():
+        print("reference taming code not found: set TAMING_REFERENCE_SRC or TAMING_REFERENCE_GIT")
         return None
     out = Path(tempfile.mkdtemp(prefix="taming-ref-"))
     archive = subprocess.run(["git", "--git-dir", git_dir, "archive", "HEAD", "taming"], capture_output=True)

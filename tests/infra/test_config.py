@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,11 +65,36 @@ def test_missing_file_is_clear(tmp_path):
         C.load(Outer, tmp_path / "nope.yaml")
 
 
-def test_hash_ignores_execution_fields_only():
+@dataclass(frozen=True)
+class WithRoles:
+    source_uri: str = C.input_field()
+    output_uri: str = C.output_field()
+    size: int = 4
+    batch_size: int = C.execution_field(8)
+
+
+def test_hash_ignores_fields_with_a_role_only():
     a = Outer(name="x", limit=3)
     assert C.config_hash(a) == C.config_hash(Outer(name="x", limit=3))
     assert C.config_hash(a) != C.config_hash(Outer(name="x", limit=4))
-    assert C.config_hash(a, exclude=["limit"]) == C.config_hash(Outer(name="x", limit=4), exclude=["limit"])
+    base = C.config_hash(WithRoles())
+    assert C.config_hash(WithRoles(source_uri="/a", output_uri="/b", batch_size=1)) == base
+    assert C.config_hash(WithRoles(size=5)) != base
+    assert C.role(WithRoles, "batch_size") == "execution" and C.role(WithRoles, "size") is None
+
+
+def test_every_stage_location_has_a_role():
+    """Every `*_uri` field of every stage config is declared an input or output field (so a
+    location never changes an identity), and every execution-only knob is marked on the field."""
+    from pipelines.full import STAGES
+
+    for name, module in STAGES:
+        cls = next(v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v))
+        for f in dataclasses.fields(cls):
+            if f.name.endswith("_uri"):
+                assert C.role(cls, f.name) in ("input", "output"), (name, f.name)
+            if f.name in ("num_workers", "num_cpus", "num_gpus", "concurrency", "cpus_per_worker"):
+                assert C.role(cls, f.name) == "execution", (name, f.name)
 
 
 def test_flatten_and_yaml_roundtrip():

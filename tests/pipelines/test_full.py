@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from infra import io
+from infra import stage
 from pipelines import full
 from tests import images
 
@@ -56,7 +56,7 @@ def test_parent_and_child_runs_and_rerun(stack, tmp_path, mlflow_client):
     child = children[0]
     assert child.data.metrics["ingest/written"] == 12 and child.data.metrics["ingest/rejected"] == 1
     assert child.data.tags["input_uri.0"] == str(src)
-    assert io.read_manifest(summary["ingest"]["output_uri"]).mlflow_run_id == child.info.run_id
+    assert stage.read_manifest(summary["ingest"]["output_uri"]).mlflow_run_id == child.info.run_id
 
     again = full.main(["--config", str(cfg_path), "run.name=t2"])
     assert again["ingest"]["cached"] is True
@@ -100,7 +100,7 @@ def test_ray_job_submit(stack, tmp_path):
         assert "succeeded" in out.stdout
     finally:
         head.stop()
-    m = io.read_manifest(str(tmp_path / "job" / "images"))
+    m = stage.read_manifest(str(tmp_path / "job" / "images"))
     assert (m.counts["written"], m.counts["rejected"]) == (6, 1)
     from mlflow.tracking import MlflowClient
 
@@ -133,8 +133,8 @@ def test_pipeline_with_tokenize(stack, tmp_path):
     summary = full.main(["--config", str(cfg_path)])
     t = summary["tokenize_images"]
     assert t["output_uri"] == str(tmp_path / "run" / "codes") and (t["images"], t["rows"]) == (8, 8)
-    m = io.read_manifest(t["output_uri"])
-    assert m.input_uris[0] == summary["ingest"]["output_uri"] and m.extra["grid"] == [4, 4]
+    m = stage.read_manifest(t["output_uri"])
+    assert m.inputs[0].uri == summary["ingest"]["output_uri"] and m.extra["grid"] == [4, 4]
 
 
 def test_pipeline_with_depth(stack, tmp_path):
@@ -157,4 +157,8 @@ def test_pipeline_with_depth(stack, tmp_path):
     summary = full.main(["--config", str(cfg_path)])
     assert summary["depth"]["output_uri"] == str(tmp_path / "run" / "depth")
     assert (summary["depth"]["written"], summary["depth"]["rejected"]) == (4, 0)
-    assert io.read_manifest(summary["depth"]["output_uri"]).input_uris == [summary["ingest"]["output_uri"]]
+    inputs = stage.read_manifest(summary["depth"]["output_uri"]).inputs
+    assert [(i.name, i.uri) for i in inputs if i.kind == "output"] == [
+        ("images", summary["ingest"]["output_uri"])
+    ]
+    assert [i.name for i in inputs if i.kind == "weights"] == ["weights"]  # the MiDaS file, by its sha256

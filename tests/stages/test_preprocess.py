@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from infra import io
+from infra import stage
 from infra.imaging import pngs_to_array
 from models.deeplab import DeepLabMSC, segment
 from models.midas import MidasSmall, predict_depth
@@ -33,7 +33,7 @@ def shards(stack, tmp_path_factory):
 
 
 def _inputs(uri: str) -> tuple[list[str], torch.Tensor]:
-    t = io.read_committed_table(uri).sort_by("image_id")
+    t = stage.read_committed_table(uri).sort_by("image_id")
     return t["image_id"].to_pylist(), torch.from_numpy(pngs_to_array(t["image"].to_pylist(), 3))
 
 
@@ -47,15 +47,16 @@ def test_depth_stage(shards, tmp_path, s3_bucket):
         weights_uri=f"{s3_bucket}/w/midas.pt",
         batch_size=4,
     )
-    manifest, cached = depth.run(cfg, "test-pre")
-    assert not cached and manifest.counts == {
+    res = depth.run(cfg, "test-pre")
+    manifest = res.manifest
+    assert not res.cached and res.counts == {
         "read": 6,
         "written": 6,
         "rejected": 0,
         "shards": 2,
         "reused_shards": 0,
     }
-    t = io.read_committed_table(manifest.output_uri, verify=True).sort_by("image_id")
+    t = stage.read_committed_table(manifest.output_uri, verify=True).sort_by("image_id")
     assert {"image", "label", "split", "depth", "depth_min", "depth_max"} <= set(t.column_names)
     ids, x = _inputs(shards["images"])
     assert t["image_id"].to_pylist() == ids
@@ -67,8 +68,8 @@ def test_depth_stage(shards, tmp_path, s3_bucket):
     np.testing.assert_allclose(t["depth_min"].to_numpy(), lo, rtol=1e-5, atol=1e-6)
     expect = 2 * (raw - lo[:, None, None]) / np.maximum(hi - lo, 1e-8)[:, None, None] - 1
     np.testing.assert_allclose(maps, expect, atol=2e-3)  # float16 storage
-    assert depth.run(cfg, "test-pre")[1]  # rerun: a no-op
-    with pytest.raises(io.OutputConflictError):  # other weights at the same output: refused
+    assert depth.run(cfg, "test-pre").cached  # rerun: a no-op
+    with pytest.raises(stage.OutputConflictError):  # other weights at the same output: refused
         torch.manual_seed(1)
         torch.save(MidasSmall().state_dict(), tmp_path / "other.pt")
         depth.run(dataclasses.replace(cfg, weights_uri=str(tmp_path / "other.pt")), "test-pre")
@@ -88,9 +89,9 @@ def test_segmentation_stage(shards, tmp_path):
         weights_uri=str(shards["root"] / "deeplab.pth"),
         batch_size=3,
     )
-    manifest, cached = segmentation.run(cfg, "test-pre")
+    manifest = segmentation.run(cfg, "test-pre").manifest
     assert manifest.counts["written"] == 6 and len(manifest.extra["segmentation_labels"]) == 182
-    t = io.read_committed_table(manifest.output_uri).sort_by("image_id")
+    t = stage.read_committed_table(manifest.output_uri).sort_by("image_id")
     ids, x = _inputs(shards["images"])
     labels, _ = segment(shards["deeplab"], x)
     got = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(32, 32) for b in t["segmentation"].to_pylist()])
@@ -101,7 +102,7 @@ def test_segmentation_stage(shards, tmp_path):
 def annotated(shards, tmp_path_factory):
     """Image shards with `depth` and `segmentation` columns (depth stage, then segmentation on it)."""
     root = tmp_path_factory.mktemp("annotated")
-    d, _ = depth.run(
+    d = depth.run(
         depth.DepthConfig(
             images_uri=shards["images"],
             output_uri=str(root / "depth"),
@@ -109,7 +110,7 @@ def annotated(shards, tmp_path_factory):
         ),
         "test-pre",
     )
-    s, _ = segmentation.run(
+    s = segmentation.run(
         segmentation.SegmentationConfig(
             images_uri=d.output_uri,
             output_uri=str(root / "seg"),
@@ -143,9 +144,11 @@ def test_tokenize_with_depth_and_segmentation_codes(shards, annotated, tmp_path)
         segmentation_tokenizer_uri=str(paths["seg"]),
     )
     res = tokenize_images.run(cfg, "test-pre")
-    t = io.read_committed_table(res.output_uri).sort_by([("image_id", "ascending"), ("aug_id", "ascending")])
-    assert res.rows == 12 and {"depth_codes", "segmentation_codes"} <= set(t.column_names)
-    src = io.read_committed_table(annotated).sort_by("image_id")
+    t = stage.read_committed_table(res.output_uri).sort_by(
+        [("image_id", "ascending"), ("aug_id", "ascending")]
+    )
+    assert res.counts["rows"] == 12 and {"depth_codes", "segmentation_codes"} <= set(t.column_names)
+    src = stage.read_committed_table(annotated).sort_by("image_id")
     dmodel, _ = checkpoint.load_native(paths["depth"])
     dmaps = torch.from_numpy(depth.decode_f16(src["depth"], 32, 32).astype(np.float32))[:, None]
     with torch.no_grad():
@@ -155,7 +158,7 @@ def test_tokenize_with_depth_and_segmentation_codes(shards, annotated, tmp_path)
 
     got = torch.from_numpy(schemas.decode_codes(t["depth_codes"], want.shape[1]))
     assert torch.equal(got[0::2], want) and torch.equal(got[1::2], want_flip)  # the same views as the image
-    with pytest.raises(ValueError, match="no `depth` column"):
+    with pytest.raises(stage.InputError, match="no `depth` column"):
         tokenize_images.run(
             dataclasses.replace(cfg, images_uri=shards["images"], output_uri=str(tmp_path / "x"))
         )
@@ -174,9 +177,9 @@ def test_segmentation_with_torchvision_deeplabv3(shards, tmp_path):
         v3_resize=64,
         weights_uri=str(tmp_path / "deeplabv3_resnet101_coco-586e9e4e.pth"),
     )
-    manifest, _ = segmentation.run(cfg, "test-pre")
+    manifest = segmentation.run(cfg, "test-pre").manifest
     assert manifest.extra["segmentation_labels"][0] == "__background__" and manifest.counts["written"] == 6
-    t = io.read_committed_table(manifest.output_uri).sort_by("image_id")
+    t = stage.read_committed_table(manifest.output_uri).sort_by("image_id")
     _, x = _inputs(shards["images"])
     labels, _ = segment_v3(model, x, 64)
     got = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(32, 32) for b in t["segmentation"].to_pylist()])
@@ -202,11 +205,11 @@ def test_depth_killed_and_resumed(shards, tmp_path):
         )
     )
     kill_stage_when("stages.depth", tmp_path / "cfg.yaml", out, "_attempts/*/_shards/part-*.json")
-    manifest, _ = depth.run(
+    manifest = depth.run(
         depth.DepthConfig(images_uri=imgs.output_uri, output_uri=str(out), weights_uri=weights), "test-pre"
-    )
+    ).manifest
     assert manifest.counts["reused_shards"] >= 1 and manifest.counts["written"] == 24
-    t = io.read_committed_table(str(out), verify=True)
+    t = stage.read_committed_table(str(out), verify=True)
     assert len(set(t["image_id"].to_pylist())) == 24
 
 
@@ -226,28 +229,28 @@ def test_train_condition_tokenizers_and_tokenize_with_them(annotated, tmp_path, 
         num_workers=1,
         codebook_size=32,
     )
-    dm, _ = train_vqgan.run(
+    dm = train_vqgan.run(
         train_vqgan.TrainVQGANConfig(
             input="depth", output_uri=str(tmp_path / "dvq"), register_name="test-depth-vq", **common
         ),
         "test-pre",
     )
-    sm, _ = train_vqgan.run(
+    sm = train_vqgan.run(
         train_vqgan.TrainVQGANConfig(
             input="segmentation", output_uri=str(tmp_path / "svq"), register_name="test-seg-vq", **common
         ),
         "test-pre",
     )
-    assert dm.extra["model_config"]["in_channels"] == 1 and "val/psnr" in dm.extra
-    assert sm.extra["model_config"]["in_channels"] == 182  # the segmentation stage's label count
-    assert 0 <= sm.extra["val/pixel_accuracy"] <= 1 and "val/psnr" not in sm.extra
-    seg_run = mlflow_client.get_run(sm.mlflow_run_id)
+    assert dm.manifest.extra["model_config"]["in_channels"] == 1 and "val/psnr" in dm.figures
+    assert sm.manifest.extra["model_config"]["in_channels"] == 182  # the segmentation stage's label count
+    assert 0 <= sm.figures["val/pixel_accuracy"] <= 1 and "val/psnr" not in sm.figures
+    seg_run = mlflow_client.get_run(sm.manifest.mlflow_run_id)
     assert "train/bce_loss" in seg_run.data.metrics and "train/disc_loss" not in seg_run.data.metrics
     assert seg_run.data.tags["objective"] == "bce+codebook"
     assert seg_run.data.tags["val/split"] == "train"  # these shards have no held-out split
-    arts = {a.path for a in mlflow_client.list_artifacts(sm.mlflow_run_id, "reconstructions")}
+    arts = {a.path for a in mlflow_client.list_artifacts(sm.manifest.mlflow_run_id, "reconstructions")}
     assert arts == {"reconstructions/step_0000004.png"}
-    assert "val/lpips" in mlflow_client.get_run(dm.mlflow_run_id).data.tags  # says why it is missing
+    assert "val/lpips" in mlflow_client.get_run(dm.manifest.mlflow_run_id).data.tags  # says why it is missing
     from models import checkpoint
     from models.vqgan import PRESETS, VQGAN
 
@@ -263,9 +266,9 @@ def test_train_condition_tokenizers_and_tokenize_with_them(annotated, tmp_path, 
         ),
         "test-pre",
     )
-    t = io.read_committed_table(res.output_uri)
-    assert res.rows == 6 and {"depth_codes", "segmentation_codes"} <= set(t.column_names)
-    with pytest.raises(ValueError, match="no `segmentation` column"):
+    t = stage.read_committed_table(res.output_uri)
+    assert res.counts["rows"] == 6 and {"depth_codes", "segmentation_codes"} <= set(t.column_names)
+    with pytest.raises(stage.InputError, match="no `segmentation` column"):
         train_vqgan.run(
             train_vqgan.TrainVQGANConfig(
                 input="segmentation",

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from infra import code_shards, io, model_store, schemas
+from infra import code_shards, model_store, schemas, stage
 from infra.imaging import pngs_to_array
 from models import checkpoint
 from models.vqgan import VQGAN
@@ -47,10 +47,11 @@ def test_codes_match_in_memory_model(image_shards, tmp_path):
         images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(tmp_path / "codes"), hflip=True
     )
     res = tokenize_images.run(cfg, "test-tokenize")
-    assert (res.images, res.rows, res.shards, res.grid) == (40, 80, 4, (8, 8))
-    assert res.codebook_size == 64 and res.bytes_per_code < 2.0  # 2-byte slots, zstd
-    t = io.read_committed_table(res.output_uri, verify=True)
-    imgs = io.read_committed_table(d["images"]).sort_by("image_id")
+    c, e = res.counts, res.manifest.extra
+    assert (c["images"], c["rows"], c["shards"], e["grid"]) == (40, 80, 4, [8, 8])
+    assert e["codebook_size"] == 64 and res.figures["bytes_per_code"] < 2.0  # 2-byte slots, zstd
+    t = stage.read_committed_table(res.output_uri, verify=True)
+    imgs = stage.read_committed_table(d["images"]).sort_by("image_id")
     x = torch.from_numpy(pngs_to_array(imgs["image"].to_pylist(), 3))
     with torch.no_grad():
         _, _, expected = d["model"].encode(x)
@@ -101,7 +102,7 @@ def test_killed_run_resumes_byte_identical(image_shards, tmp_path):
         TokenizeConfig(images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(out_b)),
         "test-tokenize",
     )
-    assert res.reused_shards >= 1
+    assert res.counts["reused_shards"] >= 1
     assert [f.sha256 for f in res.manifest.files] == [f.sha256 for f in whole.manifest.files]  # same bytes
 
 
@@ -119,15 +120,17 @@ def test_s3_and_registry_uri(image_shards, s3_bucket, stack):
         ),
         "test-tokenize",
     )
-    assert fs.exists(f"{s3_bucket}/codes/_SUCCESS.json") and res.rows == 40
+    assert fs.exists(f"{s3_bucket}/codes/_SUCCESS.json") and res.counts["rows"] == 40
     # the registry: register the model, then tokenize from models:/name@alias
     mlflow.set_tracking_uri(stack["mlflow"].uri)
     mlflow.set_experiment("test-registry")
     with mlflow.start_run():
-        version = model_store.register(
-            d["model"], "test-tokenizer", alias="candidate", tags={"val/psnr": 1.0}
+        registered = model_store.register(
+            checkpoint.to_bytes(d["model"]), "test-tokenizer", alias="candidate", tags={"val/psnr": 1.0}
         )
-    assert version >= 1
+    assert (
+        registered["version"] >= 1 and registered["uri"] == f"models:/test-tokenizer/{registered['version']}"
+    )
     loaded = model_store.load_first_stage("models:/test-tokenizer@candidate")
     assert loaded.sha256 == model_store.load_first_stage(d["tokenizer"]).sha256
     res2 = tokenize_images.run(
@@ -139,7 +142,7 @@ def test_s3_and_registry_uri(image_shards, s3_bucket, stack):
         "test-tokenize",
     )
     a, b = (
-        io.read_committed_table(r.output_uri).sort_by([("image_id", "ascending"), ("aug_id", "ascending")])
+        stage.read_committed_table(r.output_uri).sort_by([("image_id", "ascending"), ("aug_id", "ascending")])
         for r in (res, res2)
     )
     assert a["codes"].equals(b["codes"])  # same model, same codes (the files differ in their tokenizer URI)
@@ -157,7 +160,7 @@ def test_bad_tokenizer_and_channels_fail_before_work(image_shards, tmp_path):
         tokenize_images.run(dataclasses.replace(base, tokenizer_uri="models:/no-such-model@candidate"))
     gray = VQGAN(dataclasses.replace(TOK, in_channels=1, out_channels=1))
     checkpoint.save_native(gray, tmp_path / "gray.safetensors")
-    with pytest.raises(ValueError, match="1-channel images but"):
+    with pytest.raises(stage.InputError, match="1-channel images but"):
         tokenize_images.run(dataclasses.replace(base, tokenizer_uri=str(tmp_path / "gray.safetensors")))
     assert not (tmp_path / "x").exists()  # nothing was written
 
@@ -173,11 +176,11 @@ def test_crops_are_deterministic(image_shards, tmp_path):
         hflip=True,
     )
     res = tokenize_images.run(cfg, "test-tokenize")
-    assert res.rows == 40 * 4 and res.grid == (4, 4)
+    assert res.counts["rows"] == 40 * 4 and res.manifest.extra["grid"] == [4, 4]
     assert res.manifest.extra["augmentations"] == ["identity", "hflip", "crop0", "crop1"]
     again = tokenize_images.run(dataclasses.replace(cfg, output_uri=str(tmp_path / "c2")), "test-tokenize")
     assert [f.sha256 for f in again.manifest.files] == [f.sha256 for f in res.manifest.files]
-    with pytest.raises(ValueError, match="crop_size 16 must be below"):
+    with pytest.raises(stage.InputError, match="crop_size 16 must be below"):
         tokenize_images.run(dataclasses.replace(cfg, crop_size=16), "test-tokenize")
 
 
@@ -186,3 +189,33 @@ def test_auto_batch_size_is_a_pixel_budget():
     assert auto(256, 256, "cpu") == 1 and auto(32, 32, "cpu") == 32  # CPU: small batches stay in cache
     assert auto(256, 256, "cuda") == 64 and auto(512, 512, "cuda") == 16
     assert auto(4096, 4096, "cpu") == 1 and auto(2, 2, "cuda") == 1024  # never 0, never unbounded
+
+
+def test_unresolvable_model_uri_is_one_line(image_shards, tmp_path):
+    """A registry URI that does not resolve: one line naming it and the registry, exit status 1."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TAMING_LOCAL_DIR": str(tmp_path / "local")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.tokenize_images",
+            f"images_uri={image_shards['images']}",
+            "tokenizer_uri=models:/no-such-model@candidate",
+            f"output_uri={tmp_path / 'codes'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot resolve models:/no-such-model@candidate in the MLflow registry"), (
+        last
+    )
+    assert not (tmp_path / "codes").exists()

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from infra import io, model_store
+from infra import model_store, stage, storage
 from stages import train_vqgan
 from tests import images
 from tests.killing import kill_stage_when, kill_train_worker_when
@@ -36,9 +36,10 @@ def test_two_workers_train_checkpoint_register(image_shards, tmp_path, mlflow_cl
         disc_start=8,
         dead_code_threshold=0.5,
     )
-    manifest, cached = train_vqgan.run(cfg, "test-train")
-    assert not cached and manifest.counts["steps"] == 12
-    assert 0 <= manifest.extra["val/codebook_usage"] <= 1 and manifest.extra["val/psnr"] > 0
+    res = train_vqgan.run(cfg, "test-train")
+    manifest = res.manifest
+    assert not res.cached and res.counts["steps"] == 12
+    assert 0 <= res.figures["val/codebook_usage"] <= 1 and res.figures["val/psnr"] > 0
     run = mlflow_client.get_run(manifest.mlflow_run_id)
     history = mlflow_client.get_metric_history(run.info.run_id, "train/rec_loss")
     assert [m.step for m in history] == [2, 4, 6, 8, 10, 12]
@@ -50,13 +51,20 @@ def test_two_workers_train_checkpoint_register(image_shards, tmp_path, mlflow_cl
     # registered: later stages read models:/test-vqgan@candidate
     loaded = model_store.load_first_stage("models:/test-vqgan@candidate")
     assert loaded.model.config.in_channels == 1
-    native = io.read_bytes(manifest.data_uris()[0])
-    assert io.sha256(native) == manifest.files[0].sha256
+    native = storage.read_bytes(manifest.data_uris()[0])
+    assert storage.sha256(native) == manifest.files[0].sha256
     with torch.no_grad():
         assert loaded.model.encode(torch.zeros(1, 1, 32, 32))[2].shape == (1, 8, 8)
     # resubmitting the finished run is a no-op
-    again, cached = train_vqgan.run(dataclasses.replace(cfg, num_workers=1), "test-train")
-    assert cached and again.mlflow_run_id == manifest.mlflow_run_id
+    again = train_vqgan.run(dataclasses.replace(cfg, num_workers=1), "test-train")
+    assert again.cached and again.manifest.mlflow_run_id == manifest.mlflow_run_id
+    assert res.model_uri == f"models:/test-vqgan/{manifest.registered['version']}"
+    # too little training data for the batch: refused before any work
+    with pytest.raises(stage.InputError, match="fewer than train_vqgan.batch_size=64"):
+        train_vqgan.run(
+            dataclasses.replace(cfg, batch_size=64, output_uri=str(tmp_path / "big")), "test-train"
+        )
+    assert not (tmp_path / "big").exists()
 
 
 def test_killed_training_resumes_from_its_checkpoint(image_shards, tmp_path, mlflow_client):
@@ -82,9 +90,9 @@ def test_killed_training_resumes_from_its_checkpoint(image_shards, tmp_path, mlf
         "stages.train_vqgan", tmp_path / "cfg.yaml", out, "_attempts/*/ray/*/checkpoint_*/state.pt"
     )
     cfg = train_vqgan.TrainVQGANConfig(**section)
-    manifest, cached = train_vqgan.run(cfg, "test-train")
-    assert not cached and manifest.counts["steps"] == 30
-    steps = [m.step for m in mlflow_client.get_metric_history(manifest.mlflow_run_id, "train/rec_loss")]
+    res = train_vqgan.run(cfg, "test-train")
+    assert not res.cached and res.counts["steps"] == 30
+    steps = [m.step for m in mlflow_client.get_metric_history(res.manifest.mlflow_run_id, "train/rec_loss")]
     assert steps == sorted(steps) and steps[-1] == 30
     assert steps[0] > 5  # resumed from a checkpoint (the last one written), not from step 0
 
@@ -111,9 +119,9 @@ def test_killed_worker_is_replaced_and_resumes(image_shards, tmp_path, mlflow_cl
         job = pool.submit(train_vqgan.run, cfg, "test-train")
         # the second checkpoint being written: the first one is complete (and recorded)
         kill_train_worker_when(tmp_path / "vq", "_attempts/*/ray/*/checkpoint_*/state.pt", count=2)
-        manifest, cached = job.result(timeout=600)
-    assert not cached and manifest.counts["steps"] == 40
-    run_id = manifest.mlflow_run_id
+        res = job.result(timeout=600)
+    assert not res.cached and res.counts["steps"] == 40
+    run_id = res.manifest.mlflow_run_id
     resumed = mlflow_client.get_metric_history(run_id, "train/resumed_from_step")
     assert resumed and all(m.value >= 5 and m.value % 5 == 0 for m in resumed)
     steps = [m.step for m in mlflow_client.get_metric_history(run_id, "train/rec_loss")]

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from infra import io
-from infra.shard_map import AnnotateWorker
+from infra import stage, storage
+from stages.annotate import AnnotateWorker
 from tests import images
 
 
 class BrightnessWorker(AnnotateWorker):
     """Annotates the mean brightness; refuses images whose first pixel is very dark (a stand-in failure)."""
 
-    def __init__(self, out: io.StageOutput):
+    def __init__(self, out: stage.StageOutput):
         self.out, self.metadata, self.batch_size = out, {"taming.test": "1"}, 3
 
     def fields(self):
@@ -45,13 +45,13 @@ def test_failing_images_are_recorded_and_counts_add_up(tmp_path):
             }
         )
     src = tmp_path / "in.parquet"
-    io.write_parquet(str(src), pa.Table.from_pylist(rows), rel_to=str(tmp_path))
-    out = io.StageOutput(str(tmp_path / "out"), "test", "h")
-    marker = BrightnessWorker(out).process(0, str(src))
-    assert marker["read"] == 7
-    assert marker["files"]["data"]["rows"] == 5 and marker["files"]["_errors"]["rows"] == 2
-    data = io.read_parquet(io.join(out.output_uri, marker["files"]["data"]["path"]))
-    errors = io.read_parquet(io.join(out.output_uri, marker["files"]["_errors"]["path"]))
+    storage.write_parquet(str(src), pa.Table.from_pylist(rows), rel_to=str(tmp_path))
+    out = stage.StageOutput(str(tmp_path / "out"), "test", "h")
+    marker = BrightnessWorker(out).process(0, {"uri": str(src)})
+    assert marker.counts["read"] == 7
+    assert marker.rows("data") == 5 and marker.rows("_errors") == 2
+    data = storage.read_parquet(storage.join(out.output_uri, marker.files["data"].path))
+    errors = storage.read_parquet(storage.join(out.output_uri, marker.files["_errors"].path))
     assert data["image_id"].to_pylist() == ["id0", "id1", "id3", "id4", "id6"]  # input order kept
     assert errors["source_uri"].to_pylist() == ["src/2.png", "src/5.png"]
     assert all("too dark" in r for r in errors["reason"].to_pylist())

@@ -1,0 +1,105 @@
+"""Map a stage's work items over Ray: one item (an input shard, a range of sample indices, ...) per
+call, each call writing its output shard and its marker (see ``infra.stage.StageOutput``).
+
+The assignment is deterministic (output shard i <- work item i), so a rerun after a crash runs only
+the items whose markers are missing, and writes the same bytes. A :class:`Worker` subclass runs on
+a Ray Data actor pool (the model is loaded once per actor in ``__init__``); a plain function
+``fn(index, item, *args) -> ShardMarker`` runs as one Ray task per item (no actor start-up, for
+work that loads nothing, like ingest). Progress is logged as items finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from infra.stage import ShardMarker, StageOutput
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Subclass with ``__init__(self, *args)`` (load the model) and ``process(index, item) -> marker``."""
+
+    def process(self, index: int, item: dict[str, Any]) -> ShardMarker:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        markers = [self.process(int(i), json.loads(s)) for i, s in zip(batch["index"], batch["item"])]
+        return {"marker": [json.dumps(m.to_json()) for m in markers]}
+
+
+def _task_call(batch: dict[str, np.ndarray], fn: Callable, args: tuple) -> dict[str, Any]:
+    markers = [fn(int(i), json.loads(s), *args) for i, s in zip(batch["index"], batch["item"])]
+    return {"marker": [json.dumps(m.to_json()) for m in markers]}
+
+
+def shard_items(uris: list[str]) -> list[dict[str, Any]]:
+    """The work items of a shard-to-shard stage: input shard i -> output shard i."""
+    return [{"uri": u} for u in uris]
+
+
+def map_items(
+    worker: type[Worker] | Callable[..., ShardMarker],
+    args: tuple,
+    items: list[dict[str, Any]],
+    out: StageOutput,
+    *,
+    concurrency: int | None = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    what: str = "shards",
+) -> tuple[list[ShardMarker], int]:
+    """Run ``worker`` over the items whose output is not done yet; returns every item's marker and
+    how many were already done (reused from an earlier, interrupted run).
+
+    ``items`` are small JSON-able dicts (no data: workers read their input themselves).
+    ``concurrency``: actors in the pool, or tasks in flight for a function (None: as the CPUs allow).
+    """
+    import ray
+
+    from infra.cluster import ensure_ray
+
+    done = out.done_shards()
+    pending = [i for i in range(len(items)) if i not in done]
+    log.info("%s: %d %s, %d already done", out.stage, len(items), what, len(items) - len(pending))
+    if pending:
+        ensure_ray()
+        rows = [{"index": i, "item": json.dumps(items[i])} for i in pending]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        options: dict[str, Any] = dict(
+            batch_size=1, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus
+        )
+        if isinstance(worker, type):
+            ds = ds.map_batches(
+                worker,
+                fn_constructor_args=args,
+                compute=ray.data.ActorPoolStrategy(size=concurrency or 1, max_tasks_in_flight_per_actor=1),
+                **options,
+            )
+        else:
+            ds = ds.map_batches(
+                _task_call,
+                fn_kwargs={"fn": worker, "args": args},
+                compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
+                **options,
+            )
+        t0 = time.perf_counter()
+        for k, row in enumerate(ds.iter_rows(), start=1):
+            marker = ShardMarker.from_json(json.loads(row["marker"]))
+            done[marker.index] = marker
+            log.info(
+                "%s: %s %d/%d done (%d rows) after %.0f s",
+                out.stage,
+                what[:-1] if what.endswith("s") else what,
+                k,
+                len(pending),
+                marker.rows(),
+                time.perf_counter() - t0,
+            )
+    return [done[i] for i in range(len(items))], len(items) - len(pending)

@@ -1,0 +1,63 @@
+"""Models from S3 and the registry are cached by content: a changed object or a moved alias is
+fetched again, and a download that died half-way is never used."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from infra import model_store, storage
+from models import checkpoint
+from models.vqgan import VQGAN
+from tests.tiny import tiny_vqgan
+
+
+def _model_bytes(seed: int) -> bytes:
+    torch.manual_seed(seed)
+    return checkpoint.to_bytes(VQGAN(tiny_vqgan()))
+
+
+def test_s3_object_changed_is_fetched_again(s3_bucket):
+    uri = f"{s3_bucket}/models/tok.safetensors"
+    a, b = _model_bytes(0), _model_bytes(1)
+    storage.write_bytes(uri, a)
+    assert model_store.load(uri).sha256 == storage.sha256(a)
+    storage.write_bytes(uri, b)  # same URI, new content
+    assert model_store.load(uri).sha256 == storage.sha256(b)
+    assert model_store.load(uri).sha256 == storage.sha256(b)  # cached now, still the right one
+
+
+def test_half_download_is_never_used(s3_bucket, monkeypatch):
+    uri = f"{s3_bucket}/models/half.safetensors"
+    data = _model_bytes(2)
+    storage.write_bytes(uri, data)
+    fs, _ = storage.filesystem(uri)
+
+    def dies_half_way(rpath, lpath, **kwargs):
+        with open(lpath, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise ConnectionError("connection reset while downloading")
+
+    with monkeypatch.context() as m:
+        m.setattr(fs, "get_file", dies_half_way)  # fsspec caches the instance: the one the store uses
+        with pytest.raises(ConnectionError):
+            model_store.load(uri)
+    loaded = model_store.load(uri)
+    assert loaded.sha256 == storage.sha256(data)
+    leftovers = [p.name for p in (model_store.tracking.local_dir() / "model-cache").iterdir()]
+    assert not [n for n in leftovers if n.startswith(".tmp-")]  # the partial copy was cleaned up
+
+
+def test_moved_alias_loads_the_new_version(stack):
+    mlflow.set_tracking_uri(stack["mlflow"].uri)
+    mlflow.set_experiment("test-model-store")
+    with mlflow.start_run():
+        first = model_store.register(_model_bytes(3), "test-moving-alias", alias="candidate")
+    assert model_store.load("models:/test-moving-alias@candidate").sha256 == storage.sha256(_model_bytes(3))
+    with mlflow.start_run():
+        second = model_store.register(_model_bytes(4), "test-moving-alias", alias="candidate")
+    assert second["version"] == first["version"] + 1
+    assert model_store.load("models:/test-moving-alias@candidate").sha256 == storage.sha256(_model_bytes(4))
+    pinned = f"models:/test-moving-alias/{first['version']}"
+    assert model_store.load(pinned).sha256 == storage.sha256(_model_bytes(3))

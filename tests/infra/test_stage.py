@@ -1,0 +1,177 @@
+"""The stage contract on local paths and on s3:// (moto server): commit, skip, conflict, atomicity,
+conditional commits of concurrent runs, and the one identity rule."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pytest
+
+from infra import stage, storage
+from infra.config import execution_field, input_field, output_field
+from infra.stage import InputRef
+
+
+@pytest.fixture(params=["local", "s3"])
+def base_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path)
+    return request.getfixturevalue("s3_bucket")
+
+
+def _table(n: int, start: int = 0) -> pa.Table:
+    return pa.table({"x": list(range(start, start + n))})
+
+
+def _commit(out: stage.StageOutput, markers, run_id=None):
+    return out.commit(config={}, config_hash="c", inputs=[], markers=markers, counts={}, mlflow_run_id=run_id)
+
+
+def test_commit_skip_conflict(base_uri):
+    uri = storage.join(base_uri, "out")
+    out = stage.StageOutput(uri, "demo", "hash-a")
+    assert out.committed() is None
+    with pytest.raises(stage.NotCommittedError, match="no committed stage output"):
+        stage.read_manifest(uri)
+    m0 = out.write_shard(0, {"data": _table(3)}, {"read": 3})
+    m1 = out.write_shard(1, {"data": _table(2, 3)}, {"read": 2})
+    # shard files exist, but nothing is committed yet
+    with pytest.raises(stage.NotCommittedError):
+        stage.read_committed_table(uri)
+    assert sorted(out.done_shards()) == [0, 1] and out.done_shards()[1] == m1  # typed markers round-trip
+    inputs = [InputRef.source("source", "in", "d1")]
+    manifest, ours = out.commit(
+        config={"k": 1},
+        config_hash="c",
+        inputs=inputs,
+        markers=[m1, m0],
+        counts={"read": 5},
+        mlflow_run_id="r1",
+    )
+    assert ours and [f.rows for f in manifest.files] == [3, 2]
+    assert stage.read_committed_table(uri, verify=True).column("x").to_pylist() == [0, 1, 2, 3, 4]
+    assert stage.read_manifest(uri).inputs == inputs  # the lineage is recorded
+
+    # the same identity again: the recorded result, nothing rewritten
+    again = stage.StageOutput(uri, "demo", "hash-a").committed()
+    assert again is not None and again.mlflow_run_id == "r1" and again.created_at == manifest.created_at
+    # a different identity at the same location: refused
+    with pytest.raises(stage.OutputConflictError, match="different config"):
+        stage.StageOutput(uri, "demo", "hash-b").committed()
+
+
+def test_commit_removes_abandoned_attempts(base_uri):
+    uri = storage.join(base_uri, "out2")
+    stale = stage.StageOutput(uri, "demo", "old")
+    stale.write_shard(0, {"data": _table(1)}, {})
+    out = stage.StageOutput(uri, "demo", "new")
+    _commit(out, [out.write_shard(0, {"data": _table(2)}, {})])
+    assert not storage.exists(stale.work_uri)
+    assert stage.read_committed_table(uri).num_rows == 2
+
+
+def test_commit_is_conditional(base_uri):
+    """The last writer does not win: a commit over an existing manifest of another identity fails
+    and changes nothing; one of the same identity returns the first commit."""
+    uri = storage.join(base_uri, "out3")
+    a, b = stage.StageOutput(uri, "demo", "a"), stage.StageOutput(uri, "demo", "b")
+    ma, mb = a.write_shard(0, {"data": _table(1)}, {}), b.write_shard(0, {"data": _table(5)}, {})
+    assert b.committed() is None and a.committed() is None  # both checked before either committed
+    first, ours = _commit(a, [ma], "run-a")
+    assert ours
+    with pytest.raises(stage.OutputConflictError):
+        _commit(b, [mb], "run-b")
+    assert stage.read_manifest(uri).identity == "a" and stage.read_committed_table(uri).num_rows == 1
+    winner, ours = _commit(stage.StageOutput(uri, "demo", "a"), [ma], "run-a2")
+    assert not ours and winner.mlflow_run_id == "run-a" and winner.created_at == first.created_at
+
+
+def test_concurrent_commits_one_wins(base_uri):
+    """Eight threads commit eight identities to one URI at once: exactly one commits, seven get
+    the conflict error, and the manifest is the winner's."""
+    uri = storage.join(base_uri, "race")
+    outs = [stage.StageOutput(uri, "demo", f"id{i}") for i in range(8)]
+    markers = [o.write_shard(0, {"data": _table(i + 1)}, {}) for i, o in enumerate(outs)]
+    start, results = threading.Barrier(len(outs)), {}
+
+    def commit(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = _commit(outs[i], [markers[i]], f"run{i}")[0].identity
+        except stage.OutputConflictError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(len(outs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [i for i, r in results.items() if isinstance(r, str)]
+    assert len(won) == 1 and sum(isinstance(r, stage.OutputConflictError) for r in results.values()) == 7
+    assert stage.read_manifest(uri).identity == f"id{won[0]}"
+    assert stage.read_committed_table(uri).num_rows == won[0] + 1
+
+
+def test_create_bytes_is_exclusive(base_uri):
+    uri = storage.join(base_uri, "x.json")
+    assert storage.create_bytes(uri, b"one") and not storage.create_bytes(uri, b"two")
+    assert storage.read_bytes(uri) == b"one"
+
+
+def test_verify_detects_changed_file(tmp_path):
+    out = stage.StageOutput(str(tmp_path), "demo", "h")
+    manifest, _ = _commit(out, [out.write_shard(0, {"data": _table(4)}, {})])
+    storage.write_parquet(manifest.data_uris()[0], _table(4, 100), rel_to=str(tmp_path))
+    with pytest.raises(OSError, match="sha256"):
+        stage.read_committed_table(str(tmp_path), verify=True)
+
+
+def test_atomic_local_write_leaves_no_partial(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    storage.write_bytes(str(target), b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk died")
+
+    monkeypatch.setattr(storage.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        storage.write_bytes(str(target), b"new content")
+    assert target.read_bytes() == b"old"
+
+
+def test_list_files_local_and_join(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.txt").write_text("1")
+    (tmp_path / "y.txt").write_text("2")
+    assert storage.list_files(str(tmp_path)) == [str(tmp_path / "a/b/x.txt"), str(tmp_path / "y.txt")]
+    assert storage.join("s3://b/", "/c/", "d") == "s3://b/c/d"
+    assert storage.normalize("s3://b/c/") == "s3://b/c"
+
+
+@dataclass(frozen=True)
+class Cfg:
+    images_uri: str = input_field()
+    output_uri: str = output_field()
+    size: int = 4
+    batch: int = execution_field(8)
+
+
+def test_identity_rule():
+    """Config hash (role fields left out) + the inputs' digests by name: location never counts,
+    content does."""
+    img = InputRef("images", "/a", "d1", "output")
+    base = stage.identity("s", Cfg(images_uri="/a", output_uri="/o"), [img])
+    moved = InputRef("images", "/elsewhere", "d1", "output")
+    same = [
+        stage.identity("s", Cfg(images_uri="/elsewhere", output_uri="/p", batch=64), [moved]),
+    ]
+    assert all(s == base for s in same)
+    different = [
+        stage.identity("s", Cfg(size=5), [img]),  # a config field
+        stage.identity("s", Cfg(), [InputRef("images", "/a", "d2", "output")]),  # the input's content
+        stage.identity("t", Cfg(), [img]),  # another stage
+        stage.identity("s", Cfg(), [img, InputRef.weights("w", "/w", "sha")]),  # one more input
+    ]
+    assert base not in different and len(set(different)) == len(different)
