@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from tests.bench.data import FASHION_MNIST
+from infra.sources import FASHION_MNIST_URI as FASHION_MNIST
 
 
 def make_jpegs(root: Path, n: int) -> None:

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from tests.bench.data import FASHION_MNIST
+from infra.sources import FASHION_MNIST_URI as FASHION_MNIST
 
 STEPS, BATCH, TIMING_STEPS = 1500, 64, 20
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def fashion_mnist_shards(tmp: Path, images: int, rows_per_shard: int):
-    """The first ``images`` Fashion-MNIST images ingested as the demo does (1 channel, padded to 32)."""
+    """``images`` Fashion-MNIST images (a fixed sample: ingest's max_images) ingested as the demo does."""
     from stages import ingest
 
     return ingest.run(
