@@ -121,9 +121,8 @@ def load(uri: str) -> LoadedModel:
     from models import checkpoint
 
     if not uri.startswith("models:/") and stage.is_committed(uri):
-        uri = stage.read_manifest(uri).data_uris()[
-            0
-        ]  # a committed stage output (e.g. train_vqgan's): its model
+        # a committed stage output (e.g. train_vqgan's): the model it holds
+        uri = stage.read_manifest(uri).data_uris()[0]
     p = local_path(uri)
     if p.is_dir():
         natives = sorted(p.rglob(f"*{NATIVE_SUFFIX}"))

@@ -161,10 +161,6 @@ class Manifest:
         d["inputs"] = [InputRef(**i) for i in d["inputs"]]
         return cls(**d, output_uri=output_uri)
 
-    @property
-    def input_uris(self) -> list[str]:
-        return [i.uri for i in self.inputs]
-
     def data_uris(self) -> list[str]:
         return [storage.join(self.output_uri, f.path) for f in self.files]
 
@@ -273,6 +269,10 @@ class StageOutput:
 
     def shard_uri(self, kind: str, index: int, ext: str = "parquet") -> str:
         return storage.join(self.work_uri, kind, f"part-{index:05d}.{ext}")
+
+    def file_uri(self, marker: ShardMarker, kind: str = "data") -> str:
+        """Where a finished shard's file of ``kind`` is."""
+        return storage.join(self.output_uri, marker.files[kind].path)
 
     def marker_uri(self, index: int) -> str:
         return self.shard_uri("_shards", index, "json")

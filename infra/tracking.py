@@ -87,11 +87,6 @@ def code_version() -> str:
         return "unknown"
 
 
-def configured_mlflow():
-    """The mlflow module with its tracking and registry URIs set to :func:`tracking_uri`."""
-    return _mlflow()
-
-
 def set_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
     """Select (creating if needed) the experiment; returns its id."""
     mlflow = _mlflow()
@@ -111,12 +106,6 @@ def set_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
-
-
-def active_run_id() -> str | None:
-    mlflow = _mlflow()
-    run = mlflow.active_run()
-    return run.info.run_id if run else None
 
 
 def _log_config(mlflow, cfg: Any) -> None:

@@ -132,7 +132,7 @@ def run_annotate(
         counts.update(shards=len(markers), reused_shards=reused)
         for m in markers:
             if m.rows():
-                table = storage.read_parquet(storage.join(job.out.output_uri, m.files["data"].path))
+                table = storage.read_parquet(job.out.file_uri(m))
                 tracking.log_image(preview(table.slice(0, 16)), f"previews/{name}.png")
                 break
         return job.commit(

@@ -146,9 +146,7 @@ def _shard_tables(rows: pa.Table, metadata: dict[str, str]) -> dict[str, pa.Tabl
 def _preview(out: stage.StageOutput, markers: list[ShardMarker], n: int = 32) -> np.ndarray | None:
     for m in markers:
         if m.rows():
-            t = storage.read_parquet(storage.join(out.output_uri, m.files["data"].path), ["image"]).slice(
-                0, n
-            )
+            t = storage.read_parquet(out.file_uri(m), ["image"]).slice(0, n)
             return image_grid([png_to_array(b) for b in t.column("image").to_pylist()])
     return None
 
@@ -187,7 +185,7 @@ def run(cfg: IngestConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> Sta
         if (grid := _preview(job.out, markers)) is not None:
             tracking.log_image(grid, "previews/ingest_samples.png")
         if counts["rejected"]:
-            tracking.log_dict(_reasons(job.out.output_uri, markers), "rejected_reasons.json")
+            tracking.log_dict(_reasons(job.out, markers), "rejected_reasons.json")
         return job.commit(
             markers,
             counts=counts,
@@ -200,12 +198,11 @@ def run(cfg: IngestConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> Sta
         )
 
 
-def _reasons(output_uri: str, markers: list[ShardMarker]) -> dict[str, int]:
+def _reasons(out: stage.StageOutput, markers: list[ShardMarker]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in markers:
         if m.rows("_errors"):
-            uri = storage.join(output_uri, m.files["_errors"].path)
-            for r in storage.read_parquet(uri, ["reason"]).column(0).to_pylist():
+            for r in storage.read_parquet(out.file_uri(m, "_errors"), ["reason"]).column(0).to_pylist():
                 key = r.split(":")[0]
                 counts[key] = counts.get(key, 0) + 1
     return counts

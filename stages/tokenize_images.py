@@ -29,7 +29,7 @@ from infra import config as config_lib
 from infra import model_store, pool, schemas, stage, storage, tracking
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Precision, placement
-from infra.imaging import depth_maps, label_maps, pngs_to_array
+from infra.imaging import decode_column
 from infra.stage import InputError, InputRef, ShardMarker, StageResult, StageRun
 
 log = logging.getLogger(__name__)
@@ -154,12 +154,12 @@ class TokenizeShards(pool.Worker):
 
         out = {}
         if "depth_codes" in self.cond_models:
-            arr = depth_maps(t["depth"].to_pylist())
+            arr = decode_column("depth", t["depth"].to_pylist())
             out["depth_codes"] = (self.cond_models["depth_codes"], arr, None)
         if "segmentation_codes" in self.cond_models:
             model = self.cond_models["segmentation_codes"]
             k = model.config.in_channels
-            arr = label_maps(t["segmentation"].to_pylist())
+            arr = decode_column("segmentation", t["segmentation"].to_pylist())
             out["segmentation_codes"] = (model, arr, functools.partial(one_hot, classes=k))
         return out
 
@@ -176,7 +176,11 @@ class TokenizeShards(pool.Worker):
             t = t.filter(pa.compute.is_in(t["split"], pa.array(self.cfg.splits)))
         ids = t["image_id"].to_pylist()
         inputs = {
-            "codes": (self.model, pngs_to_array(t["image"].to_pylist(), self.model.config.in_channels), None)
+            "codes": (
+                self.model,
+                decode_column("image", t["image"].to_pylist(), self.model.config.in_channels),
+                None,
+            )
         }
         inputs.update(self._conditions(t))
         t_decoded = time.perf_counter()
@@ -320,7 +324,7 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
         if cfg.splits is None and n_images != expected_images:
             raise RuntimeError(f"tokenize read {n_images} images but the image shards hold {expected_images}")
         grid = (mcfg.resolution // mcfg.downsample_factor,) * 2  # nominal; rows carry the real grid
-        data_uris = [storage.join(job.out.output_uri, m.files["data"].path) for m in markers]
+        data_uris = [job.out.file_uri(m) for m in markers]
         data_bytes = sum(m.files["data"].bytes for m in markers)
         code_bytes = sum(_column_bytes(u, "codes") for u in data_uris)
         first = storage.read_parquet(data_uris[0], ["grid_h", "grid_w"])
