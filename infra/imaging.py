@@ -195,9 +195,14 @@ def reconstruction_grid(x, xrec, labels: bool = False, ncol: int = 8) -> np.ndar
 
     if labels:
         return image_grid([label_colors(t.argmax(0).cpu().numpy()) for p in zip(x, xrec) for t in p], ncol)
-    pairs = torch.stack([x, xrec.clamp(-1, 1)], 1).flatten(0, 1).float()
-    arr = ((pairs.cpu().numpy() + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    return image_grid([a[..., 0] if a.shape[-1] == 1 else a for a in arr], ncol)
+    return image_grid(to_uint8_images(torch.stack([x, xrec], 1).flatten(0, 1)), ncol)
+
+
+def to_uint8_images(x) -> list[np.ndarray]:
+    """A torch batch (N, C, H, W) in [-1, 1] (clamped) -> N uint8 images (H, W) or (H, W, 3)."""
+    arr = ((x.detach().float().clamp(-1, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+    arr = arr.transpose(0, 2, 3, 1)
+    return [a[..., 0] if a.shape[-1] == 1 else a for a in arr]
 
 
 def colorize(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:

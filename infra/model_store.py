@@ -158,3 +158,81 @@ def register(
         path = Path(tmp) / f"{name}{NATIVE_SUFFIX}"
         path.write_bytes(data)
         return tracking.register_model(path, name, alias, tags or {})
+
+
+@dataclass(frozen=True)
+class LoadedGenerator:
+    """A transformer ready to sample: the GPT, its :class:`~models.net2net.GeneratorSpec`, and (for
+    official releases, which bundle it) the first stage; ``tokenizer()`` loads it otherwise."""
+
+    gpt: Any  # models.gpt.GPT, eval mode
+    spec: Any  # models.net2net.GeneratorSpec
+    uri: str
+    sha256: str  # of the weights file
+    kind: str  # "native" | "taming"
+    extra: dict[str, Any]
+    first_stage: Any = None  # official releases: their VQGAN
+
+    def tokenizer(self) -> Any:
+        """The VQGAN that decodes this generator's codes: the bundled first stage of an official
+        release, else the tokenizer the spec names, verified against its sha256."""
+        if self.first_stage is not None:
+            return self.first_stage
+        return load_tokenizer(
+            self.spec.tokenizer_uri, self.spec.tokenizer_sha256, f"generator {self.uri}"
+        ).model
+
+
+def load_tokenizer(uri: str | None, sha256: str | None, what: str) -> LoadedModel:
+    """The VQGAN at ``uri``, which must have the weights of ``sha256`` (the one ``what`` was made
+    with); a clear :class:`~infra.stage.InputError` when it cannot be found or differs."""
+    if not uri:
+        raise stage.InputError(f"{what} records no tokenizer URI")
+    try:
+        loaded = load_first_stage(uri)
+    except FileNotFoundError as e:
+        raise stage.InputError(
+            f"the tokenizer of {what} cannot be found: {e} (sha256 {sha256}; set tokenizer_uri to a copy)"
+        ) from None
+    if sha256 and loaded.sha256 != sha256:
+        raise stage.InputError(
+            f"the tokenizer at {uri} has sha256 {loaded.sha256}, but {what} was made with sha256 {sha256}: "
+            "the file or alias changed since; point tokenizer_uri at the original weights"
+        )
+    return loaded
+
+
+def load_generator(uri: str) -> LoadedGenerator:
+    """A generator from a native ``train_gpt`` checkpoint (path, ``s3://``, a committed ``train_gpt``
+    output, ``models:/name@alias``) or an official taming ``Net2NetTransformer`` release."""
+    from models.gpt import GPT
+    from models.net2net import GeneratorSpec, Net2Net
+
+    loaded = load(uri)
+    model = loaded.model
+    if isinstance(model, Net2Net):  # an official release: first stage and condition inside
+        first = model.first_stage
+        side = first.config.resolution // first.config.downsample_factor
+        cond_stage = model.cond_stage.config if model.cond_stage is not None else None
+        prefix = 1
+        if cond_stage is not None:
+            prefix = (cond_stage.resolution // cond_stage.downsample_factor) ** 2
+        elif model.cond.mode == "coord":
+            prefix = side * side
+        spec = GeneratorSpec(
+            condition=model.cond,
+            codebook_size=first.config.codebook_size,
+            grid=(side, side),
+            tokenizer_uri=uri,
+            tokenizer_sha256=loaded.sha256,
+            prefix_length=prefix,
+        )
+        return LoadedGenerator(
+            model.transformer.eval(), spec, uri, loaded.sha256, loaded.kind, loaded.extra, first
+        )
+    if not isinstance(model, GPT) or "generator" not in loaded.extra:
+        raise stage.InputError(
+            f"{uri} holds a {type(model).__name__} without a generator spec, not a train_gpt generator"
+        )
+    spec = GeneratorSpec.from_dict(loaded.extra["generator"])
+    return LoadedGenerator(model, spec, uri, loaded.sha256, loaded.kind, loaded.extra)

@@ -60,8 +60,16 @@ class TrainRun:
 
 
 def read_parquet(uris: list[str], columns: list[str], seed: int):
-    """A Ray Dataset over ``uris`` (files permuted by ``seed``), for :func:`fit`'s datasets."""
+    """A Ray Dataset over ``uris`` (files permuted by ``seed``), for :func:`fit`'s datasets.
+
+    Ray is started here if it is not up yet (through ``ensure_ray``: Ray Data would otherwise
+    start it itself with one logical CPU per core, and on 2 cores the training workers then take
+    every CPU and the read tasks never run)."""
     import ray
+
+    from infra.cluster import ensure_ray
+
+    ensure_ray()
 
     order = np.random.default_rng(seed).permutation(len(uris))
     return ray.data.read_parquet([uris[i] for i in order]).select_columns(columns)

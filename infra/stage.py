@@ -227,7 +227,7 @@ def read_held_out(uri: str, columns: list[str], limit: int | None = None) -> tup
     else (with a warning, and the split name saying so) ``train``; at most ``limit`` rows."""
     import numpy as np
 
-    t = read_committed_table(uri, [*columns, "split"])
+    t = read_committed_table(uri, list(dict.fromkeys([*columns, "split"])))
     splits = np.asarray(t["split"].to_pylist())
     split = next((s for s in ("val", "test", "train") if (splits == s).any()), None)
     if split is None:

@@ -35,15 +35,21 @@ class GPTConfig:
     n_unmasked: int = 0  # the first n positions attend to each other bidirectionally (official option)
 
 
+# Named sizes. ``train_gpt`` takes layers, heads and width from a preset and derives the vocabulary
+# and context from the data (codebook + condition tokens, condition + grid).
 PRESETS: dict[str, GPTConfig] = {
-    # taming's ImageNet class-conditional transformer (cin_transformer): 1024 codes + 1000 classes
-    "taming-cin": GPTConfig(vocab_size=1024, block_size=256, n_layer=24, n_head=16, n_embd=1536),
+    # the demo and the quality benchmark: 4 x 128 (0.93M parameters with 8x8 codes of 512)
+    "gpt-demo": GPTConfig(vocab_size=512 + 11, block_size=64, n_layer=4, n_head=4, n_embd=128),
+    # the benchmark model of this project's sampling benchmark: 12 x 512, 256 image tokens
+    "gpt-12x512": GPTConfig(vocab_size=1024, block_size=256, n_layer=12, n_head=8, n_embd=512),
+    # LlamaGen's sizes (Sun et al. 2024): GPT-B 111M, GPT-L 343M, GPT-XL 775M at 256 tokens
+    "gpt-b": GPTConfig(vocab_size=16384 + 1001, block_size=256, n_layer=12, n_head=12, n_embd=768),
+    "gpt-l": GPTConfig(vocab_size=16384 + 1001, block_size=256, n_layer=24, n_head=16, n_embd=1024),
+    "gpt-xl": GPTConfig(vocab_size=16384 + 1001, block_size=256, n_layer=36, n_head=20, n_embd=1280),
+    # taming's ImageNet class-conditional transformer (cin_transformer): 16384 codes, 48 x 1536, 1.4B
+    "taming-cin": GPTConfig(vocab_size=16384, block_size=256, n_layer=48, n_head=24, n_embd=1536),
     # S-FLCKR / depth-conditional style: 256 condition + 256 image tokens
     "taming-cond-512": GPTConfig(vocab_size=1024, block_size=512, n_layer=24, n_head=16, n_embd=1024),
-    # the benchmark model of this project: 12 x 512, 256 image tokens
-    "gpt-12x512": GPTConfig(vocab_size=1024, block_size=256, n_layer=12, n_head=8, n_embd=512),
-    # the demo: 8x8 codes of a 512-code tokenizer + a class token
-    "demo-small": GPTConfig(vocab_size=512 + 11, block_size=64, n_layer=4, n_head=4, n_embd=128),
 }
 
 
@@ -222,8 +228,12 @@ class GPT(nn.Module):
         cfg_scale: float | None = None,
         uncond_prefix: torch.Tensor | None = None,
         generator: Generators = None,
+        n_codes: int | None = None,
     ) -> torch.Tensor:
         """prefix (B, P) -> (B, P + steps): the prefix followed by ``steps`` sampled tokens.
+
+        ``n_codes``: sample only ids below it (native models keep condition and null tokens after
+        the image codes, and those are never image content).
 
         With ``cfg_scale``, ``uncond_prefix`` (B, P) is the same prefix with the condition replaced
         by the null condition; both halves get the same sampled token.
@@ -236,7 +246,8 @@ class GPT(nn.Module):
             raise ValueError("classifier-free guidance needs uncond_prefix with the prefix's shape")
         x = torch.cat([prefix, uncond_prefix]) if guided else prefix
         cache = self.new_cache(x.shape[0], p + steps - 1)
-        logits = self(x, cache, 0)[:, -1]
+        limit = slice(None) if n_codes is None else slice(0, n_codes)
+        logits = self(x, cache, 0)[:, -1, limit]
         out = [prefix]
         for s in range(steps):
             if guided:
@@ -245,7 +256,7 @@ class GPT(nn.Module):
             tok = sample_next(logits, temperature, top_k, top_p, generator)
             out.append(tok)
             if s < steps - 1:
-                logits = self(torch.cat([tok, tok]) if guided else tok, cache, p + s)[:, -1]
+                logits = self(torch.cat([tok, tok]) if guided else tok, cache, p + s)[:, -1, limit]
         return torch.cat(out, dim=1)
 
 

@@ -15,6 +15,7 @@ batch doubling at sampling).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +37,79 @@ class ConditionConfig:
     token_offset: int = 0  # added to condition ids (0 = the official shared vocabulary)
     null_token: int | None = None  # classifier-free guidance: the token of "no condition"
     cond_dropout: float = 0.0  # training: share of samples whose condition becomes null_token (CFG)
+    cond_codebook_size: int = 0  # spatial: the condition tokenizer's codebook size
+
+
+def condition_vocab(c: ConditionConfig) -> int:
+    """How many condition token ids the mode uses (before ``token_offset``; null token excluded)."""
+    return {
+        "unconditional": c.sos_token + 1,
+        "class": c.n_classes,
+        "spatial": c.cond_codebook_size,
+        "coord": c.coord_levels + 1,
+    }[c.mode]
+
+
+def native_condition(
+    mode: str, codebook_size: int, cond_dropout: float = 0.0, **fields
+) -> tuple[ConditionConfig, int]:
+    """The condition layout of a native model: image codes take ids ``[0, codebook_size)``, the
+    condition's ids follow (no sharing, unlike the official vocabulary), then the null token when
+    ``cond_dropout`` > 0. Returns the config and the vocabulary size it needs."""
+    c = ConditionConfig(mode=mode, token_offset=codebook_size, **fields)
+    n = codebook_size + condition_vocab(c)
+    if cond_dropout > 0 and mode != "unconditional":
+        return dataclasses.replace(c, null_token=n, cond_dropout=cond_dropout), n + 1
+    return c, n
+
+
+def condition_prefix(c: ConditionConfig, raw: torch.Tensor) -> torch.Tensor:
+    """Raw condition ids -> the token prefix (B, Lc): the class id (B,), condition codes or
+    coordinate levels (B, Lc); unconditional: any (B, ...) tensor, one SOS token per row."""
+    if c.mode == "unconditional":
+        return torch.full(
+            (raw.shape[0], 1), c.sos_token + c.token_offset, dtype=torch.long, device=raw.device
+        )
+    tokens = raw.long().reshape(raw.shape[0], -1)
+    n = condition_vocab(c)
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= n):
+        raise ValueError(
+            f"{c.mode} condition ids must lie in [0, {n}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    return tokens + c.token_offset
+
+
+def drop_condition(c: ConditionConfig, tokens: torch.Tensor, generator=None) -> torch.Tensor:
+    """Training: the prefix of a share ``cond_dropout`` of the rows replaced by the null token (CFG)."""
+    if c.cond_dropout <= 0:
+        return tokens
+    if c.null_token is None:
+        raise ValueError("cond_dropout needs a null_token")
+    drop = (
+        torch.rand(tokens.shape[0], 1, generator=generator, device="cpu").to(tokens.device) < c.cond_dropout
+    )
+    return torch.where(drop, torch.full_like(tokens, c.null_token), tokens)
+
+
+def coord_levels_map(
+    grid: tuple[int, int],
+    side: tuple[int, int],
+    offset: tuple[int, int],
+    crop: int,
+    levels: int,
+    flip: bool = False,
+) -> torch.Tensor:
+    """taming's coordinate condition for one code grid: the map ``(y * W + x) / (H * W)`` of the
+    full image (H, W), area-averaged over each code cell of the crop at ``offset`` (pixels) and
+    quantised to ``levels`` (as ``CoordStage``), flattened (h * w,). ``flip``: a mirrored view."""
+    (h, w), (H, W), (r, q) = grid, side, offset
+    f = crop / h
+    y = r + (torch.arange(h, dtype=torch.float64) + 0.5) * f - 0.5
+    x = q + (torch.arange(w, dtype=torch.float64) + 0.5) * f - 0.5
+    if flip:
+        x = x.flip(0)
+    value = (y[:, None] * W + x[None, :]) / (H * W)
+    return (levels * value.clamp(0, 1)).round().long().reshape(-1)
 
 
 class Net2Net(nn.Module):
@@ -78,11 +152,8 @@ class Net2Net(nn.Module):
         """Training forward: logits over image positions (B, h*w, V) and their targets (B, h*w)."""
         z = self.encode_to_z(x)
         c_tokens = self.encode_to_c(c)
-        if self.training and self.cond.cond_dropout > 0:
-            if self.cond.null_token is None:
-                raise ValueError("cond_dropout needs a null_token")
-            drop = torch.rand(c_tokens.shape[0], 1, device=c_tokens.device) < self.cond.cond_dropout
-            c_tokens = torch.where(drop, torch.full_like(c_tokens, self.cond.null_token), c_tokens)
+        if self.training:
+            c_tokens = drop_condition(self.cond, c_tokens)
         logits = self.transformer(torch.cat([c_tokens, z], 1)[:, :-1])
         return logits[:, c_tokens.shape[1] - 1 :], z
 
@@ -123,3 +194,37 @@ class Net2Net(nn.Module):
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.first_stage.decode_codes(codes.reshape(codes.shape[0], *grid))
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything sampling needs besides the GPT's weights, carried in a native generator checkpoint:
+    how the condition becomes the prefix, the code grid, and the tokenizer that decodes the codes
+    (its URI and the sha256 of its weights, which a loader verifies)."""
+
+    condition: ConditionConfig
+    codebook_size: int
+    grid: tuple[int, int]
+    tokenizer_uri: str | None = None
+    tokenizer_sha256: str | None = None
+    label_names: list[str] | None = None
+    prefix_length: int = 1  # condition tokens: 1 (unconditional, class), the condition grid otherwise
+    condition_column: str | None = None  # spatial: the code-shard column of the condition codes
+    condition_tokenizer_sha256: str | None = None
+
+    @property
+    def block_size(self) -> int:
+        """The shortest GPT context that fits: condition + image tokens - 1."""
+        return self.prefix_length + self.grid[0] * self.grid[1] - 1
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["grid"] = list(self.grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GeneratorSpec:
+        d = dict(d)
+        d["condition"] = ConditionConfig(**d["condition"])
+        d["grid"] = tuple(d["grid"])
+        return cls(**d)

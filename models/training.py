@@ -62,13 +62,32 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _allreduce_grads(params) -> None:
+def allreduce_grads(params) -> None:
+    """Average the gradients of ``params`` over the process group (no-op in a single process)."""
     world = _world()
     if world > 1:
         for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= world
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * weights`` for float tensors; others (counters) copied."""
+    for k, v in model.state_dict().items():
+        if v.dtype.is_floating_point:
+            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+def shipped_copy(model: nn.Module, ema: dict[str, torch.Tensor] | None) -> nn.Module:
+    """A copy of ``model`` in eval mode, with the ``ema`` weights when they are kept."""
+    out = copy.deepcopy(model)
+    if ema is not None:
+        out.load_state_dict(ema)
+    return out.eval()
 
 
 class VQGANTrainer:
@@ -121,7 +140,7 @@ class VQGANTrainer:
             g_loss, logs = self.loss.generator_loss(out.loss, x, xrec, self.step, self.model.last_layer)
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
-        _allreduce_grads(self.model.parameters())
+        allreduce_grads(self.model.parameters())
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.opt_g.step()
@@ -129,16 +148,11 @@ class VQGANTrainer:
             d_loss, dlogs = self.loss.discriminator_loss(x, xrec, self.step)
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
-            _allreduce_grads(self.loss.discriminator.parameters())
+            allreduce_grads(self.loss.discriminator.parameters())
             self.opt_d.step()
             logs.update(dlogs)
         if self.ema is not None:
-            with torch.no_grad():
-                for k, v in self.model.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        self.ema[k].mul_(self.ema_decay).add_(v.detach(), alpha=1 - self.ema_decay)
-                    else:
-                        self.ema[k].copy_(v)
+            ema_update(self.ema, self.model, self.ema_decay)
         self.step += 1
         floats = {k: float(v) for k, v in logs.items()}
         floats.update(lr=lr, codebook_usage=float(out.usage), perplexity=float(out.perplexity))
@@ -146,10 +160,7 @@ class VQGANTrainer:
 
     def final_model(self) -> VQGAN:
         """The model to validate and ship: the EMA weights when kept, else the trained ones (a copy)."""
-        model = copy.deepcopy(self.model)
-        if self.ema is not None:
-            model.load_state_dict(self.ema)
-        return model.eval()
+        return shipped_copy(self.model, self.ema)
 
     def state_dict(self) -> dict:
         return {

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from infra import config as config_lib  # noqa: E402
 from infra import storage, tracking  # noqa: E402
 from infra.cli import OVERRIDES_HELP, run_guarded, setup_logging  # noqa: E402
-from stages import depth, ingest, segmentation, tokenize_images, train_vqgan  # noqa: E402
+from stages import depth, ingest, segmentation, tokenize_images, train_gpt, train_vqgan  # noqa: E402
 
 log = logging.getLogger("pipelines.full")
 
@@ -48,6 +48,7 @@ class FullConfig:
     segmentation: segmentation.SegmentationConfig | None = None  # DeepLab label maps, when present
     train_vqgan: train_vqgan.TrainVQGANConfig | None = None  # trains (and registers) the tokenizer
     tokenize_images: tokenize_images.TokenizeConfig | None = None  # runs when a tokenizer is configured
+    train_gpt: train_gpt.TrainGPTConfig | None = None  # the transformer on the code shards
 
 
 def resolve(cfg: FullConfig) -> FullConfig:
@@ -85,9 +86,17 @@ def resolve(cfg: FullConfig) -> FullConfig:
             output_uri=tok.output_uri or storage.join(root, "codes"),
             tokenizer_uri=tok.tokenizer_uri or (trn.output_uri if trn is not None else ""),
         )
+    gpt = cfg.train_gpt
+    if gpt is not None:
+        gpt = dataclasses.replace(
+            gpt,
+            codes_uri=gpt.codes_uri or (tok.output_uri if tok is not None else ""),
+            output_uri=gpt.output_uri or storage.join(root, "gpt"),
+        )
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, root_uri=root),
+        train_gpt=gpt,
         ingest=ing,
         depth=dep,
         train_vqgan=trn,
@@ -103,6 +112,7 @@ STAGES = (
     ("segmentation", segmentation),
     ("train_vqgan", train_vqgan),
     ("tokenize_images", tokenize_images),
+    ("train_gpt", train_gpt),
 )
 
 

@@ -15,7 +15,6 @@ tokenizes only the missing shards and gives byte-identical files.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -25,8 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from infra import code_shards, model_store, pool, schemas, stage, storage, tracking
 from infra import config as config_lib
-from infra import model_store, pool, schemas, stage, storage, tracking
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Precision, placement
 from infra.imaging import decode_column
@@ -78,12 +77,6 @@ def auto_batch_size(height: int, width: int, device: str) -> int:
 
 def _augmentations(cfg: TokenizeConfig) -> list[str]:
     return ["identity"] + (["hflip"] if cfg.hflip else []) + [f"crop{k}" for k in range(cfg.num_crops)]
-
-
-def _crop_offsets(image_id: str, k: int, side: int, crop: int) -> tuple[int, int]:
-    h = hashlib.sha256(f"{image_id}:{k}".encode()).digest()
-    span = side - crop + 1
-    return int.from_bytes(h[:4], "little") % span, int.from_bytes(h[4:8], "little") % span
 
 
 class TokenizeShards(pool.Worker):
@@ -145,7 +138,7 @@ class TokenizeShards(pool.Worker):
                 yield aug_id, x[..., ::-1]
             else:
                 k, c = int(aug[4:]), self.cfg.crop_size
-                offs = [_crop_offsets(i, k, full.shape[-1], c) for i in ids]
+                offs = [code_shards.crop_offset(i, k, full.shape[-1], c) for i in ids]
                 yield aug_id, np.stack([full[n, :, r : r + c, q : q + c] for n, (r, q) in enumerate(offs)])
 
     def _conditions(self, t: pa.Table) -> dict[str, tuple]:

@@ -21,3 +21,34 @@ def fashion_mnist_shards(tmp: Path, images: int, rows_per_shard: int):
         ),
         "bench",
     )
+
+
+def demo_codes() -> str:
+    """The demo's Fashion-MNIST code shards (f4-small tokenizer, 8x8 codes of 512): the demo pipeline
+    up to tokenize under .local/runs/demo (reused when `make demo` ran; else ingest, VQGAN training
+    and tokenization run first, ~8 min here). Returns the code shards' URI."""
+    import dataclasses
+
+    from infra import config as config_lib
+    from pipelines import full
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = config_lib.load(full.FullConfig, root / "pipelines" / "configs" / "demo.yaml")
+    cfg = dataclasses.replace(
+        cfg, train_gpt=None, run=dataclasses.replace(cfg.run, root_uri=str(root / ".local/runs/demo"))
+    )
+    return full.run(cfg)["tokenize_images"]["output_uri"]
+
+
+def code_arrays(uri: str, split: str):
+    """(labels, codes) of one split of a code-shard output as torch int64 tensors."""
+    import numpy as np
+    import torch
+
+    from infra import code_shards, stage
+
+    t = stage.read_committed_table(uri, code_shards.COLUMNS)
+    t = t.filter(np.asarray(t["split"].to_pylist()) == split)
+    h, w = stage.read_manifest(uri).extra["grid"]
+    rows = code_shards.decode_rows(t, h * w)
+    return torch.from_numpy(rows["label"]), torch.from_numpy(rows["codes"])

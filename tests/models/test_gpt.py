@@ -211,3 +211,14 @@ def test_condition_dropout_uses_null_token():
     net.transformer.register_forward_hook(lambda mod, args, out: seen.setdefault("idx", args[0]))
     net(torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([0, 1]))
     assert seen["idx"][:, 0].tolist() == [19, 19]
+
+
+def test_generate_samples_only_image_codes():
+    """``n_codes``: condition and null ids after the image codes are never sampled."""
+    m = _gpt()
+    out = m.generate(torch.full((4, 1), 20), 30, n_codes=5, generator=torch.Generator().manual_seed(0))
+    assert int(out[:, 1:].max()) < 5
+    assert (
+        int(m.generate(torch.full((4, 1), 20), 30, generator=torch.Generator().manual_seed(0))[:, 1:].max())
+        >= 5
+    )

@@ -61,3 +61,18 @@ def test_depth_conditional_and_sliding_window(load):
     assert torch.equal(cond, e["window_cond_codes"])
     codes = sample_sliding_window(m.transformer, cond, (12, 14), 8, temperature=0)
     assert torch.equal(codes, e["window_greedy_codes"])
+
+
+def test_load_generator_resolves_an_official_release(tmp_path):
+    """``infra.model_store.load_generator`` on an official Net2NetTransformer release folder: the
+    same GPT as the importer, its condition, codebook and grid, and the bundled first stage."""
+    from infra import model_store
+
+    release = fixtures.release_copy("taming/classcond", tmp_path)
+    gen = model_store.load_generator(str(release))
+    e = fixtures.expected("taming/classcond")
+    assert gen.kind == "taming" and gen.spec.condition.mode == "class" and gen.spec.condition.n_classes == 10
+    assert gen.spec.codebook_size == 128 and gen.spec.grid == (8, 8) and gen.spec.prefix_length == 1
+    out = gen.gpt.generate(e["labels"][:2, None].long(), 64, temperature=0, n_codes=gen.spec.codebook_size)
+    assert torch.equal(out[:, 1:], e["greedy_out"])
+    assert gen.tokenizer() is not None and gen.tokenizer().config.codebook_size == 128

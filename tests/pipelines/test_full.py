@@ -93,6 +93,7 @@ def test_ray_job_submit(stack, tmp_path):
             f"run.root_uri={tmp_path / 'job'}",
             "train_vqgan=null",  # the demo's training and tokenization are not what this test is about
             "tokenize_images=null",
+            "train_gpt=null",
             "run.experiment=test-job",
         ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -127,6 +128,19 @@ def test_pipeline_with_tokenize(stack, tmp_path):
                 "run": {"name": "tok", "experiment": "test-pipeline", "root_uri": str(tmp_path / "run")},
                 "ingest": {"source_uri": str(src), "resolution": 8},
                 "tokenize_images": {"tokenizer_uri": str(tmp_path / "tok.safetensors")},
+                "train_gpt": {  # the transformer on those codes, chained by the pipeline
+                    "condition": "unconditional",
+                    "n_layer": 1,
+                    "n_head": 1,
+                    "n_embd": 16,
+                    "steps": 3,
+                    "batch_size": 2,
+                    "warmup_steps": 1,
+                    "num_workers": 1,
+                    "cpus_per_worker": 0.5,
+                    "sample_every": 3,
+                    "samples_per_condition": 2,
+                },
             }
         )
     )
@@ -135,6 +149,15 @@ def test_pipeline_with_tokenize(stack, tmp_path):
     assert t["output_uri"] == str(tmp_path / "run" / "codes") and (t["images"], t["rows"]) == (8, 8)
     m = stage.read_manifest(t["output_uri"])
     assert m.inputs[0].uri == summary["ingest"]["output_uri"] and m.extra["grid"] == [4, 4]
+    g = summary["train_gpt"]
+    assert (
+        g["output_uri"] == str(tmp_path / "run" / "gpt") and g["steps"] == 3 and g["val/bits_per_token"] > 0
+    )
+    gm = stage.read_manifest(g["output_uri"])
+    assert (
+        gm.inputs[0].uri == t["output_uri"]
+        and gm.extra["generator"]["tokenizer_sha256"] == m.extra["tokenizer_sha256"]
+    )
 
 
 def test_pipeline_with_depth(stack, tmp_path):

@@ -1,0 +1,171 @@
+"""One GPT training step over code sequences, pure torch: the recipe that ``stages.train_gpt`` runs
+on every Ray Train worker and that the quality benchmark runs in-process.
+
+The model trains from codes, never from pixels: a batch is the condition prefix (B, Lc) and the
+image codes (B, T) that the code shards already hold; the loss is the cross-entropy of the image
+positions only (as taming's ``Net2NetTransformer``), reported in nats and bits per token.
+
+Beyond the official recipe (AdamW betas (0.9, 0.95), weight decay on the Linear weights, constant
+lr): linear warm-up and cosine decay (``models.training.Schedule``), gradient clipping, an optional
+EMA of the weights, optional bf16 autocast, taming's token corruption (``pkeep``: each input code is
+replaced by a random code with probability 1 - pkeep; the targets stay the true codes), and
+gradients averaged across workers by an explicit all-reduce (gloo and NCCL alike).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.gpt import GPT
+from models.training import Schedule, allreduce_grads, ema_update, shipped_copy
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class GPTRecipe:
+    lr: float = 4e-3  # peak, after warm-up
+    steps: int = 1000  # the cosine reaches min_lr_ratio * lr here
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.1  # on the weights of Linear layers only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    pkeep: float = 1.0  # share of input codes kept (taming's pkeep); the rest are random codes
+
+    def schedule(self) -> Schedule:
+        return Schedule(self.lr, self.steps, self.warmup_steps, True, self.min_lr_ratio)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the matmul weights (every ``nn.Linear.weight``), none on
+    embeddings, position embeddings, LayerNorms and biases (as minGPT's ``configure_optimizers``)."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+    ]
+
+
+def corrupt(codes: torch.Tensor, pkeep: float, codebook_size: int, generator=None) -> torch.Tensor:
+    """Each code replaced by a uniform random code with probability ``1 - pkeep``."""
+    if pkeep >= 1.0:
+        return codes
+    keep = torch.rand(codes.shape, generator=generator, device="cpu").to(codes.device) < pkeep
+    noise = torch.randint(0, codebook_size, codes.shape, generator=generator, device="cpu").to(codes.device)
+    return torch.where(keep, codes, noise)
+
+
+def image_logits(model: GPT, prefix: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) predicting each of the T image codes from the prefix and the codes before it."""
+    seq = torch.cat([prefix, inputs], 1)[:, :-1]
+    return model(seq)[:, prefix.shape[1] - 1 :]
+
+
+def code_loss(model: GPT, prefix: torch.Tensor, codes: torch.Tensor, inputs: torch.Tensor | None = None):
+    """Mean cross-entropy (nats) of the image codes; ``inputs``: the (corrupted) codes fed in."""
+    logits = image_logits(model, prefix, codes if inputs is None else inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
+
+
+@torch.no_grad()
+def bits_per_token(
+    model: GPT, prefix: torch.Tensor, codes: torch.Tensor, batch: int = 256, autocast_dtype=None
+) -> float:
+    """Mean bits per image token of ``codes`` given ``prefix`` (eval mode, no corruption)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    device = next(model.parameters()).device
+    for lo in range(0, len(codes), batch):
+        p, c = prefix[lo : lo + batch].to(device), codes[lo : lo + batch].to(device)
+        with _autocast(device, autocast_dtype):
+            total += float(code_loss(model, p, c)) * len(c)
+    model.train(was_training)
+    return total / max(1, len(codes)) / LN2
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class GPTTrainer:
+    """The GPT, its AdamW, the schedule and the EMA weights; ``train_step`` is one global step."""
+
+    def __init__(
+        self,
+        model: GPT,
+        recipe: GPTRecipe,
+        codebook_size: int,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.model, self.recipe, self.codebook_size = model, recipe, codebook_size
+        self.schedule = recipe.schedule()
+        self.autocast_dtype = autocast_dtype
+        fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+        self.opt = torch.optim.AdamW(
+            param_groups(model, recipe.weight_decay),
+            lr=recipe.lr,
+            betas=(recipe.beta1, recipe.beta2),
+            **fused,
+        )
+        self.ema = (
+            {k: v.detach().clone() for k, v in model.state_dict().items()} if recipe.ema_decay else None
+        )
+        self.step = 0
+
+    def train_step(
+        self, prefix: torch.Tensor, codes: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on this worker's part of the batch: prefix (B, Lc), codes (B, T)."""
+        lr = self.schedule(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        inputs = corrupt(codes, self.recipe.pkeep, self.codebook_size, generator)
+        with _autocast(codes.device, self.autocast_dtype):
+            loss = code_loss(self.model, prefix, codes, inputs)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        allreduce_grads(self.model.parameters())
+        clip = self.recipe.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.opt.step()
+        if self.ema is not None:
+            ema_update(self.ema, self.model, self.recipe.ema_decay)
+        self.step += 1
+        nats = float(loss.detach())  # this worker's share; the logged figure is rank 0's
+        return {"loss": nats, "bits_per_token": nats / LN2, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def eval_model(self) -> GPT:
+        """The weights to validate now: the EMA copy when kept, else the live model (no copy)."""
+        return self.final_model() if self.ema is not None else self.model
+
+    def final_model(self) -> GPT:
+        """The model to validate and ship: the EMA weights when kept, else the trained ones (a copy)."""
+        return shipped_copy(self.model, self.ema)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "ema": self.ema,
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.ema = {k: v.clone() for k, v in state["ema"].items()} if state.get("ema") else None
+        self.step = int(state["step"])

@@ -1,0 +1,416 @@
+"""Train the transformer on code shards with Ray Train: the second stage of *Taming Transformers*.
+
+The model learns from the codes the tokenize stage wrote (and their condition codes), never from
+pixels: no tokenizer encoder is loaded. The condition becomes a token prefix, as in the paper:
+``unconditional`` (one start token), ``class`` (the ``label`` column), ``depth`` / ``segmentation``
+(the ``depth_codes`` / ``segmentation_codes`` columns, a spatial prefix), ``coord`` (taming's
+coordinate condition for aligned data: each code cell's position in the full image, quantised to
+``coord_levels``). Native models give the condition its own token ids after the image codes, and a
+null token when ``cond_dropout`` > 0 (classifier-free guidance; default 0.1 for class conditions).
+
+The recipe (``models.gpt_training``): AdamW (betas 0.9/0.95, weight decay on matmul weights only),
+warm-up + cosine decay, clipping, optional EMA, token corruption (``pkeep``) and dropout, bf16
+autocast on GPU; gradients all-reduced across ``num_workers`` (gloo on CPU, NCCL on GPU), data fed
+through Ray Data in a seeded, resumable order. Checkpoints every ``checkpoint_every`` steps; a killed
+worker or a resubmitted job resumes from the newest complete one. Rank 0 logs train/loss (nats),
+train/bits_per_token, the learning rate, the gradient norm and tokens/s, val/bits_per_token on the
+held-out split every ``val_every`` steps, and every ``sample_every`` steps a grid of samples (rows:
+classes or held-out conditions) decoded by the tokenizer the code shards name (its sha256
+verified). The result is one native checkpoint carrying the GPT and everything sampling needs
+(``models.net2net.GeneratorSpec``), registered as ``models:/<register_name>@<register_alias>``;
+``infra.model_store.load_generator`` loads it (or an official ``Net2NetTransformer`` release).
+
+    python -m stages.train_gpt codes_uri=... output_uri=... condition=class preset=gpt-demo \\
+        steps=1000 batch_size=64 num_workers=2 register_name=demo-gpt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from infra import code_shards, model_store, ray_train, stage, tracking
+from infra import config as config_lib
+from infra.config import execution_field, input_field, output_field
+from infra.stage import InputError, InputRef, StageResult, StageRun
+
+log = logging.getLogger(__name__)
+STAGE = "train_gpt"
+Condition = Literal["unconditional", "class", "depth", "segmentation", "coord"]
+SPATIAL = {"depth": "depth_codes", "segmentation": "segmentation_codes"}
+MAX_GRID_ROWS = 16  # sample grids: at most this many classes / conditions, one row each
+
+
+@dataclass(frozen=True)
+class TrainGPTConfig:
+    codes_uri: str = input_field()  # committed code shards ("" = the pipeline's tokenize output)
+    output_uri: str = output_field()  # checkpoints and the final model ("" = derived from run.root_uri)
+    condition: Condition = "class"
+    cond_dropout: float | None = None  # share of rows trained with the null condition; None: 0.1 for class
+    coord_levels: int = 255  # coord: quantisation levels of the position (taming's CoordStage n_embed)
+    preset: str = "gpt-demo"  # models.gpt.PRESETS: layers, heads, width (vocabulary and context derived)
+    n_layer: int | None = None  # override the preset's
+    n_head: int | None = None
+    n_embd: int | None = None
+    vocab_size: int | None = None  # None: codebook + condition tokens (+ null); at least that
+    block_size: int | None = None  # None: condition length + grid - 1; at least that
+    dropout: float = 0.0  # embedding, residual and attention dropout
+    steps: int = 1000
+    batch_size: int = 64  # global, split over the workers
+    lr: float | None = None  # peak; None: 4e-3 * 128 / n_embd (4e-3 at the demo's width)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # the cosine decays to this share of lr at `steps`
+    weight_decay: float = 0.1  # on matmul weights only
+    grad_clip: float = 1.0
+    ema_decay: float | None = None  # EMA of the weights (the EMA model is validated and saved)
+    pkeep: float = 1.0  # taming's token corruption: share of input codes kept (1: off)
+    seed: int = 0  # initialisation, data order, condition dropout
+    shuffle_buffer: int = 4096  # rows each worker shuffles within, per epoch (0: shard order only)
+    tokenizer_uri: str | None = input_field(None)  # for sample grids; None: the one the codes name
+    register_name: str | None = None  # register the final model under this name ...
+    register_alias: str = "candidate"  # ... with this alias
+    # execution only (not part of the identity)
+    num_workers: int = execution_field(2)
+    cpus_per_worker: float = execution_field(1.0)
+    use_gpu: bool = execution_field(False)
+    bf16: bool = execution_field(True)  # autocast on GPU
+    checkpoint_every: int = execution_field(250)
+    log_every: int = execution_field(25)
+    val_every: int = execution_field(250)  # rank 0, on the held-out split; 0: only at the end
+    sample_every: int = execution_field(500)  # a decoded sample grid; 0: none (no tokenizer needed)
+    samples_per_condition: int = execution_field(8)
+    max_failures: int = execution_field(2)
+    val_rows: int = execution_field(10_000)  # cap on the held-out rows
+
+    def __post_init__(self):
+        from models.gpt import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: unknown {self.preset!r}; known: {sorted(PRESETS)}")
+        if not 0 < self.pkeep <= 1:
+            raise ValueError("pkeep must lie in (0, 1]")
+        if self.cond_dropout is not None and not 0 <= self.cond_dropout < 1:
+            raise ValueError("cond_dropout must lie in [0, 1)")
+
+    @property
+    def dropout_rate(self) -> float:
+        if self.cond_dropout is not None:
+            return self.cond_dropout
+        return 0.1 if self.condition == "class" else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver worked out before any work: the model, its spec and how to read the rows."""
+
+    spec: Any  # models.net2net.GeneratorSpec
+    gpt: Any  # models.gpt.GPTConfig
+    recipe: Any  # models.gpt_training.GPTRecipe
+    raw: str  # the batch column the condition prefix comes from
+    columns: tuple[str, ...]  # condition code columns to read
+    coord: dict[str, Any] | None  # coord: the geometry to compute positions from
+    labels: tuple[int, ...] | None  # class: the label ids trained on (rows without one are skipped)
+    train_rows: int
+
+
+def _coord_column(batch, *, augmentations, side, crop, grid, levels) -> dict[str, np.ndarray]:
+    """The coordinate condition of each row (its view's code cells in the full image)."""
+    from models.net2net import coord_levels_map
+
+    rows = []
+    for image_id, aug in zip(batch["image_id"].to_pylist(), batch["aug_id"].to_pylist()):
+        r, q, size, flip = code_shards.view_geometry(image_id, augmentations[aug], side, crop)
+        rows.append(coord_levels_map(grid, (side, side), (r, q), size, levels, flip).numpy())
+    return {"coord": np.stack(rows) if rows else np.zeros((0, grid[0] * grid[1]), np.int64)}
+
+
+def _derive(plan: Plan):
+    return None if plan.coord is None else functools.partial(_coord_column, **plan.coord)
+
+
+def plan(cfg: TrainGPTConfig) -> Plan:
+    """Check the input against the config and derive the model; every problem fails here, by name."""
+    from models.gpt import PRESETS
+    from models.gpt_training import GPTRecipe
+    from models.net2net import GeneratorSpec, native_condition
+
+    if not cfg.codes_uri:
+        raise config_lib.ConfigError("train_gpt.codes_uri is not set")
+    info = code_shards.info(cfg.codes_uri)  # NotCommittedError / InputError name the problem
+    codes = stage.read_manifest(cfg.codes_uri)
+    k, grid = int(info["codebook_size"]), tuple(info["grid"])
+    t = stage.read_committed_table(cfg.codes_uri, ["split", "label"])
+    train = np.asarray(t["split"].to_pylist()) == "train"
+    labels = code_shards.labels_of(t)[train]
+    fields: dict[str, Any] = {}
+    raw, columns, coord, keep, prefix = "codes", (), None, None, 1
+    if cfg.condition == "class":
+        names = info.get("label_names")
+        if not (labels >= 0).any():
+            raise InputError(f"train_gpt.condition=class: {cfg.codes_uri} has no labels in its train split")
+        n_classes = len(names) if names else int(labels.max()) + 1
+        fields["n_classes"] = n_classes
+        raw, keep = "label", tuple(range(n_classes))
+        train = labels >= 0
+    elif cfg.condition in SPATIAL:
+        col = SPATIAL[cfg.condition]
+        if col not in info["conditions"]:
+            raise InputError(
+                f"train_gpt.condition={cfg.condition}: {cfg.codes_uri} has no `{col}` column (tokenize with "
+                f"tokenize_images.{cfg.condition}_tokenizer_uri set)"
+            )
+        fields["cond_codebook_size"] = info["conditions"][col]["codebook_size"]
+        length = code_shards.condition_lengths(stage.read_committed_table(cfg.codes_uri, [col]).schema)[col]
+        raw, columns, prefix = col, (col,), length
+    elif cfg.condition == "coord":
+        images = next((m for m in codes.upstream() if m.config.get("resolution")), None)
+        if images is None:
+            raise InputError(
+                f"train_gpt.condition=coord: the image size behind {cfg.codes_uri} is not recorded"
+            )
+        fields["coord_levels"] = cfg.coord_levels
+        side = int(images.config["resolution"])
+        coord = dict(
+            augmentations=info["augmentations"],
+            side=side,
+            crop=info["crop_size"],
+            grid=grid,
+            levels=cfg.coord_levels,
+        )
+        raw, prefix = "coord", grid[0] * grid[1]
+    cond, vocab = native_condition(
+        "spatial" if cfg.condition in SPATIAL else cfg.condition, k, cfg.dropout_rate, **fields
+    )
+    spec = GeneratorSpec(
+        condition=cond,
+        codebook_size=k,
+        grid=grid,
+        tokenizer_uri=cfg.tokenizer_uri or info.get("tokenizer_uri"),
+        tokenizer_sha256=info.get("tokenizer_sha256"),
+        label_names=info.get("label_names"),
+        prefix_length=prefix,
+        condition_column=columns[0] if columns else None,
+        condition_tokenizer_sha256=info["conditions"].get(columns[0], {}).get("tokenizer_sha256")
+        if columns
+        else None,
+    )
+    if cfg.vocab_size is not None and cfg.vocab_size < vocab:
+        raise InputError(
+            f"train_gpt.vocab_size={cfg.vocab_size} is below what the codes need: codebook of {k} codes + "
+            f"{vocab - k} condition tokens = {vocab}"
+        )
+    if cfg.block_size is not None and cfg.block_size < spec.block_size:
+        raise InputError(
+            f"train_gpt.block_size={cfg.block_size} is too short for a {grid[0]}x{grid[1]} grid: {prefix} "
+            f"condition tokens + {grid[0] * grid[1]} image tokens - 1 = {spec.block_size}"
+        )
+    base = PRESETS[cfg.preset]
+    drop = cfg.dropout
+    gpt = dataclasses.replace(
+        base,
+        vocab_size=cfg.vocab_size or vocab,
+        block_size=cfg.block_size or spec.block_size,
+        n_layer=cfg.n_layer or base.n_layer,
+        n_head=cfg.n_head or base.n_head,
+        n_embd=cfg.n_embd or base.n_embd,
+        embd_pdrop=drop,
+        resid_pdrop=drop,
+        attn_pdrop=drop,
+    )
+    if gpt.n_embd % gpt.n_head:
+        raise config_lib.ConfigError(
+            f"train_gpt: n_embd={gpt.n_embd} is not a multiple of n_head={gpt.n_head}"
+        )
+    n_train = int(train.sum())
+    if n_train < cfg.batch_size:
+        raise InputError(
+            f"{cfg.codes_uri} holds {n_train} training rows, fewer than train_gpt.batch_size={cfg.batch_size}"
+        )
+    recipe = GPTRecipe(
+        lr=cfg.lr if cfg.lr is not None else 4e-3 * 128 / gpt.n_embd,
+        steps=cfg.steps,
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        ema_decay=cfg.ema_decay,
+        pkeep=cfg.pkeep,
+    )
+    return Plan(spec, gpt, recipe, raw, columns, coord, keep, n_train)
+
+
+def held_out(cfg: TrainGPTConfig, p: Plan) -> tuple[Any, Any, str]:
+    """The held-out rows as (raw condition, codes, split name)."""
+    import torch
+
+    t, split = stage.read_held_out(cfg.codes_uri, [*code_shards.COLUMNS, *p.columns], None)
+    if p.labels is not None:
+        t = t.filter(np.isin(code_shards.labels_of(t), p.labels))
+    t = t.slice(0, cfg.val_rows)
+    rows = code_shards.decode_rows(t, p.spec.grid[0] * p.spec.grid[1])
+    if p.coord is not None:
+        rows.update(_coord_column(t, **p.coord))
+    return torch.from_numpy(rows[p.raw]), torch.from_numpy(rows["codes"]), split
+
+
+def sample_grid(cfg: TrainGPTConfig, model, spec, raw_held, tokenizer, seed: int) -> np.ndarray:
+    """Samples decoded by the tokenizer, one row per class (or held-out condition, the real image
+    first), ``samples_per_condition`` columns."""
+    import torch
+
+    from infra.imaging import image_grid, to_uint8_images
+    from models.net2net import condition_prefix
+
+    n = cfg.samples_per_condition
+    cond = spec.condition
+    h, w = spec.grid
+    device = next(model.parameters()).device
+    if cond.mode == "class":
+        raw = torch.arange(min(cond.n_classes, MAX_GRID_ROWS)).repeat_interleave(n)
+    elif cond.mode == "unconditional":
+        raw = torch.zeros(n * n, dtype=torch.long)
+    else:
+        raw = raw_held[: min(MAX_GRID_ROWS, len(raw_held))].repeat_interleave(n, 0)
+    prefix = condition_prefix(cond, raw.to(device))
+    gens = [torch.Generator(device=device).manual_seed(seed * 100_003 + i) for i in range(len(prefix))]
+    codes = model.generate(prefix, h * w, generator=gens, n_codes=spec.codebook_size)[:, prefix.shape[1] :]
+    with torch.no_grad():
+        x = tokenizer.to(device).decode_codes(codes.reshape(-1, h, w))
+    return image_grid(to_uint8_images(x), n)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: the GPT loop (scaffolding: ``infra.ray_train.Session``)."""
+    import torch
+
+    from models.gpt import GPT
+    from models.gpt_training import GPTTrainer, bits_per_token
+    from models.net2net import condition_prefix, drop_condition
+
+    cfg: TrainGPTConfig = config["cfg"]
+    p: Plan = config["plan"]
+    session = ray_train.Session(config)
+    torch.manual_seed(cfg.seed)  # same init everywhere
+    autocast = session.place.dtype if session.place.dtype != torch.float32 else None
+    trainer = GPTTrainer(
+        GPT(p.gpt).to(session.device), p.recipe, p.spec.codebook_size, autocast_dtype=autocast
+    )
+    if (state := session.restore()) is not None:
+        trainer.load_state_dict(state)
+    gen = torch.Generator()
+    held, tokenizer = None, None
+    cond = p.spec.condition
+    with session.tracking():
+        for batch in session.batches("train", max(1, cfg.batch_size // session.world)):
+            # seeded per (seed, rank, step): a resumed run draws the dropout and corruption it would have
+            gen.manual_seed(cfg.seed * 1_000_003 + session.rank * 7919 + trainer.step)
+            prefix = drop_condition(cond, condition_prefix(cond, batch[p.raw]), gen)
+            logs = trainer.train_step(prefix, batch["codes"], gen)
+            step, last = trainer.step, trainer.step >= cfg.steps
+            session.count(batch["codes"].numel())
+            if step % cfg.log_every == 0:
+                metrics = {f"train/{k}": v for k, v in logs.items()}
+                session.log_metrics({**metrics, "train/tokens_per_s": session.items_per_s()}, step=step)
+            if session.is_chief and cfg.val_every and step % cfg.val_every == 0 and not last:
+                held = held or held_out(cfg, p)
+                prefix = condition_prefix(cond, held[0])
+                bits = bits_per_token(trainer.eval_model(), prefix, held[1], autocast_dtype=autocast)
+                session.log_metrics({"val/bits_per_token": bits}, step=step)
+            if session.is_chief and cfg.sample_every and (step % cfg.sample_every == 0 or last):
+                held = held or held_out(cfg, p)
+                spec = p.spec
+                tokenizer = (
+                    tokenizer
+                    or model_store.load_tokenizer(
+                        spec.tokenizer_uri, spec.tokenizer_sha256, f"the code shards {cfg.codes_uri}"
+                    ).model
+                )
+                grid = sample_grid(cfg, trainer.eval_model(), p.spec, held[0], tokenizer, step)
+                session.log_image(grid, f"samples/step_{step:07d}.png")
+            if step % cfg.checkpoint_every == 0 or last:
+                session.report(step, {"loss": logs["loss"]}, trainer.state_dict())
+            if last:
+                break
+
+
+def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> StageResult:
+    """Train (or resume, or reuse) the transformer."""
+    import torch
+
+    from models.gpt import GPT, num_params
+    from models.gpt_training import bits_per_token
+    from models.net2net import condition_prefix
+
+    p = plan(cfg)
+    if cfg.sample_every:  # fails before any work when it cannot be found or is not the one named
+        model_store.load_tokenizer(
+            p.spec.tokenizer_uri, p.spec.tokenizer_sha256, f"the code shards {cfg.codes_uri}"
+        )
+    codes = stage.read_manifest(cfg.codes_uri)
+    job = StageRun(STAGE, cfg, cfg.output_uri, [InputRef.output("codes", codes)], experiment)
+    if (done := job.cached()) is not None:
+        return done
+    with job:
+        tracking.set_tags({"condition": cfg.condition, "tokenizer_sha256": p.spec.tokenizer_sha256 or ""})
+        datasets = {
+            "train": code_shards.ray_dataset(
+                cfg.codes_uri,
+                split="train",
+                labels=p.labels,
+                seed=cfg.seed,
+                columns=p.columns,
+                derive=_derive(p),
+            )
+        }
+        loop_config = {"cfg": cfg, "plan": p}
+        execution = {k: getattr(cfg, k) for k in ray_train.FIT_FIELDS}
+        state = ray_train.fit(job, train_loop, loop_config, datasets, **execution)
+        train_seconds = job.seconds
+        model = GPT(p.gpt)
+        model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+        raw, held_codes, split = held_out(cfg, p)
+        bits = bits_per_token(model.eval(), condition_prefix(p.spec.condition, raw), held_codes)
+        counts_ = np.bincount(held_codes.reshape(-1).numpy(), minlength=p.spec.codebook_size)
+        freq = counts_[counts_ > 0] / counts_.sum()
+        figures = {
+            "val/bits_per_token": bits,
+            "val/loss": bits * float(np.log(2)),
+            "val/unigram_bits_per_token": float(-(freq * np.log2(freq)).sum()),
+            "val/rows": int(len(held_codes)),
+            "params": num_params(model),
+            "train_seconds": train_seconds,
+        }
+        tracking.set_tags({"val/split": split})
+        step = int(state["step"])
+        tokens = step * (cfg.batch_size // cfg.num_workers) * cfg.num_workers * held_codes.shape[1]
+        with torch.no_grad():
+            return ray_train.commit_model(
+                job,
+                model,
+                counts={"steps": step, "train_rows": p.train_rows, "tokens": tokens},
+                figures=figures,
+                extra={
+                    "stage": STAGE,
+                    "step": step,
+                    "generator": p.spec.to_dict(),
+                    "recipe": dataclasses.asdict(p.recipe),
+                },
+                register_name=cfg.register_name,
+                register_alias=cfg.register_alias,
+                step=step,
+            )
+
+
+def main(argv: list[str] | None = None) -> StageResult:
+    from infra.cli import stage_main
+
+    return stage_main(STAGE, TrainGPTConfig, __doc__, run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The transformer stage through real Ray Train (2 workers), the MLflow server and registry, and S3."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from infra import model_store, schemas, stage, storage
+from models.gpt_training import bits_per_token
+from models.net2net import condition_prefix
+from stages import train_gpt
+from stages.train_gpt import TrainGPTConfig
+from tests.codes import tokenizer_file, unigram_bits, write_code_shards
+from tests.killing import kill_train_worker_when
+
+K, GRID, CLASSES = 16, (8, 8), 4
+
+
+@pytest.fixture(scope="module")
+def shards(stack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt")
+    tok_uri, tok_sha = tokenizer_file(root, K)
+    common = dict(k=K, grid=GRID, classes=CLASSES, tokenizer_uri=tok_uri, tokenizer_sha256=tok_sha)
+    labelled = write_code_shards(str(root / "codes"), n_train=512, n_val=128, **common)
+    unlabelled = write_code_shards(str(root / "plain"), n_train=96, n_val=16, labelled=False, **common)
+    return {"root": root, "codes": labelled.output_uri, "plain": unlabelled.output_uri, "tokenizer": tok_uri}
+
+
+def _cfg(shards, output_uri: str, **kw) -> TrainGPTConfig:
+    base = dict(
+        codes_uri=shards["codes"],
+        output_uri=output_uri,
+        condition="class",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        steps=60,
+        batch_size=32,
+        lr=1e-2,
+        warmup_steps=5,
+        checkpoint_every=20,
+        log_every=10,
+        val_every=20,
+        sample_every=30,
+        samples_per_condition=4,
+        num_workers=2,
+        cpus_per_worker=0.5,
+    )
+    return TrainGPTConfig(**{**base, **kw})
+
+
+def test_two_workers_train_to_s3_validate_sample_register(shards, s3_bucket, mlflow_client):
+    cfg = _cfg(shards, f"{s3_bucket}/gpt", register_name="test-gpt", ema_decay=0.9)
+    res = train_gpt.run(cfg, "test-gpt")
+    m = res.manifest
+    assert not res.cached and res.counts["steps"] == 60
+    # the rule is learnt: val bits/token far below the codes' unigram entropy (~4 bits)
+    held = stage.read_held_out(shards["codes"], ["codes"])[0]
+    unigram = unigram_bits(schemas.decode_codes(held["codes"], 64), K)
+    assert res.figures["val/unigram_bits_per_token"] == pytest.approx(unigram)
+    assert res.figures["val/bits_per_token"] < 0.5 * unigram, res.figures
+    run_id = m.mlflow_run_id
+    for name in ("train/loss", "train/bits_per_token", "train/lr", "train/grad_norm", "train/tokens_per_s"):
+        assert [x.step for x in mlflow_client.get_metric_history(run_id, name)] == [10, 20, 30, 40, 50, 60], (
+            name
+        )
+    val = mlflow_client.get_metric_history(run_id, "val/bits_per_token")
+    assert sorted(x.step for x in val) == [20, 40, 60]  # every val_every steps, and the final figure
+    arts = {a.path for a in mlflow_client.list_artifacts(run_id, "samples")}
+    assert arts == {"samples/step_0000030.png", "samples/step_0000060.png"}
+    grid = mlflow_client.download_artifacts(run_id, "samples/step_0000060.png")
+    from PIL import Image
+
+    assert Image.open(grid).size[1] > CLASSES * 16  # one row of 16px samples per class
+    # checkpoints went to S3, under the attempt folder
+    ckpts = [u for u in storage.list_files(m.output_uri) if u.endswith("/state.pt")]
+    assert ckpts and all(u.startswith("s3://") for u in ckpts)
+    # registered with its figures as tags; one loader gives the GPT and what sampling needs
+    version = mlflow_client.get_model_version("test-gpt", m.registered["version"])
+    assert float(version.tags["val/bits_per_token"]) == pytest.approx(res.figures["val/bits_per_token"])
+    gen = model_store.load_generator("models:/test-gpt@candidate")
+    assert gen.spec.condition.mode == "class" and gen.spec.condition.n_classes == CLASSES
+    assert gen.spec.codebook_size == K and gen.spec.grid == GRID and gen.spec.label_names[0] == "class0"
+    assert gen.spec.condition.null_token == K + CLASSES  # cond_dropout 0.1 by default for classes
+    assert gen.gpt.config.vocab_size == K + CLASSES + 1 and gen.gpt.config.block_size == 64
+    assert gen.tokenizer().config.codebook_size == K  # sha256 verified
+    # the registered weights are the validated ones: the same bits/token on the held-out rows
+    raw, codes, _ = train_gpt.held_out(cfg, train_gpt.plan(cfg))
+    bits = bits_per_token(gen.gpt, condition_prefix(gen.spec.condition, raw), codes)
+    assert bits == pytest.approx(res.figures["val/bits_per_token"], rel=1e-5)
+    # a finished run resubmitted is a no-op
+    again = train_gpt.run(dataclasses.replace(cfg, num_workers=1), "test-gpt")
+    assert again.cached and again.manifest.mlflow_run_id == run_id
+
+
+def test_killed_worker_is_replaced_and_resumes(shards, tmp_path, mlflow_client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = _cfg(
+        shards,
+        str(tmp_path / "gpt"),
+        steps=50,
+        checkpoint_every=10,
+        log_every=1,
+        val_every=0,
+        sample_every=0,
+        max_failures=2,
+    )
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(train_gpt.run, cfg, "test-gpt")
+        kill_train_worker_when(tmp_path / "gpt", "_attempts/*/ray/*/checkpoint_*/state.pt", count=2)
+        res = job.result(timeout=600)
+    assert not res.cached and res.counts["steps"] == 50
+    run_id = res.manifest.mlflow_run_id
+    resumed = mlflow_client.get_metric_history(run_id, "train/resumed_from_step")
+    assert resumed and all(x.value >= 10 and x.value % 10 == 0 for x in resumed)
+    steps = [x.step for x in mlflow_client.get_metric_history(run_id, "train/loss")]
+    assert set(steps) == set(range(1, 51))  # every step logged; replays after the resume point only
+    assert mlflow_client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_bad_inputs_fail_before_any_work(shards, tmp_path):
+    out = tmp_path / "never"
+
+    def fails(match, **kw):
+        cfg = _cfg(shards, str(out), **kw)
+        with pytest.raises((stage.InputError, stage.NotCommittedError), match=match):
+            train_gpt.run(cfg, "test-gpt")
+        assert not out.exists()
+
+    fails("has no labels in its train split", codes_uri=shards["plain"])
+    fails("has no `depth_codes` column", condition="depth")
+    fails("has no `segmentation_codes` column", condition="segmentation")
+    fails(
+        r"vocab_size=16 is below what the codes need: codebook of 16 codes \+ 5 condition tokens",
+        vocab_size=16,
+    )
+    fails(r"block_size=32 is too short for a 8x8 grid: 1 condition tokens \+ 64 image tokens", block_size=32)
+    fails("holds no committed stage output", codes_uri=str(tmp_path / "nothing"))
+    fails("fewer than train_gpt.batch_size=4096", batch_size=4096)
+    missing = storage.join(str(shards["root"]), "moved.safetensors")
+    fails("the tokenizer of the code shards .* cannot be found", tokenizer_uri=missing)
+    fails("the image size behind .* is not recorded", condition="coord")
+
+
+def test_coord_and_unconditional_plans(shards):
+    """Prefixes of the other conditions, from the same rows (no training)."""
+    p = train_gpt.plan(_cfg(shards, "unused", condition="unconditional"))
+    assert p.spec.condition.null_token is None and p.gpt.vocab_size == K + 1 and p.spec.prefix_length == 1
+    raw, codes, split = train_gpt.held_out(_cfg(shards, "unused", condition="unconditional"), p)
+    assert split == "val" and codes.shape == (128, 64)
+    assert np.all(condition_prefix(p.spec.condition, raw).numpy() == K)
