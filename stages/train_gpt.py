@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from infra import code_shards, model_store, ray_train, stage, tracking
+from infra import code_shards, model_store, ray_train, stage, storage, tracking
 from infra import config as config_lib
 from infra.config import execution_field, input_field, output_field
 from infra.stage import InputError, InputRef, StageResult, StageRun
@@ -165,7 +165,7 @@ def plan(cfg: TrainGPTConfig) -> Plan:
                 f"tokenize_images.{cfg.condition}_tokenizer_uri set)"
             )
         fields["cond_codebook_size"] = info["conditions"][col]["codebook_size"]
-        length = code_shards.condition_lengths(stage.read_committed_table(cfg.codes_uri, [col]).schema)[col]
+        length = code_shards.condition_lengths(storage.parquet_schema(codes.data_uris()[0]))[col]
         raw, columns, prefix = col, (col,), length
     elif cfg.condition == "coord":
         images = next((m for m in codes.upstream() if m.config.get("resolution")), None)

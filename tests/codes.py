@@ -37,7 +37,10 @@ def write_code_shards(
     labelled: bool = True,
     shards: int = 2,
     seed: int = 0,
+    depth_codebook: int = 0,
 ) -> stage.Manifest:
+    """``depth_codebook`` > 0 adds a ``depth_codes`` column (random codes on a half-size grid) as a
+    depth tokenizer would."""
     rng = np.random.default_rng(seed)
     n = n_train + n_val
     t = grid[0] * grid[1]
@@ -52,11 +55,18 @@ def write_code_shards(
         "taming.code_dtype": schemas.CODE_DTYPE,
         "taming.augmentations": json.dumps(["identity"]),
     }
-    schema = schemas.with_metadata(schemas.code_schema(t), meta)
+    cond_len = {}
+    if depth_codebook:
+        cond_len["depth_codes"] = (grid[0] // 2) * (grid[1] // 2)
+        meta["taming.depth_codes.codebook_size"] = str(depth_codebook)
+        meta["taming.depth_codes.tokenizer_sha256"] = "d" * 64
+        depth = rng.integers(0, depth_codebook, (n, cond_len["depth_codes"]))
+    schema = schemas.with_metadata(schemas.code_schema(t, cond_len), meta)
     config = {"crop_size": None, "synthetic": "rule_codes", "seed": seed}
-    out = stage.StageOutput(uri, "tokenize_images", f"synthetic-{seed}-{n}-{k}-{labelled}")
+    out = stage.StageOutput(uri, "tokenize_images", f"synthetic-{seed}-{n}-{k}-{labelled}-{depth_codebook}")
     markers = []
     for i, part in enumerate(np.array_split(order, shards)):
+        extra_cols = {"depth_codes": schemas.encode_codes(depth[part])} if depth_codebook else {}
         table = pa.table(
             {
                 "image_id": [f"img{j:06d}" for j in part],
@@ -66,6 +76,7 @@ def write_code_shards(
                 "grid_h": [grid[0]] * len(part),
                 "grid_w": [grid[1]] * len(part),
                 "codes": schemas.encode_codes(codes[part]),
+                **extra_cols,
             },
             schema=schema,
         )

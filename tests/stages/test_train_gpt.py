@@ -25,7 +25,14 @@ def shards(stack, tmp_path_factory):
     common = dict(k=K, grid=GRID, classes=CLASSES, tokenizer_uri=tok_uri, tokenizer_sha256=tok_sha)
     labelled = write_code_shards(str(root / "codes"), n_train=512, n_val=128, **common)
     unlabelled = write_code_shards(str(root / "plain"), n_train=96, n_val=16, labelled=False, **common)
-    return {"root": root, "codes": labelled.output_uri, "plain": unlabelled.output_uri, "tokenizer": tok_uri}
+    depth = write_code_shards(str(root / "depth"), n_train=64, n_val=8, depth_codebook=12, **common)
+    return {
+        "root": root,
+        "codes": labelled.output_uri,
+        "plain": unlabelled.output_uri,
+        "depth": depth.output_uri,
+        "tokenizer": tok_uri,
+    }
 
 
 def _cfg(shards, output_uri: str, **kw) -> TrainGPTConfig:
@@ -101,7 +108,7 @@ def test_killed_worker_is_replaced_and_resumes(shards, tmp_path, mlflow_client):
     cfg = _cfg(
         shards,
         str(tmp_path / "gpt"),
-        steps=50,
+        steps=40,
         checkpoint_every=10,
         log_every=1,
         val_every=0,
@@ -112,12 +119,12 @@ def test_killed_worker_is_replaced_and_resumes(shards, tmp_path, mlflow_client):
         job = pool.submit(train_gpt.run, cfg, "test-gpt")
         kill_train_worker_when(tmp_path / "gpt", "_attempts/*/ray/*/checkpoint_*/state.pt", count=2)
         res = job.result(timeout=600)
-    assert not res.cached and res.counts["steps"] == 50
+    assert not res.cached and res.counts["steps"] == 40
     run_id = res.manifest.mlflow_run_id
     resumed = mlflow_client.get_metric_history(run_id, "train/resumed_from_step")
     assert resumed and all(x.value >= 10 and x.value % 10 == 0 for x in resumed)
     steps = [x.step for x in mlflow_client.get_metric_history(run_id, "train/loss")]
-    assert set(steps) == set(range(1, 51))  # every step logged; replays after the resume point only
+    assert set(steps) == set(range(1, 41))  # every step logged; replays after the resume point only
     assert mlflow_client.get_run(run_id).info.status == "FINISHED"
 
 
@@ -145,10 +152,30 @@ def test_bad_inputs_fail_before_any_work(shards, tmp_path):
     fails("the image size behind .* is not recorded", condition="coord")
 
 
-def test_coord_and_unconditional_plans(shards):
-    """Prefixes of the other conditions, from the same rows (no training)."""
-    p = train_gpt.plan(_cfg(shards, "unused", condition="unconditional"))
+def test_other_conditions_become_prefixes(shards):
+    """Unconditional, depth and coordinate prefixes from code-shard rows (no training)."""
+    from models.net2net import coord_levels_map
+
+    cfg = _cfg(shards, "unused", condition="unconditional")
+    p = train_gpt.plan(cfg)
     assert p.spec.condition.null_token is None and p.gpt.vocab_size == K + 1 and p.spec.prefix_length == 1
-    raw, codes, split = train_gpt.held_out(_cfg(shards, "unused", condition="unconditional"), p)
+    raw, codes, split = train_gpt.held_out(cfg, p)
     assert split == "val" and codes.shape == (128, 64)
     assert np.all(condition_prefix(p.spec.condition, raw).numpy() == K)
+    # depth: the depth_codes column (4x4 codes of 12) as a 16-token prefix after the image codes
+    cfg = _cfg(shards, "unused", codes_uri=shards["depth"], condition="depth")
+    p = train_gpt.plan(cfg)
+    assert (p.spec.prefix_length, p.spec.condition.cond_codebook_size, p.spec.condition_column) == (
+        16,
+        12,
+        "depth_codes",
+    )
+    assert p.gpt.vocab_size == K + 12 and p.gpt.block_size == 16 + 64 - 1  # no dropout by default
+    raw, codes, _ = train_gpt.held_out(cfg, p)
+    prefix = condition_prefix(p.spec.condition, raw)
+    assert prefix.shape == (8, 16) and int(prefix.min()) >= K and int(prefix.max()) < K + 12
+    # coord: each row's code cells in the full image (identity view: the whole 16x16 image)
+    rows = stage.read_committed_table(shards["codes"], ["image_id", "aug_id"]).slice(0, 3)
+    got = train_gpt._coord_column(rows, augmentations=["identity"], side=16, crop=None, grid=GRID, levels=255)
+    want = coord_levels_map(GRID, (16, 16), (0, 0), 16, 255).numpy()
+    assert got["coord"].shape == (3, 64) and (got["coord"] == want).all()
