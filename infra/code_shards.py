@@ -20,14 +20,15 @@ COLUMNS = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w", "codes"]
 CONDITION_COLUMNS = ("depth_codes", "segmentation_codes")  # codes of a second tokenizer, same views
 
 
-def info(uri: str) -> dict[str, Any]:
+def info(codes: str | stage.Manifest) -> dict[str, Any]:
     """What a code-shard output holds: codebook size, grid, code dtype, the tokenizer (URI, sha256),
     label names, augmentations, and per condition column its codebook size and tokenizer sha256
-    (from the files' footers). Raises :class:`~infra.stage.InputError` for other outputs."""
-    m = stage.read_manifest(uri)
+    (from the files' footers); ``codes``: its URI or its manifest. Raises
+    :class:`~infra.stage.InputError` for other outputs."""
+    m = stage.read_manifest(codes) if isinstance(codes, str) else codes
     if "codebook_size" not in m.extra or "grid" not in m.extra:
         raise stage.InputError(
-            f"{uri} is a committed {m.stage} output, not code shards (run tokenize_images)"
+            f"{m.output_uri} is a committed {m.stage} output, not code shards (run tokenize_images)"
         )
     out = {
         k: m.extra.get(k)

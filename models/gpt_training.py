@@ -93,6 +93,12 @@ def bits_per_token(
     return total / max(1, len(codes)) / LN2
 
 
+def step_generator(gen: torch.Generator, seed: int, rank: int, step: int) -> torch.Generator:
+    """``gen`` reseeded for one (seed, rank, step): the condition dropout and corruption a step draws
+    do not depend on where a run started, so a resumed run draws what an uninterrupted one would."""
+    return gen.manual_seed(seed * 1_000_003 + rank * 7919 + step)
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return torch.autocast(device.type, enabled=False)

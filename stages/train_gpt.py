@@ -133,16 +133,17 @@ def _derive(plan: Plan):
     return None if plan.coord is None else functools.partial(_coord_column, **plan.coord)
 
 
-def plan(cfg: TrainGPTConfig) -> Plan:
-    """Check the input against the config and derive the model; every problem fails here, by name."""
+def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
+    """Check the input against the config and derive the model; every problem fails here, by name.
+    ``codes``: the code shards' manifest when the caller has read it already."""
     from models.gpt import PRESETS
     from models.gpt_training import GPTRecipe
     from models.net2net import GeneratorSpec, native_condition
 
     if not cfg.codes_uri:
         raise config_lib.ConfigError("train_gpt.codes_uri is not set")
-    info = code_shards.info(cfg.codes_uri)  # NotCommittedError / InputError name the problem
-    codes = stage.read_manifest(cfg.codes_uri)
+    codes = codes or stage.read_manifest(cfg.codes_uri)  # NotCommittedError names the problem
+    info = code_shards.info(codes)  # InputError for outputs that are not code shards
     k, grid = int(info["codebook_size"]), tuple(info["grid"])
     t = stage.read_committed_table(cfg.codes_uri, ["split", "label"])
     train = np.asarray(t["split"].to_pylist()) == "train"
@@ -284,12 +285,18 @@ def sample_grid(cfg: TrainGPTConfig, model, spec, raw_held, tokenizer, seed: int
     return image_grid(to_uint8_images(x), n)
 
 
+def load_tokenizer(cfg: TrainGPTConfig, spec):
+    """The VQGAN that decodes sample grids: the one the code shards name, its sha256 verified."""
+    what = f"the code shards {cfg.codes_uri}"
+    return model_store.load_tokenizer(spec.tokenizer_uri, spec.tokenizer_sha256, what).model
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: the GPT loop (scaffolding: ``infra.ray_train.Session``)."""
     import torch
 
     from models.gpt import GPT
-    from models.gpt_training import GPTTrainer, bits_per_token
+    from models.gpt_training import GPTTrainer, bits_per_token, step_generator
     from models.net2net import condition_prefix, drop_condition
 
     cfg: TrainGPTConfig = config["cfg"]
@@ -307,8 +314,7 @@ def train_loop(config: dict[str, Any]) -> None:
     cond = p.spec.condition
     with session.tracking():
         for batch in session.batches("train", max(1, cfg.batch_size // session.world)):
-            # seeded per (seed, rank, step): a resumed run draws the dropout and corruption it would have
-            gen.manual_seed(cfg.seed * 1_000_003 + session.rank * 7919 + trainer.step)
+            step_generator(gen, cfg.seed, session.rank, trainer.step)
             prefix = drop_condition(cond, condition_prefix(cond, batch[p.raw]), gen)
             logs = trainer.train_step(prefix, batch["codes"], gen)
             step, last = trainer.step, trainer.step >= cfg.steps
@@ -323,13 +329,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 session.log_metrics({"val/bits_per_token": bits}, step=step)
             if session.is_chief and cfg.sample_every and (step % cfg.sample_every == 0 or last):
                 held = held or held_out(cfg, p)
-                spec = p.spec
-                tokenizer = (
-                    tokenizer
-                    or model_store.load_tokenizer(
-                        spec.tokenizer_uri, spec.tokenizer_sha256, f"the code shards {cfg.codes_uri}"
-                    ).model
-                )
+                tokenizer = tokenizer or load_tokenizer(cfg, p.spec)
                 grid = sample_grid(cfg, trainer.eval_model(), p.spec, held[0], tokenizer, step)
                 session.log_image(grid, f"samples/step_{step:07d}.png")
             if step % cfg.checkpoint_every == 0 or last:
@@ -346,12 +346,10 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
     from models.gpt_training import bits_per_token
     from models.net2net import condition_prefix
 
-    p = plan(cfg)
+    codes = stage.read_manifest(cfg.codes_uri) if cfg.codes_uri else None
+    p = plan(cfg, codes)
     if cfg.sample_every:  # fails before any work when it cannot be found or is not the one named
-        model_store.load_tokenizer(
-            p.spec.tokenizer_uri, p.spec.tokenizer_sha256, f"the code shards {cfg.codes_uri}"
-        )
-    codes = stage.read_manifest(cfg.codes_uri)
+        load_tokenizer(cfg, p.spec)
     job = StageRun(STAGE, cfg, cfg.output_uri, [InputRef.output("codes", codes)], experiment)
     if (done := job.cached()) is not None:
         return done

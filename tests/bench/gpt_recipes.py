@@ -108,10 +108,11 @@ class OurRecipe:
         self.seed = seed
 
     def train_step(self, labels: torch.Tensor, codes: torch.Tensor) -> None:
+        from models.gpt_training import step_generator
         from models.net2net import condition_prefix, drop_condition
 
         cond = self.plan.spec.condition
-        self.gen.manual_seed(self.seed * 1_000_003 + self.trainer.step)  # as the stage
+        step_generator(self.gen, self.seed, 0, self.trainer.step)  # as the stage's rank 0
         prefix = drop_condition(cond, condition_prefix(cond, labels), self.gen)
         self.trainer.train_step(prefix, codes, self.gen)
 

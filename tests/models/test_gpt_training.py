@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.gpt import GPT, GPTConfig
-from models.gpt_training import GPTRecipe, GPTTrainer, bits_per_token, corrupt, param_groups
+from models.gpt_training import GPTRecipe, GPTTrainer, bits_per_token, corrupt, param_groups, step_generator
 from models.net2net import (
     ConditionConfig,
     GeneratorSpec,
@@ -92,7 +92,7 @@ def _train(cond: ConditionConfig, vocab: int, steps: int, seed: int = 0, state=N
         trainer.load_state_dict(state)
     gen = torch.Generator()
     for step in range(trainer.step, steps):
-        gen.manual_seed(seed * 1_000_003 + step)  # per step, as the stage: a resumed run draws the same
+        step_generator(gen, seed, 0, step)  # per step, as the stage: a resumed run draws the same
         labels, codes = _rule_batches(32, 1000 + step)
         trainer.train_step(drop_condition(cond, condition_prefix(cond, labels), gen), codes, gen)
     return trainer
