@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench lint format up down submit data tokenize clean help
+.PHONY: install demo test bench lint format up down submit data tokenize sample clean help
 IMAGES ?= $(CURDIR)/.local/runs/demo/images
 TOKENIZER ?= models:/demo-vqgan@candidate
 OUT ?= $(CURDIR)/.local/runs/demo/codes
@@ -25,6 +25,8 @@ help:
 	@echo "make up/down  start/stop a local Ray head, MLflow server and S3 server (state in .local/)"
 	@echo "make submit   submit the demo pipeline as a Ray job to the 'make up' cluster"
 	@echo "make tokenize tokenize IMAGES with TOKENIZER into OUT (defaults: the demo's images and models:/demo-vqgan@candidate)"
+	@echo "make sample   N samples from the generator MODEL into OUT (defaults: models:/demo-gpt@candidate, 1000,"
+	@echo "              .local/runs/demo/samples-N); ARGS='cfg_scale=2 top_k=100 ...' for more sampler keys"
 
 install: $(STAMP)
 
@@ -71,6 +73,15 @@ tokenize: install
 	$(BIN)/python -m stages.tokenize_images --config pipelines/configs/demo.yaml \
 	  tokenize_images.images_uri=$(IMAGES) tokenize_images.tokenizer_uri=$(TOKENIZER) \
 	  tokenize_images.output_uri=$(OUT) $(ARGS)
+
+# N samples spread over the classes (a class-conditional MODEL) or N unconditional ones; a spatially
+# conditioned MODEL needs ARGS='conditions_uri=...'. The demo config's sampler settings apply.
+MODEL ?= models:/demo-gpt@candidate
+N ?= 1000
+sample: install
+	$(BIN)/python -m stages.sample --config pipelines/configs/demo.yaml \
+	  sample.model_uri=$(MODEL) sample.samples_per_class=null sample.num_samples=$(N) \
+	  sample.output_uri=$(if $(filter command line,$(origin OUT)),$(OUT),$(CURDIR)/.local/runs/demo/samples-$(N)) $(ARGS)
 
 clean:
 	rm -rf .local/runs .local/mlflow.db .local/mlartifacts

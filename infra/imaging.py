@@ -120,6 +120,26 @@ def decode(data: bytes, spec: DecodeSpec) -> Decoded:
     return Decoded(png=out.getvalue(), width=w, height=h)
 
 
+def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """A uint8 image (H, W) or (H, W, 3) -> PNG bytes (deterministic for the same pixels)."""
+    out = io.BytesIO()
+    Image.fromarray(image, "L" if image.ndim == 2 else "RGB").save(
+        out, format="PNG", compress_level=compress_level
+    )
+    return out.getvalue()
+
+
+def encode_pngs(images: list[np.ndarray], threads: int = 1, compress_level: int = 1) -> list[bytes]:
+    """Many images -> PNG bytes, in order, on ``threads`` threads (Pillow's encoder releases the
+    GIL, so threads scale; a GPU sampler produces images faster than one thread encodes them)."""
+    if threads <= 1 or len(images) < 2:
+        return [encode_png(im, compress_level) for im in images]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda im: encode_png(im, compress_level), images))
+
+
 def png_to_array(png: bytes) -> np.ndarray:
     """PNG bytes -> uint8 array (H, W) or (H, W, 3)."""
     with Image.open(io.BytesIO(png)) as im:

@@ -20,6 +20,21 @@ IMAGE_SCHEMA = pa.schema(
     ]
 )
 
+
+def generated_schema(num_tokens: int, spatial: bool) -> pa.Schema:
+    """A generated dataset (the sample stage's output): the image-shard columns, so every stage that
+    reads images reads it as it is, plus each sample's ``codes``, ``sample_index`` and ``seed``
+    and, for spatial conditions, the ``condition_image_id`` it was generated from."""
+    fields = list(IMAGE_SCHEMA) + [
+        pa.field("codes", pa.binary(2 * num_tokens), nullable=False),
+        pa.field("sample_index", pa.int64(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+    ]
+    if spatial:
+        fields.append(pa.field("condition_image_id", pa.string(), nullable=False))
+    return pa.schema(fields)
+
+
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("source_uri", pa.string(), nullable=False),

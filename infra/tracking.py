@@ -211,6 +211,13 @@ def register_model(
 
 def model_version(uri: str) -> tuple[str, int]:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> (name, version) now."""
+    info = model_version_info(uri)
+    return info["name"], info["version"]
+
+
+def model_version_info(uri: str) -> dict[str, Any]:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> ``{"name", "version", "run_id"}``
+    of the version it names now (``run_id``: the MLflow run that logged it)."""
     from mlflow.tracking import MlflowClient
 
     _mlflow()
@@ -219,9 +226,11 @@ def model_version(uri: str) -> tuple[str, int]:
     try:
         if "@" in rest:
             name, alias = rest.split("@", 1)
-            return name, int(client.get_model_version_by_alias(name, alias).version)
-        name, version = rest.rsplit("/", 1)
-        return name, int(client.get_model_version(name, version).version)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = rest.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+        return {"name": name, "version": int(mv.version), "run_id": mv.run_id}
     except Exception as e:  # noqa: BLE001 - MlflowException, RestException, ValueError
         raise FileNotFoundError(
             f"cannot resolve {uri} in the MLflow registry at {tracking_uri()}: "

@@ -6,10 +6,12 @@ State-dict names match taming's minGPT (``tok_emb``, ``pos_emb``, ``blocks.{i}.l
 weights load strictly; the official per-block ``attn.mask`` buffer is accepted and dropped (the
 causal mask is built on the fly). Attention runs through ``scaled_dot_product_attention``.
 
-Sampling keeps a preallocated KV cache (no re-concatenation per step), takes per-sample
-``torch.Generator``s (a sample is reproducible from its seed whatever batch it is in), top-k/top-p
+Sampling keeps a preallocated KV cache (no re-concatenation per step), takes its randomness as
+per-sample ``torch.Generator``s or as precomputed uniforms (one per sample and position, drawn
+by inverse CDF: no generator state, so a sample depends on its own numbers alone), top-k/top-p
 filtering and classifier-free guidance (Ho & Salimans 2022) by batch doubling:
-``logits = uncond + s * (cond - uncond)``. ``temperature=0`` samples greedily.
+``logits = uncond + s * (cond - uncond)``, ``s`` constant or one per position.
+``temperature=0`` samples greedily.
 """
 
 from __future__ import annotations
@@ -147,6 +149,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+Scales = float | Sequence[float] | None
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs (B, V), uniforms u (B,) in [0, 1) -> tokens (B, 1): the first token whose cumulative
+    probability exceeds u (float64 sums, row by row; a zero-probability token is never chosen)."""
+    cdf = probs.double().cumsum(-1)
+    x = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, x, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
 def sample_next(
@@ -155,16 +166,20 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: Generators = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> tokens (B, 1). One generator per row makes each row reproducible alone."""
+    """logits (B, V) -> tokens (B, 1). One generator per row, or one uniform per row (``uniform``,
+    (B,)), makes each row reproducible alone."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
-    probs = logits.float().softmax(-1)
+    probs = logits.softmax(-1)
+    if uniform is not None:
+        return inverse_cdf(probs, uniform)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.multinomial(probs, 1, generator=generator)
     return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])
@@ -225,18 +240,20 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        cfg_scale: float | None = None,
+        cfg_scale: Scales = None,
         uncond_prefix: torch.Tensor | None = None,
         generator: Generators = None,
         n_codes: int | None = None,
+        uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """prefix (B, P) -> (B, P + steps): the prefix followed by ``steps`` sampled tokens.
 
         ``n_codes``: sample only ids below it (native models keep condition and null tokens after
-        the image codes, and those are never image content).
+        the image codes, and those are never image content). ``uniforms`` (B, steps): the random
+        numbers of each sample, position by position (instead of ``generator``).
 
-        With ``cfg_scale``, ``uncond_prefix`` (B, P) is the same prefix with the condition replaced
-        by the null condition; both halves get the same sampled token.
+        With ``cfg_scale`` (one number, or one per step), ``uncond_prefix`` (B, P) is the same prefix
+        with the condition replaced by the null condition; both halves get the same sampled token.
         """
         b, p = prefix.shape
         if steps < 1:
@@ -244,6 +261,9 @@ class GPT(nn.Module):
         guided = cfg_scale is not None
         if guided and (uncond_prefix is None or uncond_prefix.shape != prefix.shape):
             raise ValueError("classifier-free guidance needs uncond_prefix with the prefix's shape")
+        scales = _per_step(cfg_scale, steps)
+        if uniforms is not None and tuple(uniforms.shape) != (b, steps):
+            raise ValueError(f"uniforms must be (batch, steps) = {(b, steps)}, got {tuple(uniforms.shape)}")
         x = torch.cat([prefix, uncond_prefix]) if guided else prefix
         cache = self.new_cache(x.shape[0], p + steps - 1)
         limit = slice(None) if n_codes is None else slice(0, n_codes)
@@ -251,13 +271,25 @@ class GPT(nn.Module):
         out = [prefix]
         for s in range(steps):
             if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_scale * (cond - uncond)
-            tok = sample_next(logits, temperature, top_k, top_p, generator)
+                cond, uncond = logits.float().chunk(2)
+                logits = uncond + scales[s] * (cond - uncond)
+            u = None if uniforms is None else uniforms[:, s]
+            tok = sample_next(logits, temperature, top_k, top_p, generator, u)
             out.append(tok)
             if s < steps - 1:
                 logits = self(torch.cat([tok, tok]) if guided else tok, cache, p + s)[:, -1, limit]
         return torch.cat(out, dim=1)
+
+
+def _per_step(scale: Scales, steps: int) -> list[float] | None:
+    if scale is None:
+        return None
+    if isinstance(scale, int | float):
+        return [float(scale)] * steps
+    scales = [float(v) for v in scale]
+    if len(scales) != steps:
+        raise ValueError(f"{len(scales)} guidance scales for {steps} steps")
+    return scales
 
 
 def num_params(model: nn.Module) -> int:
@@ -294,26 +326,43 @@ def sample_sliding_window(
     top_p: float | None = None,
     generator: Generators = None,
     stride: int | None = None,
+    uniforms: torch.Tensor | None = None,
+    cfg_scale: Scales = None,
+    uncond: torch.Tensor | None = None,
+    n_codes: int | None = None,
 ) -> torch.Tensor:
     """Sample an image-code grid larger than the training window, exactly by the official rule.
 
-    cond (B, H, W): condition codes on the same grid (the window holds g*g condition tokens, then
-    g*g image tokens). For grid position (i, j) the official code feeds the window around it in
-    full (2 g^2 - 1 tokens) and reads one logit. Here the condition part of each window position
-    is computed once and kept in a KV cache, the image part is fed only up to the read position,
-    and where consecutive positions share a window (near the borders) the cache is extended by one
-    token instead of recomputed. The logits are those of the official computation.
+    cond: either condition codes on the same grid (B, H, W) (the window holds g*g condition tokens,
+    then g*g image tokens), or a fixed prefix (B, P) that every window starts with (class,
+    unconditional). For grid position (i, j) the official code feeds the window around it in full
+    and reads one logit. Here the condition part of each window position is computed once and kept
+    in a KV cache, the image part is fed only up to the read position, and where consecutive
+    positions share a window (near the borders) the cache is extended by one token instead of
+    recomputed. The logits are those of the official computation.
 
     ``stride`` (near-exact, much faster): windows move in steps of ``stride`` instead of 1, so each
     window serves up to stride x stride positions through its cache. Positions see slightly less
     context on one side than under the official rule, so samples differ from it.
+
+    ``uniforms`` (B, H * W) in raster order, ``cfg_scale`` (one number or one per position) with
+    ``uncond`` (cond's shape, the null condition) and ``n_codes`` work as in :meth:`GPT.generate`.
     """
     b, (h, w), g = cond.shape[0], shape, window
-    if cond.shape[1:] != (h, w):
+    spatial = cond.dim() == 3
+    if spatial and cond.shape[1:] != (h, w):
         raise ValueError(f"condition grid {tuple(cond.shape[1:])} must match the image grid {(h, w)}")
-    if h < g or w < g or 2 * g * g - 1 > gpt.config.block_size:
-        raise ValueError(f"window {g} needs a grid of at least {g}x{g} and block_size >= {2 * g * g - 1}")
-    n_cond = g * g
+    n_cond = g * g if spatial else cond.shape[1]
+    if h < g or w < g or n_cond + g * g - 1 > gpt.config.block_size:
+        raise ValueError(
+            f"window {g} needs a grid of at least {g}x{g} and block_size >= {n_cond + g * g - 1}"
+        )
+    guided = cfg_scale is not None
+    if guided and (uncond is None or uncond.shape != cond.shape):
+        raise ValueError("classifier-free guidance needs uncond with the condition's shape")
+    scales = _per_step(cfg_scale, h * w)
+    both = torch.cat([cond, uncond]) if guided else cond
+    limit = slice(None) if n_codes is None else slice(0, n_codes)
     img = torch.zeros(b, h, w, dtype=torch.long, device=cond.device)
     caches: dict[tuple[int, int], tuple[KVCache, torch.Tensor, int]] = {}  # window -> cache, logits, n_img
     row_start = -1
@@ -326,17 +375,23 @@ def sample_sliding_window(
             li, lj = i - rs, j - cs
             need = li * g + lj  # image tokens before the read position, in window order
             if (rs, cs) not in caches:
-                cache = gpt.new_cache(b, 2 * g * g - 1)
-                c_tokens = cond[:, rs : rs + g, cs : cs + g].reshape(b, n_cond)
-                caches[(rs, cs)] = (cache, gpt(c_tokens, cache, 0)[:, -1], 0)
+                cache = gpt.new_cache(both.shape[0], n_cond + g * g - 1)
+                c_tokens = both[:, rs : rs + g, cs : cs + g].reshape(-1, n_cond) if spatial else both
+                caches[(rs, cs)] = (cache, gpt(c_tokens, cache, 0)[:, -1, limit], 0)
             cache, last_logits, have = caches[(rs, cs)]
             if need > have:
-                tokens = img[:, rs : rs + g, cs : cs + g].reshape(b, n_cond)[:, have:need]
-                last_logits = gpt(tokens, cache, n_cond + have)[:, -1]
+                tokens = img[:, rs : rs + g, cs : cs + g].reshape(b, g * g)[:, have:need]
+                tokens = torch.cat([tokens, tokens]) if guided else tokens
+                last_logits = gpt(tokens, cache, n_cond + have)[:, -1, limit]
                 caches[(rs, cs)] = (cache, last_logits, need)
             elif need < have:  # cannot happen in raster order; guard the invariant
                 raise RuntimeError("sliding-window cache went backwards")
-            img[:, i, j] = sample_next(last_logits, temperature, top_k, top_p, generator)[:, 0]
+            logits = last_logits
+            if guided:
+                c, u_ = last_logits.float().chunk(2)
+                logits = u_ + scales[i * w + j] * (c - u_)
+            u = None if uniforms is None else uniforms[:, i * w + j]
+            img[:, i, j] = sample_next(logits, temperature, top_k, top_p, generator, u)[:, 0]
     return img
 
 

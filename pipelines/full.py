@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from infra import config as config_lib  # noqa: E402
 from infra import storage, tracking  # noqa: E402
 from infra.cli import OVERRIDES_HELP, run_guarded, setup_logging  # noqa: E402
-from stages import depth, ingest, segmentation, tokenize_images, train_gpt, train_vqgan  # noqa: E402
+from stages import depth, ingest, sample, segmentation, tokenize_images, train_gpt, train_vqgan  # noqa: E402
 
 log = logging.getLogger("pipelines.full")
 
@@ -49,6 +49,7 @@ class FullConfig:
     train_vqgan: train_vqgan.TrainVQGANConfig | None = None  # trains (and registers) the tokenizer
     tokenize_images: tokenize_images.TokenizeConfig | None = None  # runs when a tokenizer is configured
     train_gpt: train_gpt.TrainGPTConfig | None = None  # the transformer on the code shards
+    sample: sample.SampleConfig | None = None  # a generated dataset from the transformer
 
 
 def resolve(cfg: FullConfig) -> FullConfig:
@@ -93,10 +94,21 @@ def resolve(cfg: FullConfig) -> FullConfig:
             codes_uri=gpt.codes_uri or (tok.output_uri if tok is not None else ""),
             output_uri=gpt.output_uri or storage.join(root, "gpt"),
         )
+    smp = cfg.sample
+    if smp is not None:
+        # model_uri "" = the generator this pipeline trains; spatial conditions default to its codes
+        spatial = gpt is not None and gpt.condition in train_gpt.SPATIAL
+        smp = dataclasses.replace(
+            smp,
+            model_uri=smp.model_uri or (gpt.output_uri if gpt is not None else ""),
+            conditions_uri=smp.conditions_uri or (gpt.codes_uri if spatial else None),
+            output_uri=smp.output_uri or storage.join(root, "samples"),
+        )
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, root_uri=root),
         train_gpt=gpt,
+        sample=smp,
         ingest=ing,
         depth=dep,
         train_vqgan=trn,
@@ -113,6 +125,7 @@ STAGES = (
     ("train_vqgan", train_vqgan),
     ("tokenize_images", tokenize_images),
     ("train_gpt", train_gpt),
+    ("sample", sample),
 )
 
 

@@ -192,6 +192,8 @@ def run(cfg: IngestConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> Sta
             figures={"images_per_s": len(items) / max(job.seconds, 1e-9) if reused < len(shards) else 0.0},
             extra={
                 "label_names": listing.label_names,
+                "channels": cfg.channels,
+                "resolution": cfg.resolution,
                 "source_format": listing.format,
                 "source_root": listing.root,
             },

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from infra import code_shards, model_store, pool, schemas, stage, storage, tracking
+from infra import code_shards, image_shards, model_store, pool, schemas, stage, storage, tracking
 from infra import config as config_lib
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Precision, placement
@@ -256,7 +256,8 @@ def _check_conditions(cfg: TokenizeConfig, images: stage.Manifest) -> dict[str, 
 
 def _check_compatible(cfg: TokenizeConfig, images: stage.Manifest, loaded: model_store.LoadedModel) -> None:
     mcfg = loaded.model.config
-    channels = images.config.get("channels")
+    described = image_shards.info(images)
+    channels = described["channels"]
     if channels is not None and channels != mcfg.in_channels:
         raise InputError(
             f"the tokenizer {cfg.tokenizer_uri} takes {mcfg.in_channels}-channel images but {cfg.images_uri} "
@@ -264,7 +265,7 @@ def _check_compatible(cfg: TokenizeConfig, images: stage.Manifest, loaded: model
         )
     if mcfg.codebook_size > schemas.MAX_CODEBOOK:
         raise InputError(f"codebook of {mcfg.codebook_size} codes does not fit 2 bytes per code")
-    side = images.config.get("resolution")
+    side = described["resolution"]
     if cfg.crop_size and side is not None and cfg.crop_size >= side:
         raise InputError(f"crop_size {cfg.crop_size} must be below the image side {side}")
 
@@ -340,7 +341,7 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
                 "grid": list(grid),
                 "code_dtype": schemas.CODE_DTYPE,
                 "augmentations": _augmentations(cfg),
-                "label_names": images.extra.get("label_names"),
+                "label_names": image_shards.info(images)["label_names"],
             },
         )
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from infra import code_shards, model_store, ray_train, stage, storage, tracking
+from infra import code_shards, image_shards, model_store, ray_train, stage, storage, tracking
 from infra import config as config_lib
 from infra.config import execution_field, input_field, output_field
 from infra.stage import InputError, InputRef, StageResult, StageRun
@@ -169,13 +169,13 @@ def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
         length = code_shards.condition_lengths(storage.parquet_schema(codes.data_uris()[0]))[col]
         raw, columns, prefix = col, (col,), length
     elif cfg.condition == "coord":
-        images = next((m for m in codes.upstream() if m.config.get("resolution")), None)
-        if images is None:
+        sides = [image_shards.info(m)["resolution"] for m in codes.upstream()]  # the image shards
+        if not sides or sides[0] is None:
             raise InputError(
                 f"train_gpt.condition=coord: the image size behind {cfg.codes_uri} is not recorded"
             )
         fields["coord_levels"] = cfg.coord_levels
-        side = int(images.config["resolution"])
+        side = sides[0]
         coord = dict(
             augmentations=info["augmentations"],
             side=side,
@@ -260,28 +260,25 @@ def held_out(cfg: TrainGPTConfig, p: Plan) -> tuple[Any, Any, str]:
 
 
 def sample_grid(cfg: TrainGPTConfig, model, spec, raw_held, tokenizer, seed: int) -> np.ndarray:
-    """Samples decoded by the tokenizer, one row per class (or held-out condition, the real image
-    first), ``samples_per_condition`` columns."""
+    """Samples decoded by the tokenizer, one row per class (or held-out condition),
+    ``samples_per_condition`` columns; drawn as the sample stage draws (``models.sampling``)."""
     import torch
 
     from infra.imaging import image_grid, to_uint8_images
-    from models.net2net import condition_prefix
+    from models.sampling import SamplerOptions, decode_tiles, generate_codes, sample_uniforms
 
     n = cfg.samples_per_condition
     cond = spec.condition
     h, w = spec.grid
-    device = next(model.parameters()).device
     if cond.mode == "class":
         raw = torch.arange(min(cond.n_classes, MAX_GRID_ROWS)).repeat_interleave(n)
     elif cond.mode == "unconditional":
         raw = torch.zeros(n * n, dtype=torch.long)
     else:
         raw = raw_held[: min(MAX_GRID_ROWS, len(raw_held))].repeat_interleave(n, 0)
-    prefix = condition_prefix(cond, raw.to(device))
-    gens = [torch.Generator(device=device).manual_seed(seed * 100_003 + i) for i in range(len(prefix))]
-    codes = model.generate(prefix, h * w, generator=gens, n_codes=spec.codebook_size)[:, prefix.shape[1] :]
-    with torch.no_grad():
-        x = tokenizer.to(device).decode_codes(codes.reshape(-1, h, w))
+    u = sample_uniforms(seed, range(len(raw)), h * w)
+    codes = generate_codes(model, spec, raw, u, SamplerOptions())
+    x = decode_tiles(tokenizer.to(next(model.parameters()).device), codes.reshape(-1, h, w))
     return image_grid(to_uint8_images(x), n)
 
 

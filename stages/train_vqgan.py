@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from infra import config as config_lib
-from infra import model_store, ray_train, stage, tracking
+from infra import image_shards, model_store, ray_train, stage, tracking
 from infra.config import execution_field, input_field, output_field
 from infra.imaging import decode_column, reconstruction_grid
 from infra.stage import InputError, InputRef, StageResult, StageRun
@@ -219,7 +219,7 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
                 "train_vqgan.segmentation_classes: not set, and the segmentation stage recorded no labels"
             )
         cfg = dataclasses.replace(cfg, segmentation_classes=len(labels))
-    image_channels = int(images.config.get("channels", 3))
+    image_channels = image_shards.info(images)["channels"] or 3
     channels = {"image": image_channels, "depth": 1, "segmentation": cfg.segmentation_classes}[cfg.input]
     mcfg = model_config(cfg, channels)
     vgg = str(model_store.local_path(cfg.vgg16_uri)) if cfg.vgg16_uri else None

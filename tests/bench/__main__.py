@@ -13,7 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-BENCHES = ["ingest", "vqgan", "gpt", "tokenize", "preprocess", "train", "quality", "gpt_train", "gpt_quality"]
+BENCHES = [
+    *("ingest", "vqgan", "gpt", "tokenize", "preprocess", "train", "quality"),
+    *("gpt_train", "gpt_quality", "sample"),
+]
 OUT = Path(__file__).resolve().parents[2] / ".local" / "bench"
 
 

@@ -141,6 +141,7 @@ def test_pipeline_with_tokenize(stack, tmp_path):
                     "sample_every": 3,
                     "samples_per_condition": 2,
                 },
+                "sample": {"num_samples": 3, "batch_size": 2},  # a generated dataset from it
             }
         )
     )
@@ -158,6 +159,11 @@ def test_pipeline_with_tokenize(stack, tmp_path):
         gm.inputs[0].uri == t["output_uri"]
         and gm.extra["generator"]["tokenizer_sha256"] == m.extra["tokenizer_sha256"]
     )
+    s = summary["sample"]
+    assert s["output_uri"] == str(tmp_path / "run" / "samples") and s["samples"] == 3
+    sm = stage.read_manifest(s["output_uri"])
+    assert sm.extra["generator"]["training_run_id"] == gm.mlflow_run_id
+    assert [i.uri for i in sm.inputs if i.name == "generator"] == [g["output_uri"]]
 
 
 def test_pipeline_with_depth(stack, tmp_path):

@@ -1,0 +1,49 @@
+"""Generators for the sample stage's tests: GPTs with random weights saved as native ``train_gpt``
+checkpoints (weights + :class:`~models.net2net.GeneratorSpec`), decoding with a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from infra import storage
+from models import checkpoint
+from models.gpt import GPT, GPTConfig
+from models.net2net import GeneratorSpec, native_condition
+
+
+def generator_file(
+    path: Path,
+    tokenizer: tuple[str, str],
+    *,
+    mode: str = "class",
+    k: int = 16,
+    grid: tuple[int, int] = (8, 8),
+    classes: int = 3,
+    cond_dropout: float = 0.1,
+    cond_codebook: int = 0,
+    prefix_length: int = 1,
+    seed: int = 0,
+) -> tuple[str, str]:
+    """A random 2 x 32 GPT for ``mode`` (``class``, ``unconditional``, ``spatial`` on
+    ``depth_codes``) saved at ``path``; returns (uri, sha256)."""
+    fields = {"class": {"n_classes": classes}, "spatial": {"cond_codebook_size": cond_codebook}}.get(mode, {})
+    cond, vocab = native_condition(mode, k, cond_dropout, **fields)
+    spec = GeneratorSpec(
+        condition=cond,
+        codebook_size=k,
+        grid=grid,
+        tokenizer_uri=tokenizer[0],
+        tokenizer_sha256=tokenizer[1],
+        label_names=[f"class{c}" for c in range(classes)] if mode == "class" else None,
+        prefix_length=prefix_length,
+        condition_column="depth_codes" if mode == "spatial" else None,
+        condition_tokenizer_sha256="d" * 64 if mode == "spatial" else None,
+    )
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(vocab_size=vocab, block_size=spec.block_size, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # sharper than the init's near-uniform logits: samples that differ by seed
+        gpt.head.weight.mul_(40.0)
+    checkpoint.save_native(gpt.eval(), path, {"stage": "train_gpt", "generator": spec.to_dict()})
+    return str(path), storage.file_sha256(path)

@@ -1,0 +1,277 @@
+"""The sample stage through the real local Ray, MLflow server (registry) and S3 server."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from infra import image_shards, model_store, schemas, stage, storage, tracking
+from infra.config import ConfigError
+from infra.imaging import pngs_to_array
+from infra.stage import InputError
+from models import checkpoint
+from models.net2net import GeneratorSpec
+from models.sampling import SamplerOptions, decode_tiles, generate_codes, sample_uniforms
+from stages import sample, tokenize_images
+from stages.sample import SampleConfig
+from tests.codes import tokenizer_file, write_code_shards
+from tests.generators import generator_file
+from tests.killing import kill_stage_when
+
+EXP = "test-sample"
+K = 16
+
+
+@pytest.fixture(scope="module")
+def gens(stack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    tok = tokenizer_file(root, K)
+    conditions = write_code_shards(
+        str(root / "conditions"),
+        n_train=6,
+        n_val=3,
+        k=K,
+        grid=(8, 8),
+        classes=3,
+        tokenizer_uri=tok[0],
+        tokenizer_sha256=tok[1],
+        depth_codebook=8,
+    )
+    return {
+        "root": root,
+        "tokenizer": tok,
+        "class": generator_file(root / "class.safetensors", tok),
+        "uncond": generator_file(root / "uncond.safetensors", tok, mode="unconditional", cond_dropout=0),
+        "depth": generator_file(
+            root / "depth.safetensors", tok, mode="spatial", cond_codebook=8, prefix_length=16
+        ),
+        "conditions": conditions.output_uri,
+    }
+
+
+CLASS_RUN = dict(
+    samples_per_class=4, samples_per_shard=5, cfg_scale=2.0, cfg_schedule="linear", top_k=8, seed=3
+)
+
+
+@pytest.fixture(scope="module")
+def class_run(gens):
+    """12 class-conditional samples, batch 1, one actor."""
+    cfg = SampleConfig(
+        model_uri=gens["class"][0],
+        output_uri=str(gens["root"] / "a"),
+        batch_size=1,
+        concurrency=1,
+        **CLASS_RUN,
+    )
+    return sample.run(cfg, EXP)
+
+
+def _rows(uri: str):
+    return stage.read_committed_table(uri, verify=True).sort_by("sample_index")
+
+
+def test_samples_are_the_same_whatever_the_batch_actors_and_store(class_run, gens, s3_bucket):
+    """Batch 1 / one actor against batch 7 / two actors, the generator through the MLflow registry,
+    the output on S3: the same bytes; the bare in-process loop gives the same codes and images."""
+    a = _rows(class_run.output_uri)
+    assert class_run.counts == {"samples": 12, "shards": 3, "reused_shards": 0}
+    assert a["label"].to_pylist() == [0, 1, 2] * 4 and a["sample_index"].to_pylist() == list(range(12))
+    assert set(schemas.IMAGE_SCHEMA.names) <= set(a.column_names)
+    assert a.num_rows == len(set(a["image_id"].to_pylist()))
+    codes = schemas.decode_codes(a["codes"], 64)
+    assert len({c.tobytes() for c in codes}) == 12  # every sample its own
+
+    with mlflow.start_run(experiment_id=mlflow.set_experiment(EXP).experiment_id) as run:
+        data = open(gens["class"][0], "rb").read()
+        reg = model_store.register(data, "test-sample-gen", "candidate")
+    b_cfg = SampleConfig(
+        model_uri="models:/test-sample-gen@candidate",
+        output_uri=f"{s3_bucket}/samples",
+        batch_size=7,
+        concurrency=2,
+        **CLASS_RUN,
+    )
+    b = sample.run(b_cfg, EXP)
+    b_rows = _rows(b.output_uri)
+    same = [c for c in a.column_names if c != "source_uri"]
+    assert b_rows.select(same).equals(a.select(same))  # byte for byte: images, codes, ids
+    v = reg["version"]
+    assert b_rows["source_uri"].to_pylist() == [
+        f"models:/test-sample-gen/{v}#seed=3&sample={i}" for i in range(12)
+    ]
+    gen = b.manifest.extra["generator"]
+    assert gen["registry"] == {"name": "test-sample-gen", "version": v}
+    assert gen["training_run_id"] == run.info.run_id and gen["sha256"] == gens["class"][1]
+    assert b.manifest.extra["tokenizer_sha256"] == gens["tokenizer"][1]
+    assert b.manifest.extra["sampler"]["cfg_scale"] == 2.0 and b.manifest.extra["label_counts"] == {
+        "0": 4,
+        "1": 4,
+        "2": 4,
+    }
+    assert sample.run(b_cfg, EXP).cached
+
+    # the bare loop: one generate call over all 12, then the decoder
+    gpt, extra = checkpoint.load_native(gens["class"][0])
+    spec = GeneratorSpec.from_dict(extra["generator"])
+    opts = SamplerOptions(cfg_scale=2.0, cfg_schedule="linear", top_k=8)
+    labels = torch.tensor([0, 1, 2] * 4)
+    bare = generate_codes(gpt.eval(), spec, labels, sample_uniforms(3, range(12), 64), opts)
+    assert np.array_equal(bare.numpy(), codes)
+    tok, _ = checkpoint.load_native(gens["tokenizer"][0])
+    x = decode_tiles(tok.eval(), bare.reshape(-1, 8, 8))
+    stored = torch.from_numpy(pngs_to_array(a["image"].to_pylist(), 1))
+    assert torch.equal(stored, ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1)
+
+    # the MLflow child run: a grid of samples and the throughput
+    client = tracking._mlflow().tracking.MlflowClient()
+    arts = [f.path for f in client.list_artifacts(b.manifest.mlflow_run_id, "samples")]
+    assert arts == ["samples/grid.png"] and b.figures["images_per_s"] > 0
+
+
+def test_killed_run_resumes_byte_identical(class_run, gens, tmp_path):
+    out = tmp_path / "killed"
+    cfg_path = tmp_path / "cfg.yaml"
+    fields = {**CLASS_RUN, "model_uri": gens["class"][0], "output_uri": str(out), "batch_size": 1}
+    cfg_path.write_text(yaml.safe_dump({"run": {"experiment": EXP}, "sample": fields}))
+    kill_stage_when("stages.sample", cfg_path, out, "_attempts/*/_shards/part-*.json")
+    res = sample.run(SampleConfig(**{**fields, "batch_size": 4}), EXP)
+    assert res.counts["reused_shards"] >= 1 and res.counts["samples"] == 12
+    assert [f.sha256 for f in res.manifest.files] == [f.sha256 for f in class_run.manifest.files]
+    assert _rows(res.output_uri)["sample_index"].to_pylist() == list(range(12))  # no duplicates
+
+
+def test_unconditional_sliding_window_and_depth_conditional(gens, tmp_path):
+    un = sample.run(
+        SampleConfig(
+            model_uri=gens["uncond"][0],
+            output_uri=str(tmp_path / "uncond"),
+            num_samples=3,
+            grid=[10, 12],  # larger than the 8x8 training grid: the strided sliding window
+            window="strided",
+            window_stride=2,
+        ),
+        EXP,
+    )
+    t = _rows(un.output_uri)
+    assert t.num_rows == 3 and t["label"].null_count == 3
+    assert set(t["width"].to_pylist()) == {24} and set(t["height"].to_pylist()) == {20}
+    assert pngs_to_array(t["image"].to_pylist(), 1).shape == (3, 1, 20, 24)
+    assert un.manifest.extra["grid"] == [10, 12] and un.manifest.extra["resolution"] is None
+
+    dep = sample.run(
+        SampleConfig(
+            model_uri=gens["depth"][0],
+            output_uri=str(tmp_path / "depth"),
+            conditions_uri=gens["conditions"],
+            conditions_split="val",
+            samples_per_condition=2,
+            samples_per_shard=4,
+            batch_size=3,
+        ),
+        EXP,
+    )
+    t = _rows(dep.output_uri)
+    cond = stage.read_committed_table(gens["conditions"])
+    val_ids = [i for i, s in zip(cond["image_id"].to_pylist(), cond["split"].to_pylist()) if s == "val"]
+    ids = t["condition_image_id"].to_pylist()
+    assert t.num_rows == 6 and sorted(set(ids)) == sorted(val_ids) and ids[0] == ids[1] != ids[2]
+    # the condition steers the samples: greedy samples of the same condition agree, of others differ
+    greedy = sample.run(
+        SampleConfig(
+            model_uri=gens["depth"][0],
+            output_uri=str(tmp_path / "greedy"),
+            conditions_uri=gens["conditions"],
+            samples_per_condition=2,
+            greedy=True,
+        ),
+        EXP,
+    )
+    g = _rows(greedy.output_uri)
+    c = schemas.decode_codes(g["codes"], 64)
+    assert g.num_rows == 18 and np.array_equal(c[0], c[1]) and not np.array_equal(c[0], c[2])
+    assert greedy.manifest.extra["conditions"]["rows"] == 9
+
+
+def test_generated_dataset_goes_through_tokenize(class_run, gens, tmp_path):
+    """A generated dataset is image shards: tokenize reads it as it is, with its labels and names."""
+    info = image_shards.info(class_run.manifest)
+    assert info == {"channels": 1, "resolution": 16, "label_names": ["class0", "class1", "class2"]}
+    res = tokenize_images.run(
+        tokenize_images.TokenizeConfig(
+            images_uri=class_run.output_uri,
+            tokenizer_uri=gens["tokenizer"][0],
+            output_uri=str(tmp_path / "c"),
+        ),
+        EXP,
+    )
+    assert res.counts["images"] == 12 and res.manifest.extra["label_names"] == info["label_names"]
+    codes = stage.read_committed_table(res.output_uri).sort_by("image_id")
+    samples = _rows(class_run.output_uri).sort_by("image_id")
+    assert codes["image_id"].equals(samples["image_id"]) and codes["label"].equals(samples["label"])
+    # and back: the code shards hold the tokenizer's codes of the generated images (a random
+    # tokenizer does not invert its own decoder, so these are not the sampled codes)
+    tok, _ = checkpoint.load_native(gens["tokenizer"][0])
+    with torch.no_grad():
+        want = tok.eval().encode(torch.from_numpy(pngs_to_array(samples["image"].to_pylist(), 1)))[2]
+    assert np.array_equal(schemas.decode_codes(codes["codes"], 64), want.reshape(12, 64).numpy())
+
+
+def test_bad_inputs_fail_before_any_work(gens, tmp_path):
+    out = tmp_path / "never"
+    base = dict(model_uri=gens["class"][0], output_uri=str(out))
+
+    def fails(exc, match, **fields):
+        with pytest.raises(exc, match=match):
+            sample.run(SampleConfig(**{**base, **fields}), EXP)
+
+    fails(InputError, "unknown label 7", labels=[7])
+    fails(InputError, "unknown label 'boot'", labels=["class1", "boot"], samples_per_class=2)
+    fails(ConfigError, "samples_per_class, num_samples or labels")
+    fails(InputError, "without a null condition", model_uri=gens["uncond"][0], num_samples=2, cfg_scale=2.0)
+    fails(ConfigError, "unconditional", model_uri=gens["uncond"][0], samples_per_class=2)
+    fails(InputError, "smaller than the training grid", samples_per_class=1, grid=[4, 4])
+    fails(FileNotFoundError, "no-such-gen", model_uri="models:/no-such-gen@candidate", num_samples=1)
+    fails(FileNotFoundError, "does not exist", model_uri=str(tmp_path / "missing.safetensors"), num_samples=1)
+    # a tokenizer with other weights than the generator was trained with
+    other = tokenizer_file(tmp_path, K + 1)
+    fails(InputError, "sha256", samples_per_class=1, tokenizer_uri=other[0])
+    # conditions that do not fit the generator: another codebook, another grid, no condition column
+    shards = dict(n_train=4, n_val=0, k=K, grid=(8, 8), classes=2)
+    shards.update(tokenizer_uri=gens["tokenizer"][0], tokenizer_sha256=gens["tokenizer"][1])
+    wrong_k = write_code_shards(str(tmp_path / "wrong-k"), **shards, depth_codebook=5)
+    no_depth = write_code_shards(str(tmp_path / "no-depth"), **shards)
+    depth = dict(model_uri=gens["depth"][0])
+    fails(InputError, "codebook of 5 codes", conditions_uri=wrong_k.output_uri, **depth)
+    fails(InputError, "no `depth_codes` column", conditions_uri=no_depth.output_uri, **depth)
+    fails(
+        InputError,
+        "hold 16 codes, the generator needs 100",
+        conditions_uri=gens["conditions"],
+        grid=[10, 10],
+        **depth,
+    )
+    fails(ConfigError, "conditions_uri", **depth)
+    with pytest.raises(ValueError, match="top_p"):
+        SampleConfig(**base, samples_per_class=1, top_p=1.5)
+    assert not storage.exists(str(out))  # nothing was started
+
+
+@pytest.mark.parity
+def test_an_official_release_samples_its_greedy_codes(stack, tmp_path):
+    """The official class-conditional Net2NetTransformer release as the generator: greedy samples of
+    the stage hold the official code's greedy sequences, decoded by the bundled first stage."""
+    from tests import fixtures
+
+    release = fixtures.release_copy("taming/classcond", tmp_path)
+    e = fixtures.expected("taming/classcond")
+    labels = [int(v) for v in e["labels"][:2]]
+    res = sample.run(
+        SampleConfig(model_uri=str(release), output_uri=str(tmp_path / "out"), labels=labels, greedy=True), EXP
+    )
+    t = _rows(res.output_uri)
+    assert t["label"].to_pylist() == labels and res.manifest.extra["generator"]["kind"] == "taming"
+    assert np.array_equal(schemas.decode_codes(t["codes"], 64), e["greedy_out"].numpy())
