@@ -94,7 +94,11 @@ def resolve(cfg: FullConfig) -> FullConfig:
             codes_uri=gpt.codes_uri or (tok.output_uri if tok is not None else ""),
             output_uri=gpt.output_uri or storage.join(root, "gpt"),
         )
+    if tok is not None and not tok.tokenizer_uri:  # fail before the first stage runs
+        raise config_lib.ConfigError("tokenize_images.tokenizer_uri: not set, and no train_vqgan stage")
     smp = cfg.sample
+    if smp is not None and not (smp.model_uri or gpt is not None):
+        raise config_lib.ConfigError("sample.model_uri: not set, and no train_gpt stage")
     if smp is not None:
         # model_uri "" = the generator this pipeline trains; spatial conditions default to its codes
         spatial = gpt is not None and gpt.condition in train_gpt.SPATIAL
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     args = p.parse_args(argv)
     try:
-        cfg = config_lib.load(FullConfig, args.config, args.overrides)
+        cfg = resolve(config_lib.load(FullConfig, args.config, args.overrides))  # all checks first
     except config_lib.ConfigError as e:
         p.error(str(e))
     log_file = setup_logging("pipeline")

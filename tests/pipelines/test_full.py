@@ -94,6 +94,7 @@ def test_ray_job_submit(stack, tmp_path):
             "train_vqgan=null",  # the demo's training and tokenization are not what this test is about
             "tokenize_images=null",
             "train_gpt=null",
+            "sample=null",
             "run.experiment=test-job",
         ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

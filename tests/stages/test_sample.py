@@ -269,9 +269,8 @@ def test_an_official_release_samples_its_greedy_codes(stack, tmp_path):
     release = fixtures.release_copy("taming/classcond", tmp_path)
     e = fixtures.expected("taming/classcond")
     labels = [int(v) for v in e["labels"][:2]]
-    res = sample.run(
-        SampleConfig(model_uri=str(release), output_uri=str(tmp_path / "out"), labels=labels, greedy=True), EXP
-    )
+    cfg = SampleConfig(model_uri=str(release), output_uri=str(tmp_path / "out"), labels=labels, greedy=True)
+    res = sample.run(cfg, EXP)
     t = _rows(res.output_uri)
     assert t["label"].to_pylist() == labels and res.manifest.extra["generator"]["kind"] == "taming"
     assert np.array_equal(schemas.decode_codes(t["codes"], 64), e["greedy_out"].numpy())
