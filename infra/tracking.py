@@ -239,6 +239,16 @@ def model_version_info(uri: str) -> dict[str, Any]:
         ) from None
 
 
+def tag_model_version(name: str, version: int, tags: dict[str, Any]) -> None:
+    """Set ``tags`` on a registered model version (e.g. the ``eval/*`` scores of a generator)."""
+    from mlflow.tracking import MlflowClient
+
+    _mlflow()
+    client = MlflowClient(tracking_uri())
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+
+
 def download_model(name: str, version: int, dest: Path) -> Path:
     """The artifacts of a registered model version, downloaded into ``dest``."""
     mlflow = _mlflow()

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from infra import config as config_lib  # noqa: E402
 from infra import storage, tracking  # noqa: E402
 from infra.cli import OVERRIDES_HELP, run_guarded, setup_logging  # noqa: E402
-from stages import depth, ingest, sample, segmentation, tokenize_images, train_gpt, train_vqgan  # noqa: E402
+from stages import depth, evaluate, ingest, sample, segmentation, tokenize_images, train_gpt, train_vqgan  # noqa: E402
 
 log = logging.getLogger("pipelines.full")
 
@@ -50,6 +50,7 @@ class FullConfig:
     tokenize_images: tokenize_images.TokenizeConfig | None = None  # runs when a tokenizer is configured
     train_gpt: train_gpt.TrainGPTConfig | None = None  # the transformer on the code shards
     sample: sample.SampleConfig | None = None  # a generated dataset from the transformer
+    evaluate: evaluate.EvaluateConfig | None = None  # how good that dataset is, against the real images
 
 
 def resolve(cfg: FullConfig) -> FullConfig:
@@ -108,11 +109,23 @@ def resolve(cfg: FullConfig) -> FullConfig:
             conditions_uri=smp.conditions_uri or (gpt.codes_uri if spatial else None),
             output_uri=smp.output_uri or storage.join(root, "samples"),
         )
+    ev = cfg.evaluate
+    if ev is not None:
+        # generated_uri "" = this pipeline's samples; reference_uri "" = its ingested images
+        ev = dataclasses.replace(
+            ev,
+            generated_uri=ev.generated_uri or (smp.output_uri if smp is not None else ""),
+            reference_uri=ev.reference_uri or ing.output_uri,
+            output_uri=ev.output_uri or storage.join(root, "evaluation"),
+        )
+        if not ev.generated_uri and not ev.tokenizer_uri:
+            raise config_lib.ConfigError("evaluate.generated_uri: not set, and no sample stage")
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, root_uri=root),
         train_gpt=gpt,
         sample=smp,
+        evaluate=ev,
         ingest=ing,
         depth=dep,
         train_vqgan=trn,
@@ -130,6 +143,7 @@ STAGES = (
     ("tokenize_images", tokenize_images),
     ("train_gpt", train_gpt),
     ("sample", sample),
+    ("evaluate", evaluate),
 )
 
 

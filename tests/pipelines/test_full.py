@@ -95,6 +95,7 @@ def test_ray_job_submit(stack, tmp_path):
             "tokenize_images=null",
             "train_gpt=null",
             "sample=null",
+            "evaluate=null",
             "run.experiment=test-job",
         ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -143,6 +144,8 @@ def test_pipeline_with_tokenize(stack, tmp_path):
                     "samples_per_condition": 2,
                 },
                 "sample": {"num_samples": 3, "batch_size": 2},  # a generated dataset from it
+                # and its evaluation against the ingested images (unlabelled samples: no classifier)
+                "evaluate": {"reference_split": None, "classifier": False, "inception": "off"},
             }
         )
     )
@@ -165,6 +168,13 @@ def test_pipeline_with_tokenize(stack, tmp_path):
     sm = stage.read_manifest(s["output_uri"])
     assert sm.extra["generator"]["training_run_id"] == gm.mlflow_run_id
     assert [i.uri for i in sm.inputs if i.name == "generator"] == [g["output_uri"]]
+    e = summary["evaluate"]
+    assert e["generated_images"] == 3 and 0 <= e["memorized_fraction"] <= 1
+    em = stage.read_manifest(e["output_uri"])
+    assert {i.name: i.uri for i in em.inputs if i.kind == "output"} == {
+        "generated": s["output_uri"],
+        "reference": summary["ingest"]["output_uri"],
+    }
 
 
 def test_pipeline_with_depth(stack, tmp_path):
