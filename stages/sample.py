@@ -99,18 +99,12 @@ class SampleConfig:
 
     @property
     def options(self):
+        """The sampler keys as ``models.sampling.SamplerOptions`` (same names)."""
+        import dataclasses
+
         from models.sampling import SamplerOptions
 
-        return SamplerOptions(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            cfg_scale=self.cfg_scale,
-            cfg_schedule=self.cfg_schedule,
-            greedy=self.greedy,
-            window=self.window,
-            window_stride=self.window_stride,
-        )
+        return SamplerOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerOptions)})
 
 
 @dataclass(frozen=True)
