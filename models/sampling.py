@@ -181,12 +181,10 @@ def _generate(gpt, spec: GeneratorSpec, raw, uniforms, options: SamplerOptions, 
 def decode_tiles(tokenizer, codes: torch.Tensor, tile: int = 8) -> torch.Tensor:
     """Codes (B, h, w) -> images (B, C, H, W) in [-1, 1] (float32), exactly ``tile`` per decoder call."""
     b = codes.shape[0]
-    dtype = next(tokenizer.parameters()).dtype
     device = next(tokenizer.parameters()).device
     padded_codes = _pad_rows(codes.to(device), padded(max(b, 1), tile))
     out = [
         tokenizer.decode_codes(padded_codes[lo : lo + tile]).float()
         for lo in range(0, padded_codes.shape[0], tile)
     ]
-    x = torch.cat(out)[:b]
-    return x if dtype == torch.float32 else x.float()
+    return torch.cat(out)[:b]

@@ -116,6 +116,7 @@ class Sets:
     inception_path: str | None  # local file; None: Inception metrics off or skipped
     inception_note: str
     vgg16_path: str | None
+    registry: dict[str, Any] | None  # the generator's registry name and version, from the samples' lineage
 
 
 def _count(uri: str, split: str | None) -> tuple[int, int]:
@@ -140,11 +141,12 @@ def plan(cfg: EvaluateConfig) -> tuple[Sets, list[InputRef]]:
     n_ref, n_ref_lab = _count(cfg.reference_uri, cfg.reference_split)
     if n_ref < 2:
         raise InputError(f"evaluate: {cfg.reference_uri} has {n_ref} images in split {cfg.reference_split!r}")
-    generated, train, classes = None, None, None
+    generated, train, classes, registry = None, None, None, None
     names = ref_info["label_names"]
     if cfg.generated_uri:
         gen_m = stage.read_manifest(cfg.generated_uri)
         inputs.append(InputRef.output("generated", gen_m))
+        registry = (gen_m.extra.get("generator") or {}).get("registry")
         gen_info = image_shards.info(gen_m)
         n_gen, n_gen_lab = _count(cfg.generated_uri, None)
         if n_gen < 2:
@@ -201,7 +203,7 @@ def plan(cfg: EvaluateConfig) -> tuple[Sets, list[InputRef]]:
         vgg = str(found) if found else None
     sets = Sets(
         generated, (cfg.reference_uri, cfg.reference_split), train, int(ref_info["channels"] or 3),
-        classes, names, inception_path, note, vgg,
+        classes, names, inception_path, note, vgg, registry,
     )  # fmt: skip
     return sets, inputs
 
@@ -272,10 +274,10 @@ def compute(cfg: EvaluateConfig, sets: Sets) -> dict[str, Any]:
     """The stage's work (one Ray task): every figure, per-class figures, preview images."""
     import torch
 
+    from infra.devices import placement
     from models import evaluation as ev
 
-    torch.set_num_threads(max(1, int(cfg.num_cpus)))
-    cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
+    cuda = placement(cfg.num_cpus, cfg.num_gpus, "fp32").device == "cuda"  # threads, device
     out: dict[str, Any] = {"figures": {}, "per_class": {}, "counts": {}, "timings_s": {}}
     fig, counts, times = out["figures"], out["counts"], out["timings_s"]
     c = sets.channels
@@ -428,10 +430,7 @@ def run(cfg: EvaluateConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
         task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(compute)
         result = ray.get(task.remote(cfg, sets))
         figures = {k: v for k, v in result["figures"].items() if v is not None}
-        registry = None
-        if sets.generated is not None:
-            gen_extra = stage.read_manifest(cfg.generated_uri).extra
-            registry = (gen_extra.get("generator") or {}).get("registry")
+        registry = sets.registry
         import timm
         import torch
 

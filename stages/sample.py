@@ -233,8 +233,6 @@ def _spatial_conditions(cfg: SampleConfig, spec, grid: tuple[int, int]) -> tuple
 def plan(cfg: SampleConfig):
     """Check everything against the generator before any work; returns (Plan, inputs, generator,
     tokenizer). Every problem fails here, naming it."""
-    from models.net2net import GeneratorSpec  # noqa: F401 - the spec type travels as a dict
-
     if not cfg.model_uri:
         raise config_lib.ConfigError("sample.model_uri is not set")
     pinned, lineage = _generator_lineage(cfg.model_uri)
@@ -325,6 +323,20 @@ def _items(cfg: SampleConfig, p: Plan) -> list[dict[str, Any]]:
     return items
 
 
+def _condition_rows(c: dict[str, Any], rows) -> dict[tuple[int, int], tuple[str, np.ndarray]]:
+    """(file, row) -> (image_id, condition codes) of the condition rows asked for, one read per file."""
+    by_file: dict[int, list[int]] = {}
+    for fi, r in rows:
+        by_file.setdefault(int(fi), []).append(int(r))
+    got: dict[tuple[int, int], tuple[str, np.ndarray]] = {}
+    for fi, rs in by_file.items():
+        t = storage.read_parquet(c["files"][fi], ["image_id", c["column"]]).take(rs)
+        codes = schemas.decode_codes(t[c["column"]], c["length"])
+        for r, iid, row in zip(rs, t["image_id"].to_pylist(), codes):
+            got[(fi, r)] = (iid, row)
+    return got
+
+
 def image_id(identity: str, index: int) -> str:
     """The stable id of generated sample ``index`` of an output identity."""
     return hashlib.sha256(f"{identity}:{index}".encode()).hexdigest()[:32]
@@ -375,16 +387,7 @@ class SampleShards(pool.Worker):
             return torch.tensor(item["labels"], dtype=torch.long), None
         if self.p.conditions is None:
             return torch.zeros(hi - lo, dtype=torch.long), None
-        c = self.p.conditions
-        by_file: dict[int, list[int]] = {}
-        for fi, r in item["cond_rows"]:
-            by_file.setdefault(fi, []).append(r)
-        got: dict[tuple[int, int], tuple[str, np.ndarray]] = {}
-        for fi, rs in by_file.items():
-            t = storage.read_parquet(c["files"][fi], ["image_id", c["column"]]).take(rs)
-            codes = schemas.decode_codes(t[c["column"]], c["length"])
-            for r, iid, row in zip(rs, t["image_id"].to_pylist(), codes):
-                got[(fi, r)] = (iid, row)
+        got = _condition_rows(self.p.conditions, item["cond_rows"])
         spc = self.cfg.samples_per_condition
         ordered = [got[tuple(item["cond_rows"][i // spc - item["cond_lo"]])] for i in range(lo, hi)]
         raw = torch.from_numpy(np.stack([o[1] for o in ordered]))
@@ -524,12 +527,8 @@ def _decoded_conditions(p: Plan, image_ids: list[str]) -> list[np.ndarray] | Non
     except (InputError, FileNotFoundError) as e:
         log.warning("sample: conditions not shown beside the samples: %s", e)
         return None
-    found: dict[str, np.ndarray] = {}  # the grid shows the first conditions: read only those rows
-    for fi, r in c["rows"][: 4 * MAX_GRID_ROWS]:
-        t = storage.read_parquet(c["files"][fi], ["image_id", c["column"]]).take([r])
-        found[t["image_id"][0].as_py()] = schemas.decode_codes(t[c["column"]], c["length"])[0]
-        if all(i in found for i in image_ids):
-            break
+    # the grid shows the first conditions: read only those rows
+    found = {iid: codes for iid, codes in _condition_rows(c, c["rows"][: 4 * MAX_GRID_ROWS]).values()}
     if not all(i in found for i in image_ids):
         log.warning("sample: conditions not shown beside the samples: rows not among the first conditions")
         return None
