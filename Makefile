@@ -40,10 +40,9 @@ $(STAMP): pyproject.toml constraints.txt
 data: install
 	$(BIN)/python -m infra.sources fashion-mnist
 
+# ends with the summary table and where to look (MLflow UI command, sample grid, metrics, logs)
 demo: install data
 	$(BIN)/python pipelines/full.py --config pipelines/configs/demo.yaml $(ARGS)
-	@echo
-	@echo "Outputs: .local/runs/demo/   MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.local/mlflow.db"
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

@@ -77,7 +77,7 @@ def setup_logging(name: str, level: int = logging.INFO) -> Path:
     return path
 
 
-def _user_error(e: BaseException | None, depth: int = 0) -> BaseException | None:
+def user_error(e: BaseException | None, depth: int = 0) -> BaseException | None:
     """``e`` or the user error it wraps: Ray wraps what tasks raise (``.cause``) and Ray Train what
     its workers raise (``.worker_failures``)."""
     if e is None or depth > 8:
@@ -86,7 +86,7 @@ def _user_error(e: BaseException | None, depth: int = 0) -> BaseException | None
         return e
     inner = [getattr(e, "cause", None), e.__cause__, *getattr(e, "worker_failures", {}).values()]
     for x in inner:
-        if isinstance(x, BaseException) and (found := _user_error(x, depth + 1)) is not None:
+        if isinstance(x, BaseException) and (found := user_error(x, depth + 1)) is not None:
             return found
     return None
 
@@ -97,7 +97,7 @@ def run_guarded(fn: Callable[[], T], log_file: Path, debug: bool) -> T:
         return fn()
     except Exception as e:
         _traceback_log.error("failed", exc_info=True)
-        found = _user_error(e)
+        found = user_error(e)
         if found is None or debug:
             raise
         message = str(found).strip().splitlines()[0] if str(found).strip() else type(found).__name__

@@ -27,8 +27,45 @@ FORWARD_ENV = (
 )
 
 
+# Loggers whose INFO lines are chatter on a console (Ray Data's and Ray Train's progress frames and
+# banners, the S3 client's credential notes): warnings and errors only, in the driver and workers.
+QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "botocore", "aiobotocore", "s3fs", "fsspec", "urllib3")
+
+
+def quiet_logging() -> None:
+    """Ray's and the S3 clients' INFO chatter down to warnings in this process; every Ray worker
+    runs it at start (``worker_process_setup_hook``). The stages' own INFO lines stay."""
+    import warnings
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def ray_logs_dir() -> str | None:
+    """Where this process's Ray cluster keeps every worker's full log (on the head node); None
+    when Ray was not started."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    return os.path.join(ctx.get_temp_dir(), ctx.get_session_name(), "logs")
+
+
 def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (its hex id), or the host name outside Ray."""
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return socket.gethostname()
 
 
 def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> dict:
@@ -38,13 +75,14 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> d
     seconds where it is missing.
     """
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local stack: no token (see shared notes)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": forwarded_env()}
+    runtime_env = {"env_vars": forwarded_env(), "worker_process_setup_hook": "infra.cluster.quiet_logging"}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
@@ -60,4 +98,8 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> d
             log_to_driver=True,
             configure_logging=False,
         )
+    quiet_logging()
+    ctx = ray.data.DataContext.get_current()  # no progress-bar frames: the stages log their progress
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
     return ray.cluster_resources()

@@ -7,6 +7,12 @@ a Ray Data actor pool (the model is loaded once per actor in ``__init__``); a pl
 ``fn(index, item, *args) -> ShardMarker`` runs as one Ray task per item (no actor start-up, for
 work that loads nothing, like ingest). Progress is logged as items finish.
 
+An actor pool starts work only once all its actors are up (``ACTORS_START_TIMEOUT_S``): Ray Data
+otherwise dispatches to the first actor that is ready, which on a cluster can take every shard
+while the actors on other nodes still load their model (measured on two nodes: one node wrote all
+4 tokenize shards). A pool the cluster cannot fit then fails with Ray's "enough resources" error
+after that time instead of waiting forever.
+
 On CPU prefer more actors of one CPU each over fewer actors of several: Ray Data calls an actor's
 batches from a thread pool, and OpenMP parallel regions started from a thread other than the
 process's first ran small matrix products 2-3x slower than from the main thread (measured: a
@@ -26,6 +32,7 @@ import numpy as np
 from infra.stage import ShardMarker, StageOutput
 
 log = logging.getLogger(__name__)
+ACTORS_START_TIMEOUT_S = 600
 
 
 class Worker:
@@ -75,6 +82,7 @@ def map_items(
     log.info("%s: %d %s, %d already done", out.stage, len(items), what, len(items) - len(pending))
     if pending:
         ensure_ray()
+        ray.data.DataContext.get_current().wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
         rows = [{"index": i, "item": json.dumps(items[i])} for i in pending]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         options: dict[str, Any] = dict(
@@ -94,17 +102,20 @@ def map_items(
                 compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
                 **options,
             )
-        t0 = time.perf_counter()
+        t0, rows_done = time.perf_counter(), 0
         for k, row in enumerate(ds.iter_rows(), start=1):
             marker = ShardMarker.from_json(json.loads(row["marker"]))
             done[marker.index] = marker
+            rows_done += marker.rows()
+            elapsed = time.perf_counter() - t0
             log.info(
-                "%s: %s %d/%d done (%d rows) after %.0f s",
+                "%s: %s %d/%d done, %d rows in %.0f s (%.1f rows/s)",
                 out.stage,
                 what[:-1] if what.endswith("s") else what,
                 k,
                 len(pending),
-                marker.rows(),
-                time.perf_counter() - t0,
+                rows_done,
+                elapsed,
+                rows_done / max(elapsed, 1e-9),
             )
     return [done[i] for i in range(len(items))], len(items) - len(pending)

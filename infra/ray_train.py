@@ -42,13 +42,24 @@ STATE_FILE = "state.pt"
 MODEL_FILE = "model.safetensors"
 _SPEC = "_train_run"  # the key of the TrainRun in the loop config
 # The config fields of a training stage that fit() takes, under these names in every one of them.
-FIT_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu", "bf16", "max_failures", "seed", "shuffle_buffer")
+FIT_FIELDS = (
+    "steps",
+    "num_workers",
+    "cpus_per_worker",
+    "use_gpu",
+    "bf16",
+    "max_failures",
+    "seed",
+    "shuffle_buffer",
+)
 
 
 @dataclass(frozen=True)
 class TrainRun:
     """What every worker needs from the driver (passed in the loop config)."""
 
+    stage: str  # for the progress lines
+    steps: int  # the training budget, for the progress lines
     run_uri: str  # the Ray Train run folder: checkpoints
     run_id: str | None  # the stage's MLflow run (rank 0 logs into it)
     tracking_uri: str
@@ -81,6 +92,7 @@ def fit(
     config: dict[str, Any],
     datasets: dict[str, Any],
     *,
+    steps: int,
     num_workers: int,
     cpus_per_worker: float,
     use_gpu: bool,
@@ -91,7 +103,7 @@ def fit(
 ) -> dict[str, Any]:
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers; return the newest training state."""
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from infra.cluster import ensure_ray
@@ -102,6 +114,8 @@ def fit(
         Path(storage_uri).mkdir(parents=True, exist_ok=True)
     name = f"{job.stage}-{job.identity}"
     spec = TrainRun(
+        stage=job.stage,
+        steps=steps,
         run_uri=storage.join(storage_uri, name),
         run_id=job.run_id,
         tracking_uri=tracking.tracking_uri(),
@@ -122,15 +136,32 @@ def fit(
             storage_path=storage_uri,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (reports, checkpoints, worker-group banners) stay in its log
+            # files; the console gets the loop's progress lines (Session.log_metrics)
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
+    job.nodes = worker_nodes(spec.run_uri)
     state = newest_state(spec.run_uri, result.checkpoint)
     if state is None:
         raise RuntimeError(f"{job.stage}: training finished without a checkpoint under {spec.run_uri}")
     return state
+
+
+NODES_DIR = "_nodes"
+
+
+def worker_nodes(run_uri: str) -> dict[str, int]:
+    """Ray node id -> how many training workers started there (each start writes a file, so a
+    worker restarted on another node after a failure counts on both)."""
+    nodes: dict[str, int] = {}
+    for uri in storage.list_files(storage.join(run_uri, NODES_DIR)):
+        node = storage.read_json(uri)["node"]
+        nodes[node] = nodes.get(node, 0) + 1
+    return nodes
 
 
 def _read_state(uri: str, device: str = "cpu") -> dict[str, Any]:
@@ -204,6 +235,13 @@ class Session:
         self.resumed_from: int | None = None
         self._tracking = False
         self._meter = (time.perf_counter(), 0)
+        from infra.cluster import node_id
+
+        node = node_id()
+        storage.write_json(
+            storage.join(self.spec.run_uri, NODES_DIR, f"rank{self.rank}-{node[:16]}-{time.time_ns()}.json"),
+            {"node": node, "rank": self.rank},
+        )
 
     @property
     def is_chief(self) -> bool:
@@ -233,8 +271,12 @@ class Session:
                 self._tracking = False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Rank 0: into the stage's MLflow run, and a progress line on the console
+        (``train_gpt: step 200/400  loss 2.61  tokens_per_s 3.2e+03``)."""
         if self._tracking:
             tracking.log_metrics(metrics, step=step)
+            shown = "  ".join(f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in metrics.items())
+            log.info("%s: step %d/%d  %s", self.spec.stage, step, self.spec.steps, shown)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         if self._tracking:

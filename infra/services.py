@@ -264,6 +264,53 @@ class RayHead(Service):
         return self
 
 
+class RayWorkerNode(Service):
+    """``ray start --address <head> --block``: a second node of a head's cluster on this machine
+    (its own raylet, object store, ports and temp dir), with ``num_cpus`` of its own. Killing its
+    process group is the node dying.
+
+    The temp dir must be its own: a node started without ``--temp-dir`` takes the head's, and on
+    one machine the two nodes' runtime-env agents then share one ``runtime_resources`` folder, where
+    the second node deletes the job's unpacked working dir (the driver's cwd) once its own tasks no
+    longer need it (measured: the driver failed in the next stage on ``os.getcwd()``)."""
+
+    def __init__(self, root: Path, head: RayHead, num_cpus: int = 2, name: str = "ray-worker"):
+        super().__init__(name, root)
+        self.head, self.num_cpus = head, num_cpus
+        self.agent_port = free_port()
+
+    def start(self, timeout: float = 120, env: dict[str, str] | None = None) -> RayWorkerNode:
+        cmd = [
+            _bin("ray"),
+            "start",
+            "--address",
+            self.head.address,
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            str(self.num_cpus),
+            "--dashboard-agent-listen-port",
+            str(self.agent_port),
+            "--temp-dir",
+            f"/tmp/ray-taming-n{self.agent_port}",  # short: Ray's socket paths are limited
+            "--disable-usage-stats",
+        ]
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        self._spawn(cmd, env={"RAY_AUTH_MODE": "disabled", "PATH": path, **(env or {})})
+        self._await(f"http://127.0.0.1:{self.agent_port}/api/local_raylet_healthz", timeout)
+        return self
+
+    def kill(self) -> None:
+        """The node dies: SIGKILL to every process of it (raylet, workers, agents), no draining."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
+
 # --------------------------------------------------------------------------- make up / make down
 
 

@@ -109,6 +109,7 @@ class ShardMarker:
     index: int
     files: dict[str, FileEntry]
     counts: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. read, images
+    node: str = ""  # the Ray node that wrote it (infra.cluster.node_id)
 
     def rows(self, kind: str = "data") -> int:
         return self.files[kind].rows if kind in self.files else 0
@@ -118,11 +119,13 @@ class ShardMarker:
             "index": self.index,
             "files": {k: dataclasses.asdict(v) for k, v in self.files.items()},
             "counts": dict(self.counts),
+            "node": self.node,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ShardMarker:
-        return cls(int(d["index"]), {k: FileEntry(**v) for k, v in d["files"].items()}, dict(d["counts"]))
+        files = {k: FileEntry(**v) for k, v in d["files"].items()}
+        return cls(int(d["index"]), files, dict(d["counts"]), d.get("node", ""))
 
 
 @dataclasses.dataclass
@@ -141,6 +144,7 @@ class Manifest:
     code_version: str
     created_at: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    nodes: dict[str, int] = dataclasses.field(default_factory=dict)  # Ray node id -> shards/workers it ran
     output_uri: str = ""  # filled in on read: where this manifest was found
 
     def to_json(self) -> dict[str, Any]:
@@ -186,6 +190,72 @@ def read_manifest(output_uri: str) -> Manifest:
 
 def is_committed(uri: str) -> bool:
     return storage.exists(storage.join(storage.normalize(uri), MANIFEST_NAME))
+
+
+def _input_values(cfg: Any) -> list[str]:
+    """The locations a config reads (its fields declared with ``input_field``), normalised."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.metadata.get(config_lib.ROLE) == "input" and isinstance(v, str) and v:
+            out.append(v if v.startswith("models:/") else storage.normalize(v))
+    return out
+
+
+def changes(m: Manifest, stage: str, cfg: Any, rerun: Sequence[str] = ()) -> list[str]:
+    """Why the committed output ``m`` is not what ``cfg`` would make now ([] = it is): another stage,
+    a changed config (the keys that changed), an input whose committed identity changed, or an
+    input read from a location in ``rerun`` (outputs that will be made again first). Weights files
+    are compared by sha256 when the stage runs, not here."""
+    if m.stage != stage:
+        return [f"holds stage {m.stage!r}'s output"]
+    why = []
+    if m.config_hash != config_lib.config_hash(cfg):
+        try:
+            old = config_lib.identity_dict(config_lib.from_dict(type(cfg), m.config))
+            new = config_lib.identity_dict(cfg)
+            diff = [
+                f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
+        except config_lib.ConfigError:  # written by another version of the config class
+            diff = []
+        why.append("config changed" + (f" ({'; '.join(diff)})" if diff else ""))
+    values = _input_values(cfg)
+    for r in rerun:
+        r = storage.normalize(r)
+        hit = [v for v in values if v == r or v.startswith(r.rstrip("/") + "/")]
+        if hit:
+            why.append(f"input {hit[0]} is made again first")
+    if not any(w.startswith("input") for w in why):
+        current = {
+            read_manifest(v).identity for v in values if not v.startswith("models:/") and is_committed(v)
+        }
+        for ref in m.inputs:
+            if ref.kind == "output" and ref.digest not in current:
+                why.append(f"input {ref.name} changed (recorded {ref.uri} at identity {ref.digest})")
+    return why
+
+
+def uncommit(output_uri: str) -> str:
+    """Withdraw the committed output at ``output_uri``: its manifest moves to ``_replaced/`` (kept
+    for the record), so the location is uncommitted and the next commit there removes the old
+    attempt's files. Returns where the old manifest went."""
+    output_uri = storage.normalize(output_uri)
+    m = read_manifest(output_uri)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+    kept = storage.join(output_uri, "_replaced", f"{stamp}-{m.identity}.json")
+    storage.write_json(kept, m.to_json())
+    storage.remove(storage.join(output_uri, MANIFEST_NAME))
+    log.warning(
+        "%s: withdrew the committed %s output (identity %s; manifest kept at %s)",
+        output_uri,
+        m.stage,
+        m.identity,
+        kept,
+    )
+    return kept
 
 
 def column_names(m: Manifest) -> list[str]:
@@ -288,7 +358,9 @@ class StageOutput:
         return done
 
     def _finish(self, index: int, files: dict[str, FileEntry], counts: dict[str, int]) -> ShardMarker:
-        marker = ShardMarker(index, files, dict(counts))
+        from infra.cluster import node_id
+
+        marker = ShardMarker(index, files, dict(counts), node_id())
         storage.write_json(self.marker_uri(index), marker.to_json())  # last: the shard is done
         return marker
 
@@ -323,9 +395,11 @@ class StageOutput:
         registered: dict[str, Any] | None = None,
         mlflow_run_id: str | None = None,
         extra: dict[str, Any] | None = None,
+        nodes: dict[str, int] | None = None,
     ) -> tuple[Manifest, bool]:
         """Write the manifest if none exists yet (the single step that makes the output visible).
 
+        ``nodes``: where the work ran (Ray node id -> count), by default the markers' nodes.
         Returns ``(manifest, True)`` when this call committed, ``(winner, False)`` when a concurrent
         run of the same identity committed first; a different identity first is an
         :class:`OutputConflictError`.
@@ -346,6 +420,7 @@ class StageOutput:
             code_version=tracking.code_version(),
             created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             extra=extra or {},
+            nodes=dict(nodes) if nodes is not None else _count_nodes(m.node for m in markers),
             output_uri=self.output_uri,
         )
         blob = storage.to_json_bytes(manifest.to_json())
@@ -358,6 +433,14 @@ class StageOutput:
             if uri.rstrip("/").rsplit("/", 1)[-1] != self.identity:
                 storage.remove(uri)
         return manifest, True
+
+
+def _count_nodes(nodes: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in nodes:
+        if n:
+            counts[n] = counts.get(n, 0) + 1
+    return counts
 
 
 # --------------------------------------------------------------------------- results and runs
@@ -425,6 +508,7 @@ class StageRun:
         self.identity = identity(stage, cfg, self.inputs)
         self.out = StageOutput(output_uri, stage, self.identity)
         self.run_id: str | None = None
+        self.nodes: dict[str, int] | None = None  # set by work that writes no markers (Ray Train workers)
         self._ctx = None
         self._t0 = 0.0
 
@@ -489,6 +573,7 @@ class StageRun:
             registered=registered,
             mlflow_run_id=self.run_id,
             extra=extra,
+            nodes=self.nodes,
         )
         log.info("%s: committed %s in %.1f s %s", self.stage, manifest.output_uri, self.seconds, counts)
         return StageResult.of(manifest, cached=not ours)

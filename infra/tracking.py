@@ -160,6 +160,10 @@ def log_dict(data: dict[str, Any], artifact_file: str) -> None:
     _mlflow().log_dict(data, artifact_file)
 
 
+def log_text(text: str, artifact_file: str) -> None:
+    _mlflow().log_text(text, artifact_file)
+
+
 @contextlib.contextmanager
 def resume_run(run_id: str | None, uri: str | None) -> Iterator[bool]:
     """Log into an existing run from another process (rank 0 of a Ray Train worker group).

@@ -10,6 +10,15 @@ reused, and a run that was interrupted resumes where it stopped.
 
 Under ``ray job submit`` give ``run.root_uri`` as an absolute path or an ``s3://`` URI: a relative
 path would resolve inside the job's temporary working directory.
+
+``--explain`` prints which stages would run and which are committed, and why (not committed yet,
+config changed and which keys, an input that changed or is made again first), and runs nothing.
+A stage whose committed output no longer matches its config stops the run (nothing is
+overwritten) unless ``run.replace_changed=true``: then its old manifest is set aside under
+``<output>/_replaced/`` and the stage runs again. A stage that fails for another reason than its
+input or config (a node lost, a worker killed) runs again ``run.stage_retries`` times and resumes
+from the shards and checkpoints it had finished. At the end a table (per stage: cached or ran,
+seconds, output, headline figures) is printed and logged to the parent MLflow run.
 """
 
 from __future__ import annotations
@@ -19,15 +28,18 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): import from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infra import config as config_lib  # noqa: E402
-from infra import storage, tracking  # noqa: E402
-from infra.cli import OVERRIDES_HELP, run_guarded, setup_logging  # noqa: E402
+from infra import stage, storage, tracking  # noqa: E402
+from infra.cli import OVERRIDES_HELP, run_guarded, setup_logging, user_error  # noqa: E402
+from infra.cluster import ray_logs_dir  # noqa: E402
 from stages import depth, evaluate, ingest, sample, segmentation, tokenize_images, train_gpt, train_vqgan  # noqa: E402
 
 log = logging.getLogger("pipelines.full")
@@ -38,6 +50,8 @@ class RunConfig:
     name: str = "pipeline"  # the parent MLflow run's name
     experiment: str = tracking.DEFAULT_EXPERIMENT
     root_uri: str = ".local/runs/default"  # stage outputs default to folders below it
+    replace_changed: bool = False  # a committed output whose config/inputs changed: run again (else stop)
+    stage_retries: int = 1  # reruns of a stage that failed for a reason other than its config or input
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ def resolve(cfg: FullConfig) -> FullConfig:
     """Fill the stage URIs left empty from ``run.root_uri`` (absolute, so workers agree on them)."""
     root = storage.normalize(cfg.run.root_uri)
     ing = cfg.ingest
+    _ = ing.source  # a folder-style source needs its URI: fail before the first stage
     if not ing.output_uri:
         ing = dataclasses.replace(ing, output_uri=storage.join(root, "images"))
     images = ing.output_uri  # each stage reads the previous one's output: images (+ depth) (+ segmentation)
@@ -147,18 +162,140 @@ STAGES = (
 )
 
 
+def _configured(cfg: FullConfig):
+    """(name, module, stage config) of the configured stages, in order."""
+    return [(n, m, getattr(cfg, n)) for n, m in STAGES if getattr(cfg, n) is not None]
+
+
+def explain(cfg: FullConfig) -> list[dict[str, Any]]:
+    """Per configured stage: ``action`` (``cached``, ``run``, ``rerun`` or ``stop``) and ``why``,
+    from the committed manifests alone (nothing is loaded or run). A stage runs when its output is
+    not committed; one committed under another config, or from inputs that changed or are made
+    again first, reruns with ``run.replace_changed`` and stops the run without it."""
+    cfg = resolve(cfg)
+    plan, remade = [], []
+    for name, _, scfg in _configured(cfg):
+        out = scfg.output_uri
+        if not stage.is_committed(out):
+            attempts = storage.list_dirs(storage.join(out, stage.ATTEMPTS_DIR))
+            why = ["not committed"] + (
+                ["an interrupted attempt's finished work is reused"] if attempts else []
+            )
+            action = "run"
+        else:
+            why = stage.changes(stage.read_manifest(out), name, scfg, remade)
+            action = "cached" if not why else ("rerun" if cfg.run.replace_changed else "stop")
+            if not why:
+                why = ["committed with this config and these inputs"]
+        if action != "cached":
+            remade.append(out)
+        plan.append({"stage": name, "action": action, "output_uri": out, "why": why})
+    return plan
+
+
+def format_plan(plan: list[dict[str, Any]]) -> str:
+    width = max((len(p["stage"]) for p in plan), default=5)
+    lines = [
+        f"{p['stage']:<{width}}  {p['action']:<6}  {p['output_uri']}\n{'':<{width}}  {'':<6}  "
+        + "; ".join(p["why"])
+        for p in plan
+    ]
+    stops = [p["stage"] for p in plan if p["action"] == "stop"]
+    if stops:
+        lines.append(
+            f"the run would stop at {stops[0]}: its committed output no longer matches the config "
+            "(set run.replace_changed=true to make it again, or choose another output URI)"
+        )
+    return "\n".join(lines)
+
+
+def _headline(module: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary[k] for k in getattr(module, "HEADLINE", ()) if summary.get(k) is not None}
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The end-of-run table: stage, cached or ran, seconds, output, headline figures."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    header = ("stage", "status", "seconds", "output", "figures")
+    table = [
+        (
+            r["stage"],
+            r["status"],
+            f"{r['seconds']:.0f}",
+            r["output_uri"],
+            "  ".join(f"{k}={fmt(v)}" for k, v in r["figures"].items()),
+        )
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *table)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in table)])
+
+
+def _run_stage(name: str, module: Any, scfg: Any, cfg: FullConfig) -> stage.StageResult:
+    if cfg.run.replace_changed and stage.is_committed(scfg.output_uri):
+        why = stage.changes(stage.read_manifest(scfg.output_uri), name, scfg)
+        if why:
+            log.warning("%s: %s; making it again (run.replace_changed)", name, "; ".join(why))
+            stage.uncommit(scfg.output_uri)
+    for attempt in range(cfg.run.stage_retries + 1):
+        try:
+            return module.run(scfg, cfg.run.experiment)
+        except Exception as e:
+            if user_error(e) is not None or attempt == cfg.run.stage_retries:
+                raise
+            log.warning(
+                "%s failed (%s: %s); running it again (%d of %d), from the work it had finished",
+                name,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+                attempt + 1,
+                cfg.run.stage_retries,
+            )
+    raise AssertionError("unreachable")
+
+
 def run(cfg: FullConfig) -> dict:
     cfg = resolve(cfg)
     summary: dict = {"root_uri": cfg.run.root_uri}
+    rows: list[dict[str, Any]] = []
     with tracking.pipeline_run(cfg.run.name, cfg, cfg.run.experiment) as run_id:
         summary["mlflow_run_id"] = run_id
-        for name, module in STAGES:
-            scfg = getattr(cfg, name)
-            if scfg is None:
-                continue
-            res = module.run(scfg, cfg.run.experiment)
+        for name, module, scfg in _configured(cfg):
+            log.info("== %s -> %s", name, scfg.output_uri)
+            t0 = time.perf_counter()
+            res = _run_stage(name, module, scfg, cfg)
+            seconds = time.perf_counter() - t0
             tracking.set_tags({f"{name}.cached": res.cached, f"{name}.output_uri": res.output_uri})
             summary[name] = res.summary()
+            reused = res.counts.get("reused_shards", 0)
+            status = "cached" if res.cached else (f"ran ({reused} shards reused)" if reused else "ran")
+            row = {
+                "stage": name,
+                "status": status,
+                "seconds": seconds,
+                "output_uri": res.output_uri,
+                "figures": _headline(module, summary[name]),
+            }
+            rows.append(row)
+            log.info(
+                "== %s %s in %.0f s: %s",
+                name,
+                status,
+                seconds,
+                "  ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["figures"].items()
+                ),
+            )
+        table = summary_table(rows)
+        tracking.log_dict({"stages": rows}, "pipeline_summary.json")
+        tracking.log_text(table + "\n", "pipeline_summary.txt")
+        tracking.log_metrics({f"{r['stage']}/pipeline_seconds": r["seconds"] for r in rows})
+    summary["stages"] = rows
+    summary["table"] = table
     summary["tracking_uri"] = tracking.tracking_uri()
     return summary
 
@@ -169,6 +306,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--config", type=Path, required=True, help="pipeline YAML (see pipelines/configs/)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print which stages would run or are committed, and why; run nothing",
+    )
+    p.add_argument("--json", action="store_true", help="also print the whole summary as JSON")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     args = p.parse_args(argv)
     try:
@@ -176,9 +319,32 @@ def main(argv: list[str] | None = None) -> dict:
     except config_lib.ConfigError as e:
         p.error(str(e))
     log_file = setup_logging("pipeline")
+    if args.explain:
+        plan = run_guarded(lambda: explain(cfg), log_file, args.debug)
+        print(format_plan(plan))
+        return {"plan": plan}
     summary = run_guarded(lambda: run(cfg), log_file, args.debug)
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
+    print(f"\n{summary['table']}\n\n{where_to_look(summary, log_file)}")
     return summary
+
+
+def where_to_look(summary: dict[str, Any], log_file: Path) -> str:
+    """The end of a run's console: the MLflow UI, the sample grid, the metrics, the logs."""
+    uri = summary["tracking_uri"]
+    ui = f".venv/bin/mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
+    lines = [f"MLflow:   {ui}   (parent run {summary['mlflow_run_id']})"]
+    if "sample" in summary:
+        run_id = stage.read_manifest(summary["sample"]["output_uri"]).mlflow_run_id
+        lines.append(f"samples:  {summary['sample']['output_uri']}   (grid: run {run_id}, samples/grid.png)")
+    if "evaluate" in summary:
+        metrics = stage.read_manifest(summary["evaluate"]["output_uri"]).data_uris()[0]
+        lines.append(f"metrics:  {metrics}")
+    lines.append(f"log:      {log_file}")
+    if (ray_logs := ray_logs_dir()) is not None:
+        lines.append(f"Ray logs: {ray_logs}   (every worker's full output, on the head node)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

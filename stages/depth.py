@@ -27,6 +27,7 @@ from stages.annotate import AnnotateWorker, run_annotate
 
 log = logging.getLogger(__name__)
 STAGE = "depth"
+HEADLINE = ("written", "rejected", "images_per_s")  # the figures a pipeline's summary shows for this stage
 WEIGHT_FILES = {
     "midas_v21_small_256": "midas_v21_small_256.pt",
     "midas_v21_384": "midas_v21_384.pt",

@@ -54,6 +54,13 @@ from infra.stage import InputError, InputRef, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
+HEADLINE = (
+    "classifier_score",
+    "classifier_score_real",
+    "domain_fid",
+    "memorized_fraction",
+    "fid",
+)  # the figures a pipeline's summary shows for this stage
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's standard weights
 MAX_GRID_CLASSES = 10
 

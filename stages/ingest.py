@@ -36,6 +36,7 @@ from infra.stage import InputRef, ShardMarker, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "ingest"
+HEADLINE = ("written", "rejected", "images_per_s")  # the figures a pipeline's summary shows for this stage
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from infra.stage import InputError, InputRef, ShardMarker, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "sample"
+HEADLINE = ("samples", "images_per_s")  # the figures a pipeline's summary shows for this stage
 MAX_GRID_ROWS = 16  # the MLflow grid: at most this many classes / conditions, one row each
 
 

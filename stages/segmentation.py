@@ -28,6 +28,7 @@ from stages.annotate import AnnotateWorker, run_annotate
 
 log = logging.getLogger(__name__)
 STAGE = "segmentation"
+HEADLINE = ("written", "rejected", "images_per_s")  # the figures a pipeline's summary shows for this stage
 WEIGHT_FILES = {
     "deeplabv2_cocostuff164k": "deeplabv2_resnet101_msc-cocostuff164k-100000.pth",  # taming's, 182 labels
     "torchvision_deeplabv3_voc": "deeplabv3_resnet101_coco-586e9e4e.pth",  # torchvision's enum, 21 labels

@@ -33,6 +33,7 @@ from infra.stage import InputError, InputRef, ShardMarker, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "tokenize_images"
+HEADLINE = ("rows", "bytes_per_code", "images_per_s")  # the figures a pipeline's summary shows for this stage
 
 
 @dataclass(frozen=True)

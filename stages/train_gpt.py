@@ -41,6 +41,7 @@ from infra.stage import InputError, InputRef, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "train_gpt"
+HEADLINE = ("steps", "val/bits_per_token")  # the figures a pipeline's summary shows for this stage
 Condition = Literal["unconditional", "class", "depth", "segmentation", "coord"]
 SPATIAL = {"depth": "depth_codes", "segmentation": "segmentation_codes"}
 MAX_GRID_ROWS = 16  # sample grids: at most this many classes / conditions, one row each

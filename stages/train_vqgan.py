@@ -26,6 +26,13 @@ from infra.stage import InputError, InputRef, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "train_vqgan"
+HEADLINE = (
+    "steps",
+    "val/psnr",
+    "val/ssim",
+    "val/lpips",
+    "val/codebook_usage",
+)  # the figures a pipeline's summary shows for this stage
 
 
 @dataclass(frozen=True)

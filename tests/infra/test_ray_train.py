@@ -68,6 +68,7 @@ def _train(uris, out, seed: int, steps: int = 12, crash_at: int = -1, max_failur
         toy_loop,
         {"steps": steps, "crash_at": crash_at},
         {"train": ray_train.read_parquet(uris, ["row", "label"], seed)},
+        steps=steps,
         num_workers=WORKERS,
         cpus_per_worker=0.5,
         use_gpu=False,

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from infra import stage
@@ -65,51 +63,36 @@ def test_parent_and_child_runs_and_rerun(stack, tmp_path, mlflow_client):
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{again['mlflow_run_id']}'"
     )
     assert children2 == []  # nothing was redone
+    assert [(r["stage"], r["status"]) for r in again["stages"]] == [("ingest", "cached")]
+    assert again["table"].splitlines()[0].split() == ["stage", "status", "seconds", "output", "figures"]
+    table = mlflow_client.download_artifacts(again["mlflow_run_id"], "pipeline_summary.txt", str(tmp_path))
+    assert "ingest" in Path(table).read_text() and "written=12" in Path(table).read_text()
 
-
-def test_ray_job_submit(stack, tmp_path):
-    """The pipeline under `ray job submit --working-dir .` against a separate Ray head (as `make up`)."""
-    from infra import services
-
-    src = _source(tmp_path, n=3)
-    env_for_head = {**stack["s3"].env(), **stack["mlflow"].env()}
-    head = services.RayHead(tmp_path / "head", num_cpus=2).start(env=env_for_head)
-    try:
-        env = {**os.environ, **head.env()}
-        cmd = [
-            str(Path(sys.executable).parent / "ray"),
-            "job",
-            "submit",
-            "--working-dir",
-            str(ROOT),
-            "--",
-            "python",
-            "pipelines/full.py",
-            "--config",
-            "pipelines/configs/demo.yaml",
-            f"ingest.source_uri={src}",
-            "ingest.source_format=auto",
-            "ingest.channels=3",
-            f"run.root_uri={tmp_path / 'job'}",
-            "train_vqgan=null",  # the demo's training and tokenization are not what this test is about
-            "tokenize_images=null",
-            "train_gpt=null",
-            "sample=null",
-            "evaluate=null",
-            "run.experiment=test-job",
-        ]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-        assert "succeeded" in out.stdout
-    finally:
-        head.stop()
-    m = stage.read_manifest(str(tmp_path / "job" / "images"))
-    assert (m.counts["written"], m.counts["rejected"]) == (6, 1)
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(stack["mlflow"].uri).get_run(m.mlflow_run_id)  # logged to the shared server
-    assert run.data.metrics["ingest/written"] == 6
-    json.dumps(m.to_json())
+    # --explain: the plan, nothing run (no new MLflow run, the manifest untouched)
+    committed = stage.read_manifest(summary["ingest"]["output_uri"])
+    runs_before = len(mlflow_client.search_runs([exp.experiment_id]))
+    plan = full.main(["--config", str(cfg_path), "--explain"])["plan"]
+    assert [(p["stage"], p["action"]) for p in plan] == [("ingest", "cached")]
+    changed = full.main(["--config", str(cfg_path), "--explain", "ingest.resolution=16"])["plan"]
+    assert changed[0]["action"] == "stop" and changed[0]["why"] == ["config changed (resolution: 8 -> 16)"]
+    assert len(mlflow_client.search_runs([exp.experiment_id])) == runs_before
+    assert stage.read_manifest(summary["ingest"]["output_uri"]).identity == committed.identity
+    # without replace_changed the run stops at the changed stage, with the reason and nothing overwritten
+    with pytest.raises(SystemExit):
+        full.main(["--config", str(cfg_path), "ingest.resolution=16"])
+    assert stage.read_manifest(summary["ingest"]["output_uri"]).identity == committed.identity
+    # with it the old manifest is set aside and the stage runs again
+    replan = full.main(
+        ["--config", str(cfg_path), "--explain", "ingest.resolution=16", "run.replace_changed=true"]
+    )
+    assert replan["plan"][0]["action"] == "rerun"
+    redone = full.main(["--config", str(cfg_path), "ingest.resolution=16", "run.replace_changed=true"])
+    assert redone["ingest"]["cached"] is False and redone["ingest"]["written"] == 12
+    m = stage.read_manifest(summary["ingest"]["output_uri"])
+    assert m.config["resolution"] == 16 and m.identity != committed.identity
+    kept = list((tmp_path / "run" / "images" / "_replaced").glob("*.json"))
+    assert [json.loads(k.read_text())["identity"] for k in kept] == [committed.identity]
+    assert [d.name for d in (tmp_path / "run" / "images" / "_attempts").iterdir()] == [m.identity]
 
 
 def test_pipeline_with_tokenize(stack, tmp_path):
@@ -130,22 +113,6 @@ def test_pipeline_with_tokenize(stack, tmp_path):
                 "run": {"name": "tok", "experiment": "test-pipeline", "root_uri": str(tmp_path / "run")},
                 "ingest": {"source_uri": str(src), "resolution": 8},
                 "tokenize_images": {"tokenizer_uri": str(tmp_path / "tok.safetensors")},
-                "train_gpt": {  # the transformer on those codes, chained by the pipeline
-                    "condition": "unconditional",
-                    "n_layer": 1,
-                    "n_head": 1,
-                    "n_embd": 16,
-                    "steps": 3,
-                    "batch_size": 2,
-                    "warmup_steps": 1,
-                    "num_workers": 1,
-                    "cpus_per_worker": 0.5,
-                    "sample_every": 3,
-                    "samples_per_condition": 2,
-                },
-                "sample": {"num_samples": 3, "batch_size": 2},  # a generated dataset from it
-                # and its evaluation against the ingested images (unlabelled samples: no classifier)
-                "evaluate": {"reference_split": None, "classifier": False, "inception": "off"},
             }
         )
     )
@@ -154,27 +121,18 @@ def test_pipeline_with_tokenize(stack, tmp_path):
     assert t["output_uri"] == str(tmp_path / "run" / "codes") and (t["images"], t["rows"]) == (8, 8)
     m = stage.read_manifest(t["output_uri"])
     assert m.inputs[0].uri == summary["ingest"]["output_uri"] and m.extra["grid"] == [4, 4]
-    g = summary["train_gpt"]
-    assert (
-        g["output_uri"] == str(tmp_path / "run" / "gpt") and g["steps"] == 3 and g["val/bits_per_token"] > 0
-    )
-    gm = stage.read_manifest(g["output_uri"])
-    assert (
-        gm.inputs[0].uri == t["output_uri"]
-        and gm.extra["generator"]["tokenizer_sha256"] == m.extra["tokenizer_sha256"]
-    )
-    s = summary["sample"]
-    assert s["output_uri"] == str(tmp_path / "run" / "samples") and s["samples"] == 3
-    sm = stage.read_manifest(s["output_uri"])
-    assert sm.extra["generator"]["training_run_id"] == gm.mlflow_run_id
-    assert [i.uri for i in sm.inputs if i.name == "generator"] == [g["output_uri"]]
-    e = summary["evaluate"]
-    assert e["generated_images"] == 3 and 0 <= e["memorized_fraction"] <= 1
-    em = stage.read_manifest(e["output_uri"])
-    assert {i.name: i.uri for i in em.inputs if i.kind == "output"} == {
-        "generated": s["output_uri"],
-        "reference": summary["ingest"]["output_uri"],
-    }
+    # a changed ingest config: it and everything after it would run again
+    # (the chain through train_gpt, sample and evaluate: tests/pipelines/test_cluster.py)
+    plan = full.main(["--config", str(cfg_path), "--explain", "ingest.resolution=16"])["plan"]
+    assert [(p["stage"], p["action"]) for p in plan] == [("ingest", "stop"), ("tokenize_images", "stop")]
+    assert plan[0]["why"] == ["config changed (resolution: 8 -> 16)"]
+    assert plan[1]["why"] == [f"input {summary['ingest']['output_uri']} is made again first"]
+    assert [
+        p["action"] for p in full.explain(full.resolve(full.config_lib.load(full.FullConfig, cfg_path)))
+    ] == [
+        "cached",
+        "cached",
+    ]
 
 
 def test_pipeline_with_depth(stack, tmp_path):

@@ -13,7 +13,6 @@ from models.net2net import condition_prefix
 from stages import train_gpt
 from stages.train_gpt import TrainGPTConfig
 from tests.codes import tokenizer_file, unigram_bits, write_code_shards
-from tests.killing import kill_train_worker_when
 
 K, GRID, CLASSES = 16, (8, 8), 4
 
@@ -100,32 +99,6 @@ def test_two_workers_train_to_s3_validate_sample_register(shards, s3_bucket, mlf
     # a finished run resubmitted is a no-op
     again = train_gpt.run(dataclasses.replace(cfg, num_workers=1), "test-gpt")
     assert again.cached and again.manifest.mlflow_run_id == run_id
-
-
-def test_killed_worker_is_replaced_and_resumes(shards, tmp_path, mlflow_client):
-    from concurrent.futures import ThreadPoolExecutor
-
-    cfg = _cfg(
-        shards,
-        str(tmp_path / "gpt"),
-        steps=40,
-        checkpoint_every=10,
-        log_every=1,
-        val_every=0,
-        sample_every=0,
-        max_failures=2,
-    )
-    with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(train_gpt.run, cfg, "test-gpt")
-        kill_train_worker_when(tmp_path / "gpt", "_attempts/*/ray/*/checkpoint_*/state.pt", count=2)
-        res = job.result(timeout=600)
-    assert not res.cached and res.counts["steps"] == 40
-    run_id = res.manifest.mlflow_run_id
-    resumed = mlflow_client.get_metric_history(run_id, "train/resumed_from_step")
-    assert resumed and all(x.value >= 10 and x.value % 10 == 0 for x in resumed)
-    steps = [x.step for x in mlflow_client.get_metric_history(run_id, "train/loss")]
-    assert set(steps) == set(range(1, 41))  # every step logged; replays after the resume point only
-    assert mlflow_client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_bad_inputs_fail_before_any_work(shards, tmp_path):
