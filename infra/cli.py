@@ -72,7 +72,9 @@ def setup_logging(name: str, level: int = logging.INFO) -> Path:
     root.addHandler(to_file)
     root.setLevel(level)
     _traceback_log.handlers = [to_file]
-    for noisy in ("alembic", "botocore", "urllib3", "s3fs", "fsspec", "aiobotocore"):
+    from infra.cluster import QUIET_LOGGERS
+
+    for noisy in ("alembic", *QUIET_LOGGERS):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return path
 

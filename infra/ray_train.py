@@ -25,6 +25,7 @@ import hashlib
 import logging
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,11 +158,8 @@ NODES_DIR = "_nodes"
 def worker_nodes(run_uri: str) -> dict[str, int]:
     """Ray node id -> how many training workers started there (each start writes a file, so a
     worker restarted on another node after a failure counts on both)."""
-    nodes: dict[str, int] = {}
-    for uri in storage.list_files(storage.join(run_uri, NODES_DIR)):
-        node = storage.read_json(uri)["node"]
-        nodes[node] = nodes.get(node, 0) + 1
-    return nodes
+    files = storage.list_files(storage.join(run_uri, NODES_DIR))
+    return dict(Counter(storage.read_json(uri)["node"] for uri in files))
 
 
 def _read_state(uri: str, device: str = "cpu") -> dict[str, Any]:

@@ -43,6 +43,11 @@ def _bin(name: str) -> str:
     return str(here) if here.exists() else (shutil.which(name) or name)
 
 
+def _venv_path() -> str:
+    """PATH with this environment first: a job's `python` is whatever a node's PATH finds first."""
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None, log_path: Path | None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -246,14 +251,12 @@ class RayHead(Service):
             str(self.agent_port),
             "--disable-usage-stats",
         ]
-        # A job's `python` is whatever the head's PATH finds first: make it this environment's.
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self._spawn(
             cmd,
             env={
                 "RAY_AUTH_MODE": "disabled",
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                "PATH": path,
+                "PATH": _venv_path(),
                 **(env or {}),
             },
         )
@@ -296,8 +299,7 @@ class RayWorkerNode(Service):
             f"/tmp/ray-taming-n{self.agent_port}",  # short: Ray's socket paths are limited
             "--disable-usage-stats",
         ]
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        self._spawn(cmd, env={"RAY_AUTH_MODE": "disabled", "PATH": path, **(env or {})})
+        self._spawn(cmd, env={"RAY_AUTH_MODE": "disabled", "PATH": _venv_path(), **(env or {})})
         self._await(f"http://127.0.0.1:{self.agent_port}/api/local_raylet_healthz", timeout)
         return self
 

@@ -35,6 +35,7 @@ import hashlib
 import io as _io
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -238,6 +239,14 @@ def changes(m: Manifest, stage: str, cfg: Any, rerun: Sequence[str] = ()) -> lis
     return why
 
 
+def _identity_at(uri: str) -> str | None:
+    """The identity committed at ``uri`` (one read), None when nothing is."""
+    try:
+        return read_manifest(uri).identity
+    except NotCommittedError:
+        return None
+
+
 def uncommit(output_uri: str) -> str:
     """Withdraw the committed output at ``output_uri``: its manifest moves to ``_replaced/`` (kept
     for the record), so the location is uncommitted and the next commit there removes the old
@@ -420,7 +429,7 @@ class StageOutput:
             code_version=tracking.code_version(),
             created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             extra=extra or {},
-            nodes=dict(nodes) if nodes is not None else _count_nodes(m.node for m in markers),
+            nodes=dict(nodes) if nodes is not None else dict(Counter(m.node for m in markers if m.node)),
             output_uri=self.output_uri,
         )
         blob = storage.to_json_bytes(manifest.to_json())
@@ -433,14 +442,6 @@ class StageOutput:
             if uri.rstrip("/").rsplit("/", 1)[-1] != self.identity:
                 storage.remove(uri)
         return manifest, True
-
-
-def _count_nodes(nodes: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in nodes:
-        if n:
-            counts[n] = counts.get(n, 0) + 1
-    return counts
 
 
 # --------------------------------------------------------------------------- results and runs

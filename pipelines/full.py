@@ -213,12 +213,12 @@ def _headline(module: Any, summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in getattr(module, "HEADLINE", ()) if summary.get(k) is not None}
 
 
+def _figures_text(figures: dict[str, Any]) -> str:
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """The end-of-run table: stage, cached or ran, seconds, output, headline figures."""
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
     header = ("stage", "status", "seconds", "output", "figures")
     table = [
         (
@@ -226,7 +226,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             r["status"],
             f"{r['seconds']:.0f}",
             r["output_uri"],
-            "  ".join(f"{k}={fmt(v)}" for k, v in r["figures"].items()),
+            _figures_text(r["figures"]),
         )
         for r in rows
     ]
@@ -241,21 +241,22 @@ def _run_stage(name: str, module: Any, scfg: Any, cfg: FullConfig) -> stage.Stag
         if why:
             log.warning("%s: %s; making it again (run.replace_changed)", name, "; ".join(why))
             stage.uncommit(scfg.output_uri)
-    for attempt in range(cfg.run.stage_retries + 1):
+    attempt = 0
+    while True:
         try:
             return module.run(scfg, cfg.run.experiment)
         except Exception as e:
             if user_error(e) is not None or attempt == cfg.run.stage_retries:
                 raise
+            attempt += 1
             log.warning(
                 "%s failed (%s: %s); running it again (%d of %d), from the work it had finished",
                 name,
                 type(e).__name__,
                 str(e).splitlines()[0] if str(e) else "",
-                attempt + 1,
+                attempt,
                 cfg.run.stage_retries,
             )
-    raise AssertionError("unreachable")
 
 
 def run(cfg: FullConfig) -> dict:
@@ -281,15 +282,11 @@ def run(cfg: FullConfig) -> dict:
                 "figures": _headline(module, summary[name]),
             }
             rows.append(row)
-            log.info(
-                "== %s %s in %.0f s: %s",
-                name,
-                status,
-                seconds,
-                "  ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["figures"].items()
-                ),
-            )
+            if name == "sample":
+                summary["sample_grid_run"] = res.manifest.mlflow_run_id
+            if name == "evaluate":
+                summary["metrics_uri"] = res.manifest.data_uris()[0]
+            log.info("== %s %s in %.0f s: %s", name, status, seconds, _figures_text(row["figures"]))
         table = summary_table(rows)
         tracking.log_dict({"stages": rows}, "pipeline_summary.json")
         tracking.log_text(table + "\n", "pipeline_summary.txt")
@@ -336,11 +333,10 @@ def where_to_look(summary: dict[str, Any], log_file: Path) -> str:
     ui = f".venv/bin/mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
     lines = [f"MLflow:   {ui}   (parent run {summary['mlflow_run_id']})"]
     if "sample" in summary:
-        run_id = stage.read_manifest(summary["sample"]["output_uri"]).mlflow_run_id
-        lines.append(f"samples:  {summary['sample']['output_uri']}   (grid: run {run_id}, samples/grid.png)")
+        grid = f"grid: run {summary['sample_grid_run']}, samples/grid.png"
+        lines.append(f"samples:  {summary['sample']['output_uri']}   ({grid})")
     if "evaluate" in summary:
-        metrics = stage.read_manifest(summary["evaluate"]["output_uri"]).data_uris()[0]
-        lines.append(f"metrics:  {metrics}")
+        lines.append(f"metrics:  {summary['metrics_uri']}")
     lines.append(f"log:      {log_file}")
     if (ray_logs := ray_logs_dir()) is not None:
         lines.append(f"Ray logs: {ray_logs}   (every worker's full output, on the head node)")
