@@ -48,6 +48,16 @@ def output_field(default: Any = "", **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={ROLE: "output"}, **kwargs)
 
 
+def added_field(default: Any, **kwargs: Any) -> Any:
+    """A field a stage gained after outputs were made without it: at its default it is left out
+    of the config hash, so those outputs keep their identity (and stay cached); any other value
+    counts as usual."""
+    return dataclasses.field(default=default, metadata={OMIT_DEFAULT: True}, **kwargs)
+
+
+OMIT_DEFAULT = "taming.omit_default"
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -230,6 +240,8 @@ def identity_dict(cfg: Any) -> dict[str, Any]:
         if f.metadata.get(ROLE):
             continue
         v = getattr(cfg, f.name)
+        if f.metadata.get(OMIT_DEFAULT) and v == f.default:
+            continue
         out[f.name] = identity_dict(v) if dataclasses.is_dataclass(v) else to_dict_value(v)
     return out
 

@@ -97,16 +97,16 @@ def rows_independent(gpt: GPT, prefix_length: int, tile: int, steps: int = 3) ->
     in a batch of ``3 * tile`` rows where it sits elsewhere (prefill and cached steps)."""
     device = gpt.pos_emb.device
     g = torch.Generator().manual_seed(1234)
-    v = gpt.config.vocab_size
-    n = min(prefix_length + steps, gpt.config.block_size)
-    x = torch.randint(0, v, (3 * tile, n), generator=g).to(device)
+    c = gpt.config
+    if c.is_local:
+        p, n = c.n_prefix, c.n_prefix + steps
+    else:
+        n = min(prefix_length + steps, c.block_size)
+        p = min(prefix_length, n - 1)
+    x = torch.randint(0, c.vocab_size, (3 * tile, n), generator=g).to(device)
 
     def run(rows: torch.Tensor) -> torch.Tensor:
-        cache = gpt.new_cache(rows.shape[0], n)
-        p = min(prefix_length, n - 1)
-        out = [gpt(rows[:, :p], cache, 0)[:, -1]]
-        out += [gpt(rows[:, t : t + 1], cache, t)[:, -1] for t in range(p, n)]
-        return torch.stack(out, 1)
+        return gpt.cached_logits(rows[:, :p], rows[:, p:])
 
     alone = run(x[tile : 2 * tile])
     among = run(x)[tile : 2 * tile]
@@ -129,8 +129,9 @@ def generate_codes(
     (B, h * w), anything (B, ...) when unconditional) with their ``uniforms`` (B, h * w).
 
     ``grid`` larger than ``spec.grid`` samples with the sliding window (a square training grid is
-    the window). Batches run padded to a multiple of ``tile``; ``whole_batch=False`` runs them tile
-    by tile (devices where :func:`rows_independent` fails)."""
+    the window), or, for a model with local attention, in one pass (its window slides by itself).
+    Batches run padded to a multiple of ``tile``; ``whole_batch=False`` runs them tile by tile
+    (devices where :func:`rows_independent` fails)."""
     b = raw.shape[0]
     h, w = grid or spec.grid
     if uniforms.shape != (b, h * w):
@@ -165,8 +166,8 @@ def _generate(gpt, spec: GeneratorSpec, raw, uniforms, options: SamplerOptions, 
         uniforms=uniforms,
         cfg_scale=scales,
     )
-    if (h, w) == tuple(spec.grid):
-        seq = gpt.generate(prefix, h * w, uncond_prefix=uncond, **common)
+    if (h, w) == tuple(spec.grid) or gpt.config.is_local:
+        seq = gpt.generate(prefix, h * w, uncond_prefix=uncond, grid=(h, w), **common)
         return seq[:, prefix.shape[1] :]
     g = spec.grid[0]
     stride = None if options.window == "exact" else (options.window_stride or max(1, g // 4))

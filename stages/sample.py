@@ -13,7 +13,8 @@ release. What to generate:
 Sampler: ``temperature``, ``top_k``, ``top_p``, ``greedy``, classifier-free guidance
 ``cfg_scale`` (``cfg_schedule`` constant, or linear from 1 at the first position to ``cfg_scale``
 at the last); a ``grid`` larger than the training grid samples with the sliding window
-(``window`` exact, the official rule, or strided).
+(``window`` exact, the official rule, or strided), or in one pass for a generator with local
+attention (``train_gpt.attention``: its window slides with the position; ``window`` is unused).
 
 Sample ``i`` depends on (``seed``, ``i``), the generator, the sampler options and ``tile`` alone
 (see ``models.sampling``): not on ``batch_size``, the number of actors, the devices or a resume.
@@ -243,7 +244,13 @@ def plan(cfg: SampleConfig):
     if mode == "coord":
         raise InputError("sample: coord-conditioned generators are not supported by the sample stage yet")
     grid = tuple(cfg.grid) if cfg.grid is not None else tuple(spec.grid)
-    if grid != tuple(spec.grid):
+    gpt = gen.gpt.config
+    if grid != tuple(spec.grid) and gpt.is_local:  # one pass: the local window slides by itself
+        try:
+            gpt.window(grid)
+        except ValueError as e:
+            raise InputError(f"sample.grid {list(grid)}: {e}") from None
+    elif grid != tuple(spec.grid):
         g = spec.grid
         if g[0] != g[1]:
             raise InputError(f"sample.grid: the sliding window needs a square training grid, not {g}")

@@ -16,7 +16,16 @@ worker or a resubmitted job resumes from the newest complete one. Rank 0 logs tr
 train/bits_per_token, the learning rate, the gradient norm and tokens/s, val/bits_per_token on the
 held-out split every ``val_every`` steps, and every ``sample_every`` steps a grid of samples (rows:
 classes or held-out conditions) decoded by the tokenizer the code shards name (its sha256
-verified). The result is one native checkpoint carrying the GPT and everything sampling needs
+verified).
+
+``attention``: ``full`` (the official model), or local attention over the code grid (``local2d``,
+the Image Transformer's query blocks of ``block_h x block_w`` codes with a memory of
+``flange_top`` rows above and ``flange_left`` / ``flange_right`` columns beside; ``local1d``, query
+blocks of ``block_w`` codes of the raster sequence with ``flange_left`` codes before): a layer's
+cost grows linearly with the grid and the model samples grids larger than it was trained on in
+one pass (``sample.grid``). Local attention takes a one-token condition (unconditional, class).
+
+The result is one native checkpoint carrying the GPT and everything sampling needs
 (``models.net2net.GeneratorSpec``), registered as ``models:/<register_name>@<register_alias>``;
 ``infra.model_store.load_generator`` loads it (or an official ``Net2NetTransformer`` release).
 
@@ -36,7 +45,7 @@ import numpy as np
 
 from infra import code_shards, image_shards, model_store, ray_train, stage, storage, tracking
 from infra import config as config_lib
-from infra.config import execution_field, input_field, output_field
+from infra.config import added_field, execution_field, input_field, output_field
 from infra.stage import InputError, InputRef, StageResult, StageRun
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,7 @@ STAGE = "train_gpt"
 HEADLINE = ("steps", "val/bits_per_token")  # the figures a pipeline's summary shows for this stage
 Condition = Literal["unconditional", "class", "depth", "segmentation", "coord"]
 SPATIAL = {"depth": "depth_codes", "segmentation": "segmentation_codes"}
+WINDOW_FIELDS = ("block_h", "block_w", "flange_top", "flange_left", "flange_right")
 MAX_GRID_ROWS = 16  # sample grids: at most this many classes / conditions, one row each
 
 
@@ -60,6 +70,12 @@ class TrainGPTConfig:
     n_embd: int | None = None
     vocab_size: int | None = None  # None: codebook + condition tokens (+ null); at least that
     block_size: int | None = None  # None: condition length + grid - 1; at least that
+    attention: Literal["full", "local1d", "local2d"] = added_field("full")
+    block_h: int = added_field(8)  # local2d: query blocks of block_h x block_w codes; local1d: block_w codes
+    block_w: int = added_field(8)
+    flange_top: int = added_field(4)  # local2d: memory rows above a query block
+    flange_left: int = added_field(4)  # memory columns left of it (local1d: codes before it)
+    flange_right: int = added_field(4)  # local2d: memory columns right of it
     dropout: float = 0.0  # embedding, residual and attention dropout
     steps: int = 1000
     batch_size: int = 64  # global, split over the workers
@@ -213,17 +229,30 @@ def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
         )
     base = PRESETS[cfg.preset]
     drop = cfg.dropout
-    gpt = dataclasses.replace(
-        base,
-        vocab_size=cfg.vocab_size or vocab,
-        block_size=cfg.block_size or spec.block_size,
-        n_layer=cfg.n_layer or base.n_layer,
-        n_head=cfg.n_head or base.n_head,
-        n_embd=cfg.n_embd or base.n_embd,
-        embd_pdrop=drop,
-        resid_pdrop=drop,
-        attn_pdrop=drop,
-    )
+    if cfg.attention != "full" and prefix != 1:
+        raise config_lib.ConfigError(
+            f"train_gpt.attention={cfg.attention} takes a one-token condition (unconditional, class): "
+            f"condition={cfg.condition} is a prefix of {prefix} tokens that every position would attend to"
+        )
+    window = {}
+    if cfg.attention != "full":  # the local window's geometry, on the codes' grid
+        window = {k: getattr(cfg, k) for k in WINDOW_FIELDS}
+        window.update(attention=cfg.attention, grid_h=grid[0], grid_w=grid[1], n_prefix=prefix)
+    try:
+        gpt = dataclasses.replace(
+            base,
+            vocab_size=cfg.vocab_size or vocab,
+            block_size=cfg.block_size or spec.block_size,
+            n_layer=cfg.n_layer or base.n_layer,
+            n_head=cfg.n_head or base.n_head,
+            n_embd=cfg.n_embd or base.n_embd,
+            embd_pdrop=drop,
+            resid_pdrop=drop,
+            attn_pdrop=drop,
+            **window,
+        )
+    except ValueError as e:  # a window that does not tile the code grid
+        raise config_lib.ConfigError(f"train_gpt: {e} (the codes' grid)") from None
     if gpt.n_embd % gpt.n_head:
         raise config_lib.ConfigError(
             f"train_gpt: n_embd={gpt.n_embd} is not a multiple of n_head={gpt.n_head}"

@@ -25,9 +25,11 @@ def generator_file(
     cond_codebook: int = 0,
     prefix_length: int = 1,
     seed: int = 0,
+    window: dict | None = None,
 ) -> tuple[str, str]:
     """A random 2 x 32 GPT for ``mode`` (``class``, ``unconditional``, ``spatial`` on
-    ``depth_codes``) saved at ``path``; returns (uri, sha256)."""
+    ``depth_codes``) saved at ``path``; ``window``: GPTConfig's local-attention fields; returns
+    (uri, sha256)."""
     fields = {"class": {"n_classes": classes}, "spatial": {"cond_codebook_size": cond_codebook}}.get(mode, {})
     cond, vocab = native_condition(mode, k, cond_dropout, **fields)
     spec = GeneratorSpec(
@@ -42,7 +44,10 @@ def generator_file(
         condition_tokenizer_sha256="d" * 64 if mode == "spatial" else None,
     )
     torch.manual_seed(seed)
-    gpt = GPT(GPTConfig(vocab_size=vocab, block_size=spec.block_size, n_layer=2, n_head=2, n_embd=32))
+    local = {"grid_h": grid[0], "grid_w": grid[1], "n_prefix": prefix_length, **window} if window else {}
+    gpt = GPT(
+        GPTConfig(vocab_size=vocab, block_size=spec.block_size, n_layer=2, n_head=2, n_embd=32, **local)
+    )
     with torch.no_grad():  # sharper than the init's near-uniform logits: samples that differ by seed
         gpt.head.weight.mul_(40.0)
     checkpoint.save_native(gpt.eval(), path, {"stage": "train_gpt", "generator": spec.to_dict()})

@@ -35,7 +35,11 @@ def demo_codes() -> str:
     root = Path(__file__).resolve().parents[2]
     cfg = config_lib.load(full.FullConfig, root / "pipelines" / "configs" / "demo.yaml")
     cfg = dataclasses.replace(
-        cfg, train_gpt=None, run=dataclasses.replace(cfg.run, root_uri=str(root / ".local/runs/demo"))
+        cfg,
+        train_gpt=None,
+        sample=None,
+        evaluate=None,
+        run=dataclasses.replace(cfg.run, root_uri=str(root / ".local/runs/demo")),
     )
     return full.run(cfg)["tokenize_images"]["output_uri"]
 

@@ -83,6 +83,21 @@ def test_hash_ignores_fields_with_a_role_only():
     assert C.role(WithRoles, "batch_size") == "execution" and C.role(WithRoles, "size") is None
 
 
+@dataclass(frozen=True)
+class Grown:  # WithRoles after it gained an option
+    source_uri: str = C.input_field()
+    output_uri: str = C.output_field()
+    size: int = 4
+    batch_size: int = C.execution_field(8)
+    mode: str = C.added_field("plain")
+
+
+def test_an_added_field_at_its_default_keeps_old_identities():
+    assert C.config_hash(Grown()) == C.config_hash(WithRoles())
+    assert C.config_hash(Grown(size=5)) == C.config_hash(WithRoles(size=5))
+    assert C.config_hash(Grown(mode="fancy")) != C.config_hash(WithRoles())
+
+
 def test_every_stage_location_has_a_role():
     """Every `*_uri` field of every stage config is declared an input or output field (so a
     location never changes an identity), and every execution-only knob is marked on the field."""

@@ -1,9 +1,11 @@
 """The Ray Train scaffolding (real Ray Train, 2 workers): the training data comes in a seeded,
 shuffled order across and within files, a new order each epoch, and a run resumed after a worker
-crash sees exactly the rows the uninterrupted run saw."""
+crash sees exactly the rows the crashed attempt saw (one training: the attempt that crashes writes
+the batch it drew at the crash step beside the checkpoints)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 
@@ -40,8 +42,13 @@ def toy_loop(config: dict) -> None:
         gathered = [None] * session.world
         dist.all_gather_object(gathered, batch["row"].tolist())
         rows.extend(r for part in gathered for r in part)
-        if step == config["crash_at"] and session.resumed_from is None:
-            raise RuntimeError("simulated worker crash")
+        if step == config["crash_at"]:
+            if session.resumed_from is None:
+                if session.is_chief:  # what this attempt drew, for the test to compare
+                    storage.write_bytes(config["seen_uri"], json.dumps(gathered).encode())
+                raise RuntimeError("simulated worker crash")
+            if session.is_chief:
+                storage.write_bytes(config["redone_uri"], json.dumps(gathered).encode())
         if step % 2 == 0 or step == config["steps"]:
             session.report(step, {}, {"step": step, "rows": torch.tensor(rows)})
         if step >= config["steps"]:
@@ -63,10 +70,14 @@ def class_sorted_files(stack, tmp_path_factory):
 
 def _train(uris, out, seed: int, steps: int = 12, crash_at: int = -1, max_failures: int = 0) -> list[int]:
     job = StageRun("toy", ToyConfig(output_uri=str(out), seed=seed), str(out), [], "test-ray-train")
+    sides = {
+        "seen_uri": str(out.parent / f"{out.name}-seen.json"),
+        "redone_uri": str(out.parent / f"{out.name}-redone.json"),
+    }
     state = ray_train.fit(
         job,
         toy_loop,
-        {"steps": steps, "crash_at": crash_at},
+        {"steps": steps, "crash_at": crash_at, **sides},
         {"train": ray_train.read_parquet(uris, ["row", "label"], seed)},
         steps=steps,
         num_workers=WORKERS,
@@ -82,7 +93,11 @@ def _train(uris, out, seed: int, steps: int = 12, crash_at: int = -1, max_failur
 
 
 def test_seeded_shuffled_resumable_order(class_sorted_files, tmp_path):
-    rows = _train(class_sorted_files, tmp_path / "a", seed=0)
+    # a crash in epoch 2, at step 11 (the last checkpoint at step 10): the resumed run redoes step 11
+    rows = _train(class_sorted_files, tmp_path / "a", seed=0, crash_at=11, max_failures=1)
+    seen = json.loads((tmp_path / "a-seen.json").read_text())
+    redone = json.loads((tmp_path / "a-redone.json").read_text())
+    assert seen == redone  # every worker drew the same rows as before the crash
     per_epoch, per_step = CLASSES * PER_CLASS, BATCH * WORKERS
     assert len(rows) == 12 * per_step and sorted(rows[:per_epoch]) == list(range(per_epoch))  # each row once
     for lo in range(0, per_epoch, 2 * per_step):  # every two global batches mix the classes
@@ -90,6 +105,4 @@ def test_seeded_shuffled_resumable_order(class_sorted_files, tmp_path):
     assert rows[:per_step] != sorted(rows[:per_step])  # shuffled within files too
     epoch2 = rows[per_epoch : per_epoch + 4 * per_step]
     assert epoch2 != [r for r in rows[:per_epoch] if r in set(epoch2)]  # a new order in the next epoch
-
-    # the same seed after a crash in epoch 2 (the last checkpoint at step 10): the same rows, in order
-    assert _train(class_sorted_files, tmp_path / "b", seed=0, crash_at=11, max_failures=1) == rows
+    assert rows[10 * per_step : 11 * per_step] == [r for part in seen for r in part]

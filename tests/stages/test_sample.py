@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlflow
 import numpy as np
 import pytest
@@ -194,6 +196,26 @@ def test_unconditional_sliding_window_and_depth_conditional(gens, tmp_path):
     c = schemas.decode_codes(g["codes"], 64)
     assert g.num_rows == 18 and np.array_equal(c[0], c[1]) and not np.array_equal(c[0], c[2])
     assert greedy.manifest.extra["conditions"]["rows"] == 9
+
+
+def test_local_attention_samples_a_larger_grid_in_one_pass(gens, tmp_path):
+    """A local2d generator trained on 8x8 codes samples 16x24 in one pass, the codes those of the
+    model's own generate (no sliding window); a grid the blocks do not tile fails first."""
+    window = dict(attention="local2d", block_h=4, block_w=4, flange_top=2, flange_left=2, flange_right=2)
+    uri, _ = generator_file(tmp_path / "local.safetensors", gens["tokenizer"], window=window)
+    cfg = SampleConfig(
+        model_uri=uri, output_uri=str(tmp_path / "big"), samples_per_class=1, grid=[16, 24], seed=5
+    )
+    res = sample.run(cfg, EXP)
+    t = _rows(res.output_uri)
+    assert t.num_rows == 3 and set(t["width"].to_pylist()) == {48} and set(t["height"].to_pylist()) == {32}
+    gen = model_store.load_generator(uri)
+    raw = torch.tensor(t["label"].to_pylist())
+    u = sample_uniforms(5, t["sample_index"].to_pylist(), 16 * 24)
+    want = generate_codes(gen.gpt, gen.spec, raw, u, SamplerOptions(), grid=(16, 24), tile=cfg.tile)
+    assert np.array_equal(schemas.decode_codes(t["codes"], 16 * 24), want.numpy())
+    with pytest.raises(InputError, match=r"sample.grid \[16, 18\]: local2d: query blocks of 4x4 do not tile"):
+        sample.run(dataclasses.replace(cfg, grid=[16, 18], output_uri=str(tmp_path / "never")), EXP)
 
 
 def test_generated_dataset_goes_through_tokenize(class_run, gens, tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from infra import model_store, schemas, stage, storage
+from infra.config import ConfigError
 from models.gpt_training import bits_per_token
 from models.net2net import condition_prefix
 from stages import train_gpt
@@ -57,8 +58,12 @@ def _cfg(shards, output_uri: str, **kw) -> TrainGPTConfig:
     return TrainGPTConfig(**{**base, **kw})
 
 
+LOCAL = dict(attention="local2d", block_h=4, block_w=4, flange_top=2, flange_left=2, flange_right=2)
+
+
 def test_two_workers_train_to_s3_validate_sample_register(shards, s3_bucket, mlflow_client):
-    cfg = _cfg(shards, f"{s3_bucket}/gpt", register_name="test-gpt", ema_decay=0.9)
+    """With local 2D attention (full attention's stage run: the two-node pipeline test)."""
+    cfg = _cfg(shards, f"{s3_bucket}/gpt", register_name="test-gpt", ema_decay=0.9, **LOCAL)
     res = train_gpt.run(cfg, "test-gpt")
     m = res.manifest
     assert not res.cached and res.counts["steps"] == 60
@@ -91,6 +96,15 @@ def test_two_workers_train_to_s3_validate_sample_register(shards, s3_bucket, mlf
     assert gen.spec.codebook_size == K and gen.spec.grid == GRID and gen.spec.label_names[0] == "class0"
     assert gen.spec.condition.null_token == K + CLASSES  # cond_dropout 0.1 by default for classes
     assert gen.gpt.config.vocab_size == K + CLASSES + 1 and gen.gpt.config.block_size == 64
+    c = gen.gpt.config  # the checkpoint carries the attention settings
+    assert (c.attention, c.grid, c.n_prefix, c.block_h, c.block_w, c.flange_top) == (
+        "local2d",
+        GRID,
+        1,
+        4,
+        4,
+        2,
+    )
     assert gen.tokenizer().config.codebook_size == K  # sha256 verified
     # the registered weights are the validated ones: the same bits/token on the held-out rows
     raw, codes, _ = train_gpt.held_out(cfg, train_gpt.plan(cfg))
@@ -123,6 +137,13 @@ def test_bad_inputs_fail_before_any_work(shards, tmp_path):
     missing = storage.join(str(shards["root"]), "moved.safetensors")
     fails("the tokenizer of the code shards .* cannot be found", tokenizer_uri=missing)
     fails("the image size behind .* is not recorded", condition="coord")
+    with pytest.raises(ConfigError, match="local2d takes a one-token condition .* prefix of 16 tokens"):
+        train_gpt.run(
+            _cfg(shards, str(out), codes_uri=shards["depth"], condition="depth", **LOCAL), "test-gpt"
+        )
+    with pytest.raises(ConfigError, match="query blocks of 3x4 do not tile a 8x8 grid"):
+        train_gpt.run(_cfg(shards, str(out), **{**LOCAL, "block_h": 3}), "test-gpt")
+    assert not out.exists()
 
 
 def test_other_conditions_become_prefixes(shards):
