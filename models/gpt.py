@@ -202,8 +202,7 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, start)
-        return x + self.mlp(self.ln2(x))
+        return self.run(x, lambda h: self.attn(h, cache, start))
 
     def run(self, x: torch.Tensor, attend) -> torch.Tensor:
         """The block with ``attend`` (normalised input -> attention output) as its attention."""
@@ -364,9 +363,7 @@ class GPT(nn.Module):
             x = block.run(x, lambda h, a=block.attn: a.forward_local(h, p, lay))
         logits = self.head(self.ln_f(x))
         slots = logits[:, p - 1 :]
-        inverse = torch.empty_like(lay.order)
-        inverse[lay.order] = torch.arange(n, device=lay.order.device)
-        return torch.cat([logits[:, : p - 1], slots[:, inverse]], 1)
+        return torch.cat([logits[:, : p - 1], slots[:, lay.slot_of]], 1)
 
     def new_local_cache(self, batch: int, grid: tuple[int, int] | None = None) -> local.LocalKVCache:
         c, p = self.config, self.pos_emb
@@ -394,7 +391,7 @@ class GPT(nn.Module):
 
     def generation_order(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(h * w,) the raster index of each generated position, in generation order."""
-        if not self.config.is_local:
+        if not self.config.is_local:  # raster order
             h, w = grid or (1, self.config.block_size)
             return torch.arange(h * w)
         return local.layout(self.config.window(grid)).order

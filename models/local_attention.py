@@ -86,6 +86,7 @@ class Layout:
     """The tables one window needs (CPU tensors; :func:`layout_on` moves them)."""
 
     order: torch.Tensor  # (N,) raster index of generation slot k
+    slot_of: torch.Tensor  # (N,) generation slot of raster index r (order's inverse)
     mem: torch.Tensor  # (nb, lm) slot of each memory position of block b; N outside the grid
     allowed: torch.Tensor  # (nb, lq, lm) query i of block b may see memory position j
     rel: torch.Tensor  # (lq, lm) index into the relative-offset table
@@ -130,7 +131,7 @@ def layout(win: Window) -> Layout:
     ring_size = ring_rows * ring_cols
     addr = (rows % ring_rows) * ring_cols + cols % ring_cols
     mem_addr = torch.where(inside, (m_rows % ring_rows) * ring_cols + m_cols % ring_cols, ring_size)
-    return Layout(order, mem, allowed, rel, addr, mem_addr, ring_size, win)
+    return Layout(order, slot_of, mem, allowed, rel, addr, mem_addr, ring_size, win)
 
 
 _ON: dict[tuple[Window, str], Layout] = {}
@@ -142,7 +143,10 @@ def layout_on(win: Window, device: torch.device) -> Layout:
     if key not in _ON:
         cpu = layout(win)
         _ON[key] = Layout(
-            *(getattr(cpu, f).to(device) for f in ("order", "mem", "allowed", "rel", "addr", "mem_addr")),
+            *(
+                getattr(cpu, f).to(device)
+                for f in ("order", "slot_of", "mem", "allowed", "rel", "addr", "mem_addr")
+            ),
             cpu.ring_size,
             win,
         )
