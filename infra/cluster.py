@@ -28,17 +28,53 @@ FORWARD_ENV = (
 
 
 # Loggers whose INFO lines are chatter on a console (Ray Data's and Ray Train's progress frames and
-# banners, the S3 client's credential notes): warnings and errors only, in the driver and workers.
-QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "botocore", "aiobotocore", "s3fs", "fsspec", "urllib3")
+# banners, the S3 client's credential notes, matplotlib's font cache): warnings and errors only, in
+# the driver and workers.
+QUIET_LOGGERS = (
+    "ray.data",
+    "ray.train",
+    "ray.tune",
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "fsspec",
+    "urllib3",
+    "matplotlib",
+)
+# Ray modules whose logger is named by their file path, not their module (so not under "ray.train"):
+# the Train worker's "Reporting training result N: TrainingReport(...)" line on every report.
+_PATH_NAMED_LOGGERS = ("ray.train.v2._internal.execution.context",)
+# Ray Data configures its logger itself when it is imported in a worker (after the setup hook):
+# this file keeps its full log in the session's ray-data.log and its console at warnings.
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
+
+
+class RayDataConsoleFilter(logging.Filter):
+    """Drops Ray Data's one console notice that its progress bars are off (the stages turn them off
+    and log their own progress)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
 
 
 def quiet_logging() -> None:
     """Ray's and the S3 clients' INFO chatter down to warnings in this process; every Ray worker
     runs it at start (``worker_process_setup_hook``). The stages' own INFO lines stay."""
+    import importlib.util
+    import sys
     import warnings
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for module in _PATH_NAMED_LOGGERS:
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = RAY_DATA_LOGGING
+    if "ray.data" in sys.modules:  # already configured with Ray's defaults: again with ours
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 

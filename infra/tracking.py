@@ -197,13 +197,21 @@ def register_model(
     from infra.pyfunc_model import NativeCheckpoint
 
     mlflow = _mlflow()
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=NativeCheckpoint(),
-        artifacts={"checkpoint": str(checkpoint_path)},
-        pip_requirements=["torch", "safetensors", "taming-pipeline"],
-        registered_model_name=name,
-    )
+    # mlflow warns on every log that a Python-object model is cloudpickled: by design here (the
+    # model is its checkpoint file, the class a few lines), so not on the console
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=NativeCheckpoint(),
+            artifacts={"checkpoint": str(checkpoint_path)},
+            pip_requirements=["torch", "safetensors", "taming-pipeline"],
+            registered_model_name=name,
+        )
+    finally:
+        pyfunc_log.setLevel(level)
     version = int(info.registered_model_version)
     client = MlflowClient(tracking_uri())
     if alias:
