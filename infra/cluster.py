@@ -118,8 +118,14 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> d
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local stack: no token (see shared notes)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runtime_env = {"env_vars": forwarded_env(), "worker_process_setup_hook": "infra.cluster.quiet_logging"}
     address = os.environ.get("RAY_ADDRESS")
+    env = forwarded_env()
+    if address and address != "auto" and "://" not in address:
+        # Ray's own helpers in workers (Ray Train's placement-group cleaner) find the cluster by
+        # RAY_ADDRESS, else by looking for one on the machine: with two on one machine (a test's, a
+        # `make up` one) they fail with "Found multiple active Ray instances"
+        env["RAY_ADDRESS"] = address
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "infra.cluster.quiet_logging"}
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

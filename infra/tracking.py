@@ -50,7 +50,18 @@ def tracking_uri() -> str:
     return f"sqlite:///{d / 'mlflow.db'}"
 
 
+# MLflow's own console lines, per run and per artifact transfer: a run's "View run ... at <url>" pair
+# at every end (twice per training stage: worker and driver) and tqdm bars for every registered model.
+# The pipeline names the parent run and the UI command at its end instead. An explicit setting wins.
+QUIET_MLFLOW_ENV = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
 def _mlflow():
+    for k, v in QUIET_MLFLOW_ENV.items():
+        os.environ.setdefault(k, v)
     import mlflow
 
     uri = tracking_uri()

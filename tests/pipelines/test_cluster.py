@@ -173,13 +173,28 @@ def test_whole_chain_on_two_nodes_survives_driver_and_node_loss(stack, s3_bucket
         _wait(lambda: _status(head, "second") in ("FAILED", "SUCCEEDED", "STOPPED"), "the job to end", 420)
         logs = _logs(head, "second")
         (tmp_path / "second.log").write_text(logs)  # kept for a look after a failure
-        (tmp_path / "first.log").write_text(_logs(head, "first"))
+        first_logs = _logs(head, "first")
+        (tmp_path / "first.log").write_text(first_logs)
         assert _status(head, "second") == "SUCCEEDED", logs[-6000:]
     finally:
         for w in workers:
             w.stop()
         head.stop()
 
+    # the job's console tells the story (the training progress lines of every worker's rank 0) and
+    # not Ray's per-report and per-dataset chatter (kept in Ray's log files)
+    for line in ("train_vqgan: step", "train_gpt: step", "== train_gpt ->"):
+        assert line in first_logs, line
+    chatter_lines = (
+        "Reporting training result",  # Ray Train, per report
+        "Starting execution of Dataset",  # Ray Data, per dataset
+        "Execution plan of",
+        "Found multiple active Ray instances",  # a worker-side Ray helper without RAY_ADDRESS
+        "View run",  # MLflow, per run end
+        "Downloading artifacts",  # MLflow, per transfer
+    )
+    for chatter in chatter_lines:
+        assert chatter not in first_logs + logs, chatter
     manifests = {s: stage.read_manifest(f"{root}/{o}") for s, o in OUTPUTS.items()}  # every output in S3
     for s in DISTRIBUTED:  # each distributed stage's tasks, actors or training workers ran on both nodes
         assert len(manifests[s].nodes) >= 2, (s, manifests[s].nodes)
