@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- field roles
 
 ROLE = "taming.role"
+OMIT_DEFAULT = "taming.omit_default"  # added_field: left out of the hash at its default
 
 
 def execution_field(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -53,9 +54,6 @@ def added_field(default: Any, **kwargs: Any) -> Any:
     of the config hash, so those outputs keep their identity (and stay cached); any other value
     counts as usual."""
     return dataclasses.field(default=default, metadata={OMIT_DEFAULT: True}, **kwargs)
-
-
-OMIT_DEFAULT = "taming.omit_default"
 
 
 def _type_name(tp: Any) -> str:

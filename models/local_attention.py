@@ -26,6 +26,7 @@ and the work of a step do not grow with the number of rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -134,23 +135,16 @@ def layout(win: Window) -> Layout:
     return Layout(order, slot_of, mem, allowed, rel, addr, mem_addr, ring_size, win)
 
 
-_ON: dict[tuple[Window, str], Layout] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def layout_on(win: Window, device: torch.device) -> Layout:
     """:func:`layout` with its tensors on ``device`` (kept per device)."""
-    key = (win, str(device))
-    if key not in _ON:
-        cpu = layout(win)
-        _ON[key] = Layout(
-            *(
-                getattr(cpu, f).to(device)
-                for f in ("order", "slot_of", "mem", "allowed", "rel", "addr", "mem_addr")
-            ),
-            cpu.ring_size,
-            win,
-        )
-    return _ON[key]
+    cpu = layout(win)
+    moved = {
+        f.name: v.to(device)
+        for f in dataclasses.fields(cpu)
+        if isinstance(v := getattr(cpu, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(cpu, **moved)
 
 
 def blocked_attention(

@@ -244,16 +244,15 @@ def plan(cfg: SampleConfig):
     if mode == "coord":
         raise InputError("sample: coord-conditioned generators are not supported by the sample stage yet")
     grid = tuple(cfg.grid) if cfg.grid is not None else tuple(spec.grid)
-    gpt = gen.gpt.config
-    if grid != tuple(spec.grid) and gpt.is_local:  # one pass: the local window slides by itself
+    g = tuple(spec.grid)
+    if grid != g and gen.gpt.config.is_local:  # one pass: the local window slides by itself
         try:
-            gpt.window(grid)
+            gen.gpt.config.window(grid)
         except ValueError as e:
             raise InputError(f"sample.grid {list(grid)}: {e}") from None
-    elif grid != tuple(spec.grid):
-        g = spec.grid
+    elif grid != g:  # the sliding window
         if g[0] != g[1]:
-            raise InputError(f"sample.grid: the sliding window needs a square training grid, not {g}")
+            raise InputError(f"sample.grid: the sliding window needs a square training grid, not {spec.grid}")
         if grid[0] < g[0] or grid[1] < g[1]:
             raise InputError(f"sample.grid {list(grid)} is smaller than the training grid {list(g)}")
     if cfg.cfg_scale is not None and spec.condition.null_token is None:

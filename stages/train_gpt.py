@@ -229,13 +229,14 @@ def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
         )
     base = PRESETS[cfg.preset]
     drop = cfg.dropout
-    if cfg.attention != "full" and prefix != 1:
-        raise config_lib.ConfigError(
-            f"train_gpt.attention={cfg.attention} takes a one-token condition (unconditional, class): "
-            f"condition={cfg.condition} is a prefix of {prefix} tokens that every position would attend to"
-        )
     window = {}
     if cfg.attention != "full":  # the local window's geometry, on the codes' grid
+        if prefix != 1:
+            raise config_lib.ConfigError(
+                f"train_gpt.attention={cfg.attention} takes a one-token condition (unconditional, class): "
+                f"condition={cfg.condition} is a prefix of {prefix} tokens that every position would "
+                "attend to"
+            )
         window = {k: getattr(cfg, k) for k in WINDOW_FIELDS}
         window.update(attention=cfg.attention, grid_h=grid[0], grid_w=grid[1], n_prefix=prefix)
     try:
