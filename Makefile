@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench lint format up down submit data tokenize sample clean help
+.PHONY: install demo test test-fast bench lint format up down submit data tokenize sample clean help
 IMAGES ?= $(CURDIR)/.local/runs/demo/images
 TOKENIZER ?= models:/demo-vqgan@candidate
 OUT ?= $(CURDIR)/.local/runs/demo/codes
@@ -20,13 +20,14 @@ OUT ?= $(CURDIR)/.local/runs/demo/codes
 help:
 	@echo "make demo     run the whole pipeline on Fashion-MNIST with embedded defaults"
 	@echo "make test     run the test suite (starts its own Ray, MLflow server and S3 server)"
+	@echo "make test-fast  the tests that need no Ray, MLflow or S3 server (about a minute; the edit-test loop)"
 	@echo "make bench    run the benchmarks in tests/bench/ (slow; prints ratios vs references)"
 	@echo "make lint     ruff check + format check"
 	@echo "make up/down  start/stop a local Ray head, MLflow server and S3 server (state in .local/)"
 	@echo "make submit   submit the demo pipeline as a Ray job to the 'make up' cluster"
 	@echo "make tokenize tokenize IMAGES with TOKENIZER into OUT (defaults: the demo's images and models:/demo-vqgan@candidate)"
 	@echo "make sample   N samples from the generator MODEL into OUT (defaults: models:/demo-gpt@candidate, 1000,"
-	@echo "              .local/runs/demo/samples-N); ARGS='cfg_scale=2 top_k=100 ...' for more sampler keys"
+	@echo "              .local/runs/demo/samples-N); ARGS='sampler.cfg_scale=2 sampler.top_k=100 ...' for more keys"
 
 install: $(STAMP)
 
@@ -46,6 +47,9 @@ demo: install data
 
 test: install
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not services and not slow" -q $(PYTEST_ARGS)
 
 bench: install data
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)

@@ -34,18 +34,18 @@ OVERRIDES_HELP = (
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "your input or config is wrong", not "the program is broken"."""
     from infra.stage import InputError, NotCommittedError, OutputConflictError
-    from models.checkpoint import CheckpointError
 
-    return (
+    found = (
         config_lib.ConfigError,
         InputError,
         NotCommittedError,
         OutputConflictError,
-        CheckpointError,
         FileNotFoundError,
         NotADirectoryError,
         PermissionError,
     )
+    checkpoint = sys.modules.get("models.checkpoint")  # not loaded: none of its errors was raised
+    return (*found, checkpoint.CheckpointError) if checkpoint is not None else found
 
 
 _traceback_log = logging.getLogger("taming.traceback")  # the log file only: see run_guarded
@@ -107,12 +107,25 @@ def run_guarded(fn: Callable[[], T], log_file: Path, debug: bool) -> T:
         sys.exit(1)
 
 
-def _config_help(cls: type, prefix: str) -> str:
+def _config_help(cls: type, prefix: str, defaults: Any = None, role: str | None = None) -> str:
+    """One line per key (``train_gpt.recipe.lr = None``), nested sections expanded with their
+    defaults; keys of an execution field, or inside one, are marked ``[execution]``."""
     lines = []
     for f in dataclasses.fields(cls):
-        default = "(required)" if f.default is dataclasses.MISSING else f"= {f.default!r}"
-        role = f.metadata.get(config_lib.ROLE)
-        lines.append(f"  {prefix}{f.name} {default}" + (f"   [{role}]" if role == "execution" else ""))
+        if defaults is not None:
+            value = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = dataclasses.MISSING
+        own = f.metadata.get(config_lib.ROLE) or role
+        if dataclasses.is_dataclass(value):
+            lines.append(_config_help(type(value), f"{prefix}{f.name}.", value, own))
+            continue
+        default = "(required)" if value is dataclasses.MISSING else f"= {value!r}"
+        lines.append(f"  {prefix}{f.name} {default}" + ("   [execution]" if own == "execution" else ""))
     return "\n".join(lines)
 
 
@@ -135,7 +148,7 @@ def stage_cli(
     p.add_argument("--config", type=Path, help="YAML file (a pipeline config or this stage's section)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     raw: dict[str, Any] = {}
     try:
         raw = config_lib.read_yaml(args.config) if args.config else {}

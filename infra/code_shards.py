@@ -1,14 +1,20 @@
-"""Code shards (the tokenize stage's output): what they hold, where each view was cropped, and
-reading them for training, with plain pyarrow or Ray Data, filtered by split and label, as batches
-with ``codes`` as (B, grid_h * grid_w) int64 (and the condition columns alike). Only files the
-manifest lists are read.
+"""Code shards (the tokenize stage's output): what they hold, described once, where each view was
+cropped, and reading them for training, with plain pyarrow or Ray Data, filtered by split and label,
+as batches with ``codes`` as (B, grid_h * grid_w) int64 (and the condition columns alike). Only files
+the manifest lists are read, and only those of the split asked for.
+
+The descriptor (:class:`CodeShards`) is written by the tokenize stage into the manifest and every
+data file's footer and read by :func:`describe`: the codebook, the grid, the tokenizer (URI and
+sha256), the class names, the augmentations (``aug_id`` i is ``augmentations[i]``), the size of
+the images tokenized, and per condition column (:class:`ConditionCodes`) its tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -17,37 +23,62 @@ import pyarrow.compute as pc
 from infra import schemas, stage, storage
 
 COLUMNS = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w", "codes"]
-CONDITION_COLUMNS = ("depth_codes", "segmentation_codes")  # codes of a second tokenizer, same views
+# codes of a second tokenizer, the same views: column -> the image-shard column it tokenized
+CONDITION_SOURCES = {"depth_codes": "depth", "segmentation_codes": "segmentation"}
 
 
-def info(codes: str | stage.Manifest) -> dict[str, Any]:
-    """What a code-shard output holds: codebook size, grid, code dtype, the tokenizer (URI, sha256),
-    label names, augmentations, and per condition column its codebook size and tokenizer sha256
-    (from the files' footers); ``codes``: its URI or its manifest. Raises
-    :class:`~infra.stage.InputError` for other outputs."""
+@dataclass(frozen=True, kw_only=True)
+class ConditionCodes:
+    """A condition code column (``depth_codes``, ``segmentation_codes``) and its tokenizer."""
+
+    codebook_size: int
+    grid: tuple[int, int]
+    tokenizer_uri: str
+    tokenizer_sha256: str
+
+    @property
+    def length(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodeShards:
+    kind: Literal["code_shards"] = "code_shards"
+    codebook_size: int
+    grid: tuple[int, int]  # (grid_h, grid_w) of every row
+    code_dtype: str = schemas.CODE_DTYPE
+    tokenizer_uri: str
+    tokenizer_sha256: str
+    label_names: list[str] | None
+    augmentations: list[str]  # aug_id i is augmentations[i]: identity, hflip, crop0, crop1, ...
+    crop_size: int | None  # the views' side when cropping (identity and hflip: the centre crop)
+    image_size: tuple[int, int]  # (height, width) of the images tokenized
+    conditions: dict[str, ConditionCodes] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def fields(self) -> list[pa.Field]:
+        return schemas.code_fields(self.num_tokens, {c: v.length for c, v in self.conditions.items()})
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of every data file (features and descriptor in its metadata)."""
+        return schemas.with_descriptor(self.fields(), self, self.label_names)
+
+    def to_json(self) -> dict:
+        return schemas.descriptor_json(self)
+
+
+def describe(codes: str | stage.Manifest) -> CodeShards:
+    """The descriptor of committed code shards (their URI or manifest);
+    :class:`~infra.stage.InputError` for outputs that are not code shards."""
     m = stage.read_manifest(codes) if isinstance(codes, str) else codes
-    if "codebook_size" not in m.extra or "grid" not in m.extra:
+    if (m.dataset or {}).get("kind") != "code_shards":
         raise stage.InputError(
             f"{m.output_uri} is a committed {m.stage} output, not code shards (run tokenize_images)"
         )
-    out = {
-        k: m.extra.get(k)
-        for k in ("codebook_size", "grid", "code_dtype", "tokenizer_uri", "tokenizer_sha256", "label_names")
-    }
-    out["augmentations"] = m.extra.get("augmentations") or ["identity"]
-    out["crop_size"] = m.config.get("crop_size")
-    meta = {
-        k.decode(): v.decode() for k, v in (storage.parquet_schema(m.data_uris()[0]).metadata or {}).items()
-    }
-    out["conditions"] = {
-        col: {
-            "codebook_size": int(meta[f"taming.{col}.codebook_size"]),
-            "tokenizer_sha256": meta.get(f"taming.{col}.tokenizer_sha256"),
-        }
-        for col in CONDITION_COLUMNS
-        if f"taming.{col}.codebook_size" in meta
-    }
-    return out
+    return schemas.descriptor_from_json(CodeShards, m.dataset, m.output_uri)
 
 
 def crop_offset(image_id: str, k: int, side: int, crop: int) -> tuple[int, int]:
@@ -68,11 +99,29 @@ def view_geometry(
     return o, o, size, augmentation == "hflip"
 
 
+def views(full: np.ndarray, image_ids: Sequence[str], augmentations: Sequence[str], crop: int | None):
+    """(aug_id, array) of every augmentation of a batch (N, C, H, W) of square images, as tokenize
+    writes them (:func:`view_geometry`): the same views for images and their condition maps."""
+    x = full
+    side = full.shape[-1]
+    if crop:  # every row at the crop size: identity and hflip use the centre crop
+        o = (side - crop) // 2
+        x = full[..., o : o + crop, o : o + crop]
+    for aug_id, aug in enumerate(augmentations):
+        if aug == "identity":
+            yield aug_id, x
+        elif aug == "hflip":
+            yield aug_id, x[..., ::-1]
+        else:
+            offs = [crop_offset(i, int(aug[4:]), side, crop) for i in image_ids]
+            yield aug_id, np.stack([full[n, :, r : r + crop, q : q + crop] for n, (r, q) in enumerate(offs)])
+
+
 def _filter(t: pa.Table, split: str | None, labels: Sequence[int] | None) -> pa.Table:
     if split is not None:
         t = t.filter(pc.equal(t["split"], split))
     if labels is not None:
-        t = t.filter(pc.is_in(t["label"], pa.array(list(labels), pa.int32())))
+        t = t.filter(pc.is_in(t["label"], pa.array(list(labels), pa.int64())))
     return t
 
 
@@ -85,7 +134,7 @@ def labels_of(t: pa.Table) -> np.ndarray:
 def condition_lengths(t: pa.Table | pa.Schema) -> dict[str, int]:
     """Tokens per row of each condition code column present."""
     schema = t.schema if isinstance(t, pa.Table) else t
-    return {c: schema.field(c).type.byte_width // 2 for c in CONDITION_COLUMNS if c in schema.names}
+    return {c: schema.field(c).type.byte_width // 2 for c in CONDITION_SOURCES if c in schema.names}
 
 
 def decode_rows(t: pa.Table, num_tokens: int) -> dict[str, np.ndarray]:
@@ -120,8 +169,8 @@ def iter_batches(
 ) -> Iterator[dict[str, Any]]:
     """Torch batches from the shards with pyarrow alone (single process); missing labels are -1."""
     m = stage.read_manifest(uri)
-    h, w = m.extra["grid"]
-    uris = m.data_uris()
+    h, w = describe(m).grid
+    uris = m.data_uris(split)
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     if rng is not None:
         uris = [uris[i] for i in rng.permutation(len(uris))]
@@ -154,9 +203,8 @@ def ray_dataset(
     from infra import ray_train
 
     m = stage.read_manifest(uri)
-    h, w = m.extra["grid"]
-    n = h * w
-    ds = ray_train.read_parquet(m.data_uris(), [*COLUMNS, *columns], seed)
+    n = describe(m).num_tokens
+    ds = ray_train.read_parquet(m.data_uris(split), [*COLUMNS, *columns], seed)
 
     def decode(batch: pa.Table) -> dict[str, np.ndarray]:
         batch = _filter(batch, split, labels)
@@ -166,3 +214,40 @@ def ray_dataset(
         return out
 
     return ds.map_batches(decode, batch_format="pyarrow")
+
+
+def coord_column(batch: pa.Table, *, codes: CodeShards, levels: int) -> dict[str, np.ndarray]:
+    """taming's coordinate condition of each row: its view's code cells in the full image,
+    quantised to ``levels`` (``models.net2net.coord_levels_map``), as (N, grid_h * grid_w)."""
+    from models.net2net import coord_levels_map
+
+    side = codes.image_size[0]
+    rows = []
+    for image_id, aug in zip(batch["image_id"].to_pylist(), batch["aug_id"].to_pylist()):
+        r, q, size, flip = view_geometry(image_id, codes.augmentations[aug], side, codes.crop_size)
+        rows.append(coord_levels_map(codes.grid, (side, side), (r, q), size, levels, flip).numpy())
+    return {"coord": np.stack(rows) if rows else np.zeros((0, codes.num_tokens), np.int64)}
+
+
+def unaugmented_rows(uris: Sequence[str]) -> list[tuple[int, int]]:
+    """(file, row) of every row of ``uris`` that holds an image as it is (``aug_id`` 0)."""
+    rows: list[tuple[int, int]] = []
+    for fi, uri in enumerate(uris):
+        keep = storage.read_parquet(uri, ["aug_id"])["aug_id"].to_numpy() == 0
+        rows += [(fi, int(r)) for r in np.flatnonzero(keep)]
+    return rows
+
+
+def read_rows(uris: Sequence[str], rows: Sequence[tuple[int, int]], column: str, length: int):
+    """(file, row) -> (image_id, codes (length,)) of the rows asked for, one read per file;
+    ``uris``: the data files the file numbers index."""
+    by_file: dict[int, list[int]] = {}
+    for fi, r in rows:
+        by_file.setdefault(int(fi), []).append(int(r))
+    got: dict[tuple[int, int], tuple[str, np.ndarray]] = {}
+    for fi, rs in by_file.items():
+        t = storage.read_parquet(uris[fi], ["image_id", column]).take(rs)
+        values = schemas.decode_codes(t[column], length)
+        for r, iid, row in zip(rs, t["image_id"].to_pylist(), values):
+            got[(fi, r)] = (iid, row)
+    return got

@@ -1,36 +1,126 @@
-"""Image shards (ingest's output, and every stage's that keeps its rows: depth, segmentation,
-sample): what a committed output of them holds, read the same way by every stage.
+"""Image shards: the dataset every stage that reads images reads, described once.
 
-An image-shard output records ``channels``, ``resolution`` (the square side, or None) and
-``label_names`` in its manifest's ``extra``; outputs that add columns to earlier image shards
-(depth, segmentation) inherit them through their lineage, and ingest outputs committed before
-``extra`` carried them fall back to their config.
+An image-shard output (ingest's, depth's and segmentation's, which add per-image columns, and the
+sample stage's generated datasets) is described by one typed descriptor, written by the stage that
+makes the output (into its manifest and every data file's footer) and read by :func:`describe`:
+
+- :class:`ImageShards`: channels, the image size, the class names, and the per-image columns
+  preprocessing added (:class:`Annotation`: depth or segmentation maps, what made them);
+- :class:`GeneratedImageShards`: the same plus :class:`Generation`, what made the images (the
+  generator, its tokenizer, the sampler, the conditions).
+
+Columns: ``infra.schemas`` (``image`` is the Hugging Face Image feature, ``label`` its ClassLabel).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
 
-from infra import stage
+import pyarrow as pa
 
-KEYS = ("channels", "resolution", "label_names")
+from infra import schemas, stage
+from models.sampler_options import SamplerOptions
 
 
-def info(images: str | stage.Manifest) -> dict[str, Any]:
-    """``channels`` (int or None), ``resolution`` (int or None) and ``label_names`` of image shards."""
+@dataclass(frozen=True, kw_only=True)
+class Annotation:
+    """A per-image column added by a preprocessing stage, and what made it."""
+
+    model: str  # e.g. midas_v21_small_256, deeplabv2_cocostuff164k
+    weights_sha256: str
+    encoding: str  # how a value is stored (float16-le maps in [-1, 1], uint8 label ids)
+    labels: list[str] | None = None  # label maps: the name of each id
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageShards:
+    kind: Literal["image_shards"] = "image_shards"
+    channels: int  # 1 (L) or 3 (RGB)
+    size: tuple[int, int]  # (height, width) of every image
+    label_names: list[str] | None  # the name of each label id (None: no names recorded)
+    annotations: dict[str, Annotation] = field(default_factory=dict)  # depth / segmentation columns
+
+    @property
+    def resolution(self) -> int | None:
+        """The side of square images, None for other shapes."""
+        return self.size[0] if self.size[0] == self.size[1] else None
+
+    def annotated(self, column: str, annotation: Annotation) -> ImageShards:
+        """This descriptor with one more per-image column."""
+        return dataclasses.replace(self, annotations={**self.annotations, column: annotation})
+
+    def fields(self) -> list[pa.Field]:
+        out = list(schemas.IMAGE_FIELDS)
+        for column in self.annotations:
+            out += schemas.ANNOTATION_FIELDS[column]
+        return out
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of every data file (features and descriptor in its metadata)."""
+        return schemas.with_descriptor(self.fields(), self, self.label_names)
+
+    def to_json(self) -> dict:
+        return schemas.descriptor_json(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generation:
+    """What made a generated dataset: the generator, its tokenizer, the sampler, the conditions."""
+
+    generator_uri: str  # as the config named it
+    pinned_uri: str  # what was loaded: a registry alias resolved to its version
+    generator_sha256: str
+    generator_format: Literal["native", "taming"]
+    registry_name: str | None  # the registered model, when loaded from the registry
+    registry_version: int | None
+    training_run_id: str | None  # the MLflow run that trained (or registered) it
+    condition: str  # unconditional, class, spatial
+    tokenizer_uri: str | None  # None: an official release bundles it
+    tokenizer_sha256: str
+    grid: tuple[int, int]  # codes per sample
+    codebook_size: int
+    sampler: SamplerOptions
+    seed: int
+    tile: int
+    conditions_uri: str | None = None  # spatial: the code shards of the conditions
+    conditions_column: str | None = None
+    conditions_split: str | None = None
+    samples_per_condition: int = 1
+    condition_rows: int = 0
+    label_counts: dict[str, int] | None = None  # class: samples per label id
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratedImageShards(ImageShards):
+    kind: Literal["generated_image_shards"] = "generated_image_shards"  # type: ignore[assignment]
+    generation: Generation
+
+    def fields(self) -> list[pa.Field]:
+        g = self.generation
+        return super().fields() + schemas.generated_fields(g.grid[0] * g.grid[1], g.condition == "spatial")
+
+
+KINDS: dict[str, type[ImageShards]] = {
+    "image_shards": ImageShards,
+    "generated_image_shards": GeneratedImageShards,
+}
+
+
+def describe(images: str | stage.Manifest) -> ImageShards:
+    """The descriptor of a committed image-shard output (its URI or its manifest);
+    :class:`~infra.stage.InputError` for outputs that hold something else."""
     m = stage.read_manifest(images) if isinstance(images, str) else images
-    out: dict[str, Any] = {}
-    for key in KEYS:
-        value, cur = None, m
-        for _ in range(8):  # the nearest output of the lineage that records it
-            value = cur.extra.get(key, cur.config.get(key) if key != "label_names" else None)
-            ups = cur.upstream()
-            if value is not None or not ups:
-                break
-            cur = ups[0]
-        out[key] = value
-    if out["channels"] is not None:
-        out["channels"] = int(out["channels"])
-    if out["resolution"] is not None:
-        out["resolution"] = int(out["resolution"])
-    return out
+    kind = (m.dataset or {}).get("kind")
+    if kind not in KINDS:
+        raise stage.InputError(
+            f"{m.output_uri} is a committed {m.stage} output, not image shards (run ingest, or give the "
+            "output of a stage that writes images)"
+        )
+    return schemas.descriptor_from_json(KINDS[kind], m.dataset, m.output_uri)
+
+
+def column_values(t: pa.Table, column: str) -> list[bytes]:
+    """An image-shard column's values as bytes: the PNGs of ``image``, the maps of an annotation."""
+    return schemas.image_bytes(t[column]) if column == "image" else t[column].to_pylist()

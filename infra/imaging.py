@@ -208,16 +208,6 @@ def decode_column(kind: str, blobs: list[bytes], channels: int = 3) -> np.ndarra
     return pngs_to_array(blobs, channels)
 
 
-def reconstruction_grid(x, xrec, labels: bool = False, ncol: int = 8) -> np.ndarray:
-    """Inputs beside their reconstructions (torch, (N, C, H, W) in [-1, 1]) as one uint8 grid; with
-    ``labels`` the inputs are one-hot label maps (or logits), drawn in label colours."""
-    import torch
-
-    if labels:
-        return image_grid([label_colors(t.argmax(0).cpu().numpy()) for p in zip(x, xrec) for t in p], ncol)
-    return image_grid(to_uint8_images(torch.stack([x, xrec], 1).flatten(0, 1)), ncol)
-
-
 def to_uint8_images(x) -> list[np.ndarray]:
     """A torch batch (N, C, H, W) in [-1, 1] (clamped) -> N uint8 images (H, W) or (H, W, 3)."""
     arr = ((x.detach().float().clamp(-1, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)

@@ -1,18 +1,22 @@
 """Where models live: local paths, ``s3://`` URIs and the MLflow model registry (``models:/name@alias``).
 
-A model URI may name
-- a native checkpoint (``*.safetensors``, see ``models.checkpoint``), local or on S3;
-- an official taming release (a folder with ``configs/model.yaml`` + ``checkpoints/last.ckpt``, or
-  the ``.ckpt`` file), local or on S3;
-- a committed stage output that holds a model (``train_vqgan``'s), local or on S3;
-- a registered model, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, whose artifacts
-  hold a native checkpoint (as :func:`register` logs it).
+A model URI names, and is read by, one of these declared formats (never a guess):
+- a native checkpoint file (``*.safetensors``, ``models.checkpoint``), local or on S3;
+- an official taming release (a folder with ``checkpoints/last.ckpt`` and ``configs/``, or its
+  ``.ckpt`` file), local or on S3 (``models.taming_release``);
+- a committed stage output that holds a model (``train_vqgan``'s, ``train_gpt``'s): the one file
+  its manifest lists;
+- a registered model, ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: the checkpoint its
+  ``MLmodel`` file names (as :func:`register` logs it).
+
+:func:`describe` reads what a model is (kind, config, the facts it carries, the sha256 of its
+weights) from its header alone, for the checks a stage's plan makes before any work; :func:`load`
+loads the weights once, where the work runs, and can insist on the sha256 the plan saw.
 
 Remote models are copied into a local cache keyed by their content as the store reports it (S3:
 each file's ETag and size; the registry: the immutable version an alias points to now), through a
 temporary folder renamed into place once complete: a changed object is fetched again, and a
-download that died half-way is never used. Every load reports the sha256 of the weights, so outputs
-record exactly which model made them.
+download that died half-way is never used.
 """
 
 from __future__ import annotations
@@ -24,20 +28,14 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 from infra import stage, storage, tracking
 
 NATIVE_SUFFIX = ".safetensors"
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    model: Any  # torch.nn.Module (VQGAN, GPT, ...)
-    uri: str  # as given
-    sha256: str  # of the weights file
-    kind: str  # "native" | "taming"
-    extra: dict[str, Any]
+Format = Literal["native", "taming"]
 
 
 def _cached(key: str, fetch) -> Path:
@@ -62,18 +60,28 @@ def _cached(key: str, fetch) -> Path:
     return final
 
 
-def _single(folder: Path) -> Path:
-    """The one entry a cache folder holds (the file or folder that was fetched)."""
-    entries = list(folder.iterdir())
-    return entries[0] if len(entries) == 1 else folder
+def _registered_checkpoint(folder: Path, uri: str) -> Path:
+    """The checkpoint a registered model's ``MLmodel`` names (its ``checkpoint`` artifact)."""
+    mlmodel = folder / "MLmodel"
+    try:
+        flavor = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
+        rel = flavor["artifacts"]["checkpoint"]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise stage.InputError(
+            f"{uri} is not a model registered by taming-pipeline (its MLmodel names no checkpoint artifact)"
+        ) from None
+    return folder / rel
 
 
 def local_path(uri: str) -> Path:
-    """A local file or folder holding what ``uri`` names (fetched once per content if remote)."""
+    """A local file or folder holding what ``uri`` names (fetched once per content if remote); for
+    a registered model, its checkpoint file."""
     if uri.startswith("models:/"):
         name, version = tracking.model_version(uri)  # the alias as it points now
         key = f"{tracking.tracking_uri()}|{name}/{version}"
-        return _single(_cached(key, lambda d: tracking.download_model(name, version, d)))
+        folder = _cached(key, lambda d: tracking.download_model(name, version, d))
+        entries = list(folder.iterdir())
+        return _registered_checkpoint(entries[0] if len(entries) == 1 else folder, uri)
     if storage.is_remote(uri):
         entries = storage.list_entries(uri)
         if not entries:
@@ -98,6 +106,17 @@ def local_path(uri: str) -> Path:
     return p
 
 
+def pin(uri: str) -> tuple[str, str | None, int | None, str | None]:
+    """``uri`` pinned, so that every actor loads the same version (a registry alias resolved to its
+    version now), with where it came from: the registry name and version, and the MLflow run that
+    made it (the registering run, or a committed output's run)."""
+    if uri.startswith("models:/"):
+        info = tracking.model_version_info(uri)  # FileNotFoundError naming the URI and registry
+        return f"models:/{info['name']}/{info['version']}", info["name"], info["version"], info["run_id"]
+    run = stage.read_manifest(uri).mlflow_run_id if stage.is_committed(uri) else None
+    return uri, None, None, run
+
+
 def resolve_weights(uri: str, filename: str) -> Path:
     """A local path of the weights: ``uri`` (local / s3), else the torch hub cache; clear error if absent."""
     import torch
@@ -116,30 +135,124 @@ def resolve_weights(uri: str, filename: str) -> Path:
 file_sha256 = storage.file_sha256
 
 
-def load(uri: str) -> LoadedModel:
-    """Load the model that ``uri`` names (see the module docstring)."""
-    from models import checkpoint
+# --------------------------------------------------------------------------- headers
 
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """What a model URI holds, from its header alone (no weights loaded)."""
+
+    uri: str  # as given
+    path: Path  # the local weights file (native) or release folder/ckpt (taming)
+    sha256: str  # of the weights file
+    format: Format
+    kind: Literal["vqgan", "gpt", "net2net"]
+    config: Any  # VQGANConfig (vqgan), GPTConfig (gpt), models.taming_release.TransformerSpec (net2net)
+    extra: dict[str, Any]  # native checkpoints: the facts the stage that wrote it recorded
+
+
+def _model_file(uri: str) -> tuple[Path, Format]:
     if not uri.startswith("models:/") and stage.is_committed(uri):
-        # a committed stage output (e.g. train_vqgan's): the model it holds
-        uri = stage.read_manifest(uri).data_uris()[0]
+        m = stage.read_manifest(uri)  # a committed stage output: the model file it holds
+        files = [f for f in m.files if f.path.endswith(NATIVE_SUFFIX)]
+        if len(files) != 1:
+            raise stage.InputError(f"{uri} is a committed {m.stage} output that holds no model")
+        uri = m.data_uris()[m.files.index(files[0])]
     p = local_path(uri)
-    if p.is_dir():
-        natives = sorted(p.rglob(f"*{NATIVE_SUFFIX}"))
-        if natives:
-            p = natives[0]
     if p.suffix == NATIVE_SUFFIX:
-        model, extra = checkpoint.load_native(p)
-        return LoadedModel(model.eval(), uri, file_sha256(p), "native", extra)
-    imported = checkpoint.load_taming(p)
-    ckpt, _ = checkpoint.resolve_release(p)
-    return LoadedModel(imported.model.eval(), uri, file_sha256(ckpt), "taming", {"target": imported.target})
+        return p, "native"
+    if p.is_dir() or p.suffix == ".ckpt":
+        return p, "taming"
+    raise stage.InputError(
+        f"{uri}: not a model format taming-pipeline reads (a native *.safetensors checkpoint, an official "
+        "taming release folder or its .ckpt, a committed train_vqgan/train_gpt output, or models:/...)"
+    )
 
 
-def load_first_stage(uri: str) -> LoadedModel:
+def describe(uri: str) -> ModelHeader:
+    """What ``uri`` holds (see :class:`ModelHeader`), without loading its weights."""
+    from models import checkpoint, taming_release
+
+    path, fmt = _model_file(uri)
+    if fmt == "native":
+        h = checkpoint.read_header(path)
+        return ModelHeader(uri, path, file_sha256(path), fmt, h.kind, h.config, h.extra)
+    release = taming_release.read_release(path)
+    sha = file_sha256(release.ckpt)
+    if release.is_transformer:
+        return ModelHeader(uri, path, sha, fmt, "net2net", release.transformer(), {"target": release.target})
+    return ModelHeader(uri, path, sha, fmt, "vqgan", release.first_stage_config(), {"target": release.target})
+
+
+def describe_tokenizer(uri: str | None, sha256: str | None, what: str) -> ModelHeader:
+    """The header of the VQGAN at ``uri``, which must have the weights of ``sha256`` (the one
+    ``what`` was made with); a clear :class:`~infra.stage.InputError` when it cannot be found,
+    is not a VQGAN, or differs."""
+    if not uri:
+        raise stage.InputError(f"{what} records no tokenizer URI")
+    try:
+        header = describe(uri)
+    except FileNotFoundError as e:
+        raise stage.InputError(
+            f"the tokenizer of {what} cannot be found: {e} (sha256 {sha256}; set tokenizer_uri to a copy)"
+        ) from None
+    if header.kind != "vqgan":
+        raise stage.InputError(f"{uri} holds a {header.kind} model, not a VQGAN tokenizer")
+    if sha256 and header.sha256 != sha256:
+        raise stage.InputError(
+            f"the tokenizer at {uri} has sha256 {header.sha256}, but {what} was made with sha256 {sha256}: "
+            "the file or alias changed since; point tokenizer_uri at the original weights"
+        )
+    return header
+
+
+def first_stage_header(uri: str, what: str = "") -> ModelHeader:
+    """The header of the VQGAN tokenizer at ``uri`` (:class:`~infra.stage.InputError` otherwise)."""
+    header = describe(uri)
+    if header.kind != "vqgan":
+        raise stage.InputError(f"{uri}{what} holds a {header.kind} model, not a VQGAN tokenizer")
+    return header
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # torch.nn.Module (VQGAN, GPT, Net2Net), eval mode
+    uri: str  # as given
+    sha256: str  # of the weights file
+    format: Format
+    extra: dict[str, Any]
+
+
+def load(uri: str, sha256: str | None = None) -> LoadedModel:
+    """Load the model ``uri`` names (see the module docstring); ``sha256``: the weights a plan saw
+    (:class:`~infra.stage.InputError` if they changed since)."""
+    from models import checkpoint, taming_release
+
+    path, fmt = _model_file(uri)
+    if fmt == "native":
+        data = path.read_bytes()
+        found = storage.sha256(data)
+        _check_sha(uri, sha256, found)
+        model, extra = checkpoint.from_bytes(data)
+        return LoadedModel(model.eval(), uri, found, fmt, extra)
+    imported = taming_release.load_taming(path)
+    found = file_sha256(taming_release.resolve_release(path)[0])
+    _check_sha(uri, sha256, found)
+    return LoadedModel(imported.model.eval(), uri, found, fmt, {"target": imported.target})
+
+
+def _check_sha(uri: str, want: str | None, found: str) -> None:
+    if want and want != found:
+        raise stage.InputError(f"{uri} changed since it was checked (sha256 {found}, expected {want})")
+
+
+def load_first_stage(uri: str, sha256: str | None = None) -> LoadedModel:
     from models.vqgan import VQGAN
 
-    loaded = load(uri)
+    loaded = load(uri, sha256)
     if not isinstance(loaded.model, VQGAN):
         raise stage.InputError(f"{uri} holds a {type(loaded.model).__name__}, not a VQGAN tokenizer")
     return loaded
@@ -160,79 +273,90 @@ def register(
         return tracking.register_model(path, name, alias, tags or {})
 
 
+# --------------------------------------------------------------------------- generators
+
+
+@dataclass(frozen=True)
+class GeneratorHeader:
+    """A generator as its header describes it: everything sampling needs to plan, no weights."""
+
+    uri: str
+    sha256: str
+    format: Format
+    spec: Any  # models.net2net.GeneratorSpec
+    gpt: Any  # models.gpt.GPTConfig
+    first_stage: Any  # official releases: their bundled VQGAN's config (None: the spec's tokenizer)
+    extra: dict[str, Any]
+
+
+def _release_spec(t: Any, uri: str, sha256: str) -> Any:
+    """The GeneratorSpec of an official release (its TransformerSpec): it decodes with its own first stage."""
+    from models.net2net import GeneratorSpec
+
+    return GeneratorSpec(
+        condition=t.condition,
+        codebook_size=t.first_stage.codebook_size,
+        grid=t.grid,
+        tokenizer_uri=uri,
+        tokenizer_sha256=sha256,
+        prefix_length=t.prefix_length,
+    )
+
+
+def describe_generator(uri: str) -> GeneratorHeader:
+    """A ``train_gpt`` generator (native checkpoint, committed output, registry) or an official
+    ``Net2NetTransformer`` release, from its header."""
+    from models.net2net import GeneratorSpec
+
+    header = describe(uri)
+    if header.kind == "net2net":  # an official release: first stage and condition inside
+        t = header.config
+        spec = _release_spec(t, uri, header.sha256)
+        return GeneratorHeader(uri, header.sha256, header.format, spec, t.gpt, t.first_stage, header.extra)
+    if header.kind != "gpt" or "generator" not in header.extra:
+        raise stage.InputError(
+            f"{uri} holds a {header.kind} model without a generator spec, not a train_gpt generator"
+        )
+    spec = GeneratorSpec.from_dict(header.extra["generator"])
+    return GeneratorHeader(uri, header.sha256, header.format, spec, header.config, None, header.extra)
+
+
 @dataclass(frozen=True)
 class LoadedGenerator:
     """A transformer ready to sample: the GPT, its :class:`~models.net2net.GeneratorSpec`, and (for
-    official releases, which bundle it) the first stage; ``tokenizer()`` loads it otherwise."""
+    official releases, which bundle it) the first stage."""
 
     gpt: Any  # models.gpt.GPT, eval mode
     spec: Any  # models.net2net.GeneratorSpec
     uri: str
     sha256: str  # of the weights file
-    kind: str  # "native" | "taming"
-    extra: dict[str, Any]
+    format: Format
     first_stage: Any = None  # official releases: their VQGAN
 
-    def tokenizer(self) -> Any:
-        """The VQGAN that decodes this generator's codes: the bundled first stage of an official
-        release, else the tokenizer the spec names, verified against its sha256."""
-        if self.first_stage is not None:
-            return self.first_stage
-        return load_tokenizer(
-            self.spec.tokenizer_uri, self.spec.tokenizer_sha256, f"generator {self.uri}"
-        ).model
 
-
-def load_tokenizer(uri: str | None, sha256: str | None, what: str) -> LoadedModel:
-    """The VQGAN at ``uri``, which must have the weights of ``sha256`` (the one ``what`` was made
-    with); a clear :class:`~infra.stage.InputError` when it cannot be found or differs."""
-    if not uri:
-        raise stage.InputError(f"{what} records no tokenizer URI")
-    try:
-        loaded = load_first_stage(uri)
-    except FileNotFoundError as e:
-        raise stage.InputError(
-            f"the tokenizer of {what} cannot be found: {e} (sha256 {sha256}; set tokenizer_uri to a copy)"
-        ) from None
-    if sha256 and loaded.sha256 != sha256:
-        raise stage.InputError(
-            f"the tokenizer at {uri} has sha256 {loaded.sha256}, but {what} was made with sha256 {sha256}: "
-            "the file or alias changed since; point tokenizer_uri at the original weights"
-        )
-    return loaded
-
-
-def load_generator(uri: str) -> LoadedGenerator:
-    """A generator from a native ``train_gpt`` checkpoint (path, ``s3://``, a committed ``train_gpt``
-    output, ``models:/name@alias``) or an official taming ``Net2NetTransformer`` release."""
+def load_generator(uri: str, sha256: str | None = None) -> LoadedGenerator:
+    """The generator at ``uri`` (see :func:`describe_generator`), its weights loaded once."""
+    from models import taming_release
     from models.gpt import GPT
     from models.net2net import GeneratorSpec, Net2Net
 
-    loaded = load(uri)
+    loaded = load(uri, sha256)
     model = loaded.model
-    if isinstance(model, Net2Net):  # an official release: first stage and condition inside
-        first = model.first_stage
-        side = first.config.resolution // first.config.downsample_factor
-        cond_stage = model.cond_stage.config if model.cond_stage is not None else None
-        prefix = 1
-        if cond_stage is not None:
-            prefix = (cond_stage.resolution // cond_stage.downsample_factor) ** 2
-        elif model.cond.mode == "coord":
-            prefix = side * side
-        spec = GeneratorSpec(
-            condition=model.cond,
-            codebook_size=first.config.codebook_size,
-            grid=(side, side),
-            tokenizer_uri=uri,
-            tokenizer_sha256=loaded.sha256,
-            prefix_length=prefix,
-        )
+    if isinstance(model, Net2Net):
+        t = taming_release.read_release(_model_file(uri)[0]).transformer()
+        spec = _release_spec(t, uri, loaded.sha256)
         return LoadedGenerator(
-            model.transformer.eval(), spec, uri, loaded.sha256, loaded.kind, loaded.extra, first
+            model.transformer.eval(), spec, uri, loaded.sha256, loaded.format, model.first_stage
         )
     if not isinstance(model, GPT) or "generator" not in loaded.extra:
         raise stage.InputError(
             f"{uri} holds a {type(model).__name__} without a generator spec, not a train_gpt generator"
         )
     spec = GeneratorSpec.from_dict(loaded.extra["generator"])
-    return LoadedGenerator(model, spec, uri, loaded.sha256, loaded.kind, loaded.extra)
+    return LoadedGenerator(model, spec, uri, loaded.sha256, loaded.format)
+
+
+def load_tokenizer(uri: str, sha256: str) -> Any:
+    """The VQGAN at ``uri`` with the weights of ``sha256`` (checked by :func:`describe_tokenizer`
+    in a plan), loaded."""
+    return load_first_stage(uri, sha256).model

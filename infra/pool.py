@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from infra.devices import Resources
 from infra.stage import ShardMarker, StageOutput
 
 log = logging.getLogger(__name__)
@@ -61,17 +62,16 @@ def map_items(
     args: tuple,
     items: list[dict[str, Any]],
     out: StageOutput,
+    resources: Resources,
     *,
-    concurrency: int | None = 1,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
     what: str = "shards",
 ) -> tuple[list[ShardMarker], int]:
     """Run ``worker`` over the items whose output is not done yet; returns every item's marker and
     how many were already done (reused from an earlier, interrupted run).
 
     ``items`` are small JSON-able dicts (no data: workers read their input themselves).
-    ``concurrency``: actors in the pool, or tasks in flight for a function (None: as the CPUs allow).
+    ``resources.workers``: actors in the pool, or tasks in flight for a function (None: as the CPUs
+    allow); each takes ``cpus_per_worker`` and ``gpus_per_worker``.
     """
     import ray
 
@@ -86,8 +86,12 @@ def map_items(
         rows = [{"index": i, "item": json.dumps(items[i])} for i in pending]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         options: dict[str, Any] = dict(
-            batch_size=1, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=resources.cpus_per_worker,
+            num_gpus=resources.gpus_per_worker,
         )
+        concurrency = resources.workers
         if isinstance(worker, type):
             ds = ds.map_batches(
                 worker,
@@ -106,7 +110,7 @@ def map_items(
         for k, row in enumerate(ds.iter_rows(), start=1):
             marker = ShardMarker.from_json(json.loads(row["marker"]))
             done[marker.index] = marker
-            rows_done += marker.rows()
+            rows_done += marker.rows
             elapsed = time.perf_counter() - t0
             log.info(
                 "%s: %s %d/%d done, %d rows in %.0f s (%.1f rows/s)",

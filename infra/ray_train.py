@@ -29,12 +29,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from infra import model_store, storage, tracking
-from infra.devices import Placement, placement
+from infra.devices import Placement, Resources, placement
 from infra.stage import InputError, StageResult, StageRun
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,17 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.safetensors"
 _SPEC = "_train_run"  # the key of the TrainRun in the loop config
-# The config fields of a training stage that fit() takes, under these names in every one of them.
-FIT_FIELDS = (
-    "steps",
-    "num_workers",
-    "cpus_per_worker",
-    "use_gpu",
-    "bf16",
-    "max_failures",
-    "seed",
-    "shuffle_buffer",
-)
+
+
+class Training(Protocol):
+    """What a training stage's config says of its run (``train_vqgan``'s and ``train_gpt``'s)."""
+
+    steps: int  # the training budget
+    resources: Resources  # workers, CPUs and GPU per worker
+    bf16: bool  # autocast in bf16 on GPU
+    max_failures: int  # worker failures Ray Train recovers from
+    seed: int  # the data order (and the stage's initialisation)
+    shuffle_buffer: int  # rows each worker shuffles within, per epoch (0: no local shuffle)
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,7 @@ class TrainRun:
     run_uri: str  # the Ray Train run folder: checkpoints
     run_id: str | None  # the stage's MLflow run (rank 0 logs into it)
     tracking_uri: str
-    use_gpu: bool
-    cpus_per_worker: float
+    resources: Resources  # per worker
     bf16: bool  # autocast in bf16 on GPU
     seed: int
     shuffle_buffer: int  # rows each worker shuffles within (0: no local shuffle)
@@ -92,17 +91,11 @@ def fit(
     loop: Callable[[dict[str, Any]], None],
     config: dict[str, Any],
     datasets: dict[str, Any],
-    *,
-    steps: int,
-    num_workers: int,
-    cpus_per_worker: float,
-    use_gpu: bool,
-    bf16: bool,
-    max_failures: int,
-    seed: int,
-    shuffle_buffer: int,
+    training: Training,
 ) -> dict[str, Any]:
-    """Run ``loop(config)`` on ``num_workers`` Ray Train workers; return the newest training state."""
+    """Run ``loop(config)`` on ``training.resources.workers`` Ray Train workers (each with
+    ``cpus_per_worker`` CPUs and, when ``gpus_per_worker`` > 0, a GPU) for ``training.steps``;
+    return the newest training state."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -114,28 +107,30 @@ def fit(
     if not storage.is_remote(storage_uri):
         Path(storage_uri).mkdir(parents=True, exist_ok=True)
     name = f"{job.stage}-{job.identity}"
+    resources = training.resources
     spec = TrainRun(
         stage=job.stage,
-        steps=steps,
+        steps=training.steps,
         run_uri=storage.join(storage_uri, name),
         run_id=job.run_id,
         tracking_uri=tracking.tracking_uri(),
-        use_gpu=use_gpu,
-        cpus_per_worker=cpus_per_worker,
-        bf16=bf16,
-        seed=seed,
-        shuffle_buffer=shuffle_buffer,
+        resources=resources,
+        bf16=training.bf16,
+        seed=training.seed,
+        shuffle_buffer=training.shuffle_buffer,
     )
     trainer = TorchTrainer(
         loop,
         train_loop_config={**config, _SPEC: spec},
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=resources.workers or 1,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker},
         ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_uri,
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Ray Train's own INFO lines (reports, checkpoints, worker-group banners) stay in its log
             # files; the console gets the loop's progress lines (Session.log_metrics)
@@ -225,9 +220,7 @@ class Session:
         self.spec: TrainRun = config[_SPEC]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.place: Placement = placement(
-            self.spec.cpus_per_worker, 1 if self.spec.use_gpu else 0, "auto" if self.spec.bf16 else "fp32"
-        )
+        self.place: Placement = placement(self.spec.resources, "auto" if self.spec.bf16 else "fp32")
         self.device = self.place.device
         self.position = {"epoch": 0, "batch": 0}  # the data position: epoch, and batches done in it
         self.resumed_from: int | None = None

@@ -1,11 +1,18 @@
 """Where raw images come from: a folder (local or an ``s3://`` prefix), Parquet files with an
-image-bytes column, or the Fashion-MNIST IDX files.
+image column, or the Fashion-MNIST IDX files.
 
-``list_items`` runs on the driver and returns small records (no image bytes), each with a ``key``
-relative to the source root (so the same files under another prefix are the same items), and the
-listing's digest: the names relative to the root, sizes and versions (modification times or ETags)
-of the files read, so that changed or added files make a new listing. ``load_bytes`` runs in the
-workers and fetches the bytes of a batch of items.
+Parquet sources include a committed image-shard output (read through its manifest and descriptor)
+and a dataset written by Hugging Face ``datasets`` (``Dataset.to_parquet``, or a Hub folder of
+``train-*.parquet`` files): its ``Image`` column (``struct<bytes, path>``) is read as the image,
+the class names of its ``ClassLabel`` come from the features in the file metadata, and the split
+from a ``split`` column or, as ``datasets`` names them, from the file names (``train-*``,
+``validation-*`` / ``val-*``, ``test-*``).
+
+``list_items`` runs on the driver and returns small records (:class:`Item`, no image bytes), each
+with a ``key`` relative to the source root (so the same files under another prefix are the same
+items), and the listing's digest: the names relative to the root, sizes and versions (modification
+times or ETags) of the files read, so that changed or added files make a new listing.
+``load_bytes`` runs in the workers and fetches the bytes of a batch of items.
 
     python -m infra.sources fashion-mnist   # make sure the Debian package's files are there
 """
@@ -16,23 +23,31 @@ import functools
 import gzip
 import hashlib
 import io as _io
+import json
 import os
+import re
 import struct
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from infra import stage, storage
+from infra import schemas, stage, storage
 
 SourceFormat = Literal["auto", "folder", "parquet", "fashion_mnist"]
-SPLITS = ("train", "val", "test")
+SPLITS = stage.SPLITS
+# A file's split as Hugging Face datasets reads it from the name: a keyword between separators.
+_SPLIT_WORDS = {
+    "train": ("train", "training"),
+    "val": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 # The Debian package dataset-fashion-mnist installs the IDX files here.
 FASHION_MNIST_URI = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -56,12 +71,35 @@ _IDX_FILES = {
 
 
 @dataclass(frozen=True)
+class Item:
+    """One image to ingest: where it is, its key (relative to the source root), label and split."""
+
+    key: str
+    source_uri: str
+    label: int | None
+    split: str | None  # None: ingest assigns train/val from the image id
+    kind: Literal["file", "parquet", "idx"]
+    path: str  # the file it is in
+    index: int = -1  # its row (parquet) or record (idx) in that file
+
+
+@dataclass(frozen=True)
 class Listing:
-    items: list[dict[str, Any]]  # key, source_uri, label, split, kind, path, index
+    items: tuple[Item, ...]
     label_names: list[str] | None
     format: str
     root: str  # the folder the keys are relative to
     digest: str  # of the files read: names relative to root, sizes, versions
+
+
+def split_of_name(path: str) -> str | None:
+    """The split a file's name (or its folder's) gives it, as ``datasets`` maps names to splits."""
+    for part in reversed(path.rsplit("/", 2)[-2:]):
+        for split, words in _SPLIT_WORDS.items():
+            pattern = rf"(^|[-._ 0-9])({'|'.join(words)})([-._ 0-9]|$)"
+            if re.search(pattern, part.lower()):
+                return split
+    return None
 
 
 def digest(entries: Sequence[storage.Entry], root: str) -> str:
@@ -110,30 +148,39 @@ def _list_folder(root: str, entries: Sequence[storage.Entry]) -> Listing:
         rows.append((e.uri, key, split, parts[0] if len(parts) >= 2 else None))
     names = sorted({name for *_, name in rows if name is not None})
     ids = {n: i for i, n in enumerate(names)}
-    items = [
-        {
-            "key": key,
-            "source_uri": f,
-            "label": ids.get(name) if name else None,
-            "split": split,
-            "kind": "file",
-            "path": f,
-            "index": -1,
-        }
-        for f, key, split, name in rows
-    ]
+    items = tuple(
+        Item(key, f, ids.get(name) if name else None, split, "file", f) for f, key, split, name in rows
+    )
     return Listing(items, names or None, "folder", root, digest(entries, root))
 
 
+def _class_names(schema, label_column: str | None) -> list[str] | None:
+    """The ClassLabel names of ``label_column`` in the ``datasets`` features of a file's metadata."""
+    raw = (schema.metadata or {}).get(schemas.HF_KEY.encode())
+    if not raw or not label_column:
+        return None
+    try:
+        feature = json.loads(raw)["info"]["features"].get(label_column) or {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return list(feature["names"]) if feature.get("_type") == "ClassLabel" else None
+
+
 def _list_parquet(uri: str, root: str, entries: Sequence[storage.Entry], label_column: str | None) -> Listing:
+    names = None
     if stage.is_committed(uri):  # a committed stage output: read exactly the files its manifest lists
+        from infra import image_shards
+
         m = stage.read_manifest(uri)
         files = m.data_uris()
+        names = image_shards.describe(m).label_names
         listed = hashlib.sha256(f"output:{m.identity}".encode()).hexdigest()[:32]
     else:
-        if storage.exists(storage.join(uri, stage.ATTEMPTS_DIR)):
+        if storage.list_files(storage.join(uri, stage.ATTEMPTS_DIR)):
             stage.read_manifest(uri)  # a stage output never committed: its files are not to be trusted
-        parquet = [e for e in entries if e.uri.endswith(".parquet") and "/_" not in e.uri[len(root) :]]
+        parquet = [
+            e for e in entries if e.uri.endswith(".parquet") and not re.search(r"/[._]", e.uri[len(root) :])
+        ]
         files, listed = [e.uri for e in parquet], digest(parquet, root)
     if not files:
         raise FileNotFoundError(f"no Parquet files under {uri}")
@@ -143,27 +190,22 @@ def _list_parquet(uri: str, root: str, entries: Sequence[storage.Entry], label_c
         with fs.open(path, "rb") as fh:
             meta = pq.ParquetFile(fh)
             n = meta.metadata.num_rows
-            names = set(meta.schema_arrow.names)
+            columns = set(meta.schema_arrow.names)
+            names = names or _class_names(meta.schema_arrow, label_column)
             labels = splits = None
-            if label_column and label_column in names:
+            if label_column and label_column in columns:
                 labels = meta.read(columns=[label_column]).column(0).to_pylist()
-            if "split" in names:
+            if "split" in columns:
                 splits = meta.read(columns=["split"]).column(0).to_pylist()
+        named = split_of_name(storage.relative(f, root))
         for i in range(n):
             label = labels[i] if labels is not None else None
-            split = splits[i] if splits is not None and splits[i] in SPLITS else None
+            split = splits[i] if splits is not None and splits[i] in SPLITS else named
+            rel = f"{storage.relative(f, root)}#row={i}"
             items.append(
-                {
-                    "key": f"{storage.relative(f, root)}#row={i}",
-                    "source_uri": f"{f}#row={i}",
-                    "label": None if label is None else int(label),
-                    "split": split,
-                    "kind": "parquet",
-                    "path": f,
-                    "index": i,
-                }
+                Item(rel, f"{f}#row={i}", None if label is None else int(label), split, "parquet", f, i)
             )
-    return Listing(items, None, "parquet", root, listed)
+    return Listing(tuple(items), names, "parquet", root, listed)
 
 
 def read_idx(uri: str) -> np.ndarray:
@@ -189,59 +231,66 @@ def _list_fashion_mnist(root: str, entries: Sequence[storage.Entry]) -> Listing:
         image_uri, label_uri = storage.join(root, images), storage.join(root, labels)
         ys = read_idx(label_uri)
         items.extend(
-            {
-                "key": f"{images}#{i}",
-                "source_uri": f"{image_uri}#{i}",
-                "label": int(y),
-                "split": split,
-                "kind": "idx",
-                "path": image_uri,
-                "index": i,
-            }
+            Item(f"{images}#{i}", f"{image_uri}#{i}", int(y), split, "idx", image_uri, i)
             for i, y in enumerate(ys)
         )
-    return Listing(items, list(FASHION_MNIST_CLASSES), "fashion_mnist", root, digest(used, root))
+    return Listing(tuple(items), list(FASHION_MNIST_CLASSES), "fashion_mnist", root, digest(used, root))
 
 
-def load_bytes(
-    items: list[dict[str, Any]], image_column: str = "image"
-) -> list[tuple[bytes, bytes] | Exception]:
+def load_bytes(items: Sequence[Item], image_column: str = "image") -> list[tuple[bytes, bytes] | Exception]:
     """For each item: ``(id_bytes, image_bytes)`` or the exception that stopped reading it.
 
     ``id_bytes`` are the bytes the stable ``image_id`` hashes: the file itself, or the raw pixels
     of an IDX record. Files are fetched concurrently (``fs.cat`` on a list; s3fs runs it async).
+    A Parquet image column holds bytes, or the ``datasets`` Image struct (its bytes; an image that
+    has only a ``path`` is read from there).
     """
     out: list[tuple[bytes, bytes] | Exception | None] = [None] * len(items)
-    files = [(i, it) for i, it in enumerate(items) if it["kind"] == "file"]
+    files = [(i, it) for i, it in enumerate(items) if it.kind == "file"]
     if files:
-        fs, _ = storage.filesystem(files[0][1]["path"])
-        paths = [storage.filesystem(it["path"])[1] for _, it in files]
+        fs, _ = storage.filesystem(files[0][1].path)
+        paths = [storage.filesystem(it.path)[1] for _, it in files]
         got = fs.cat(paths, on_error="return")
         for (i, _), p in zip(files, paths):
             data = got.get(p, FileNotFoundError(p))
             out[i] = data if isinstance(data, Exception) else (data, data)
     by_file: dict[str, list[int]] = {}
     for i, it in enumerate(items):
-        if it["kind"] in ("parquet", "idx"):
-            by_file.setdefault(it["path"], []).append(i)
+        if it.kind in ("parquet", "idx"):
+            by_file.setdefault(it.path, []).append(i)
     for path, idxs in by_file.items():
         try:
-            if items[idxs[0]]["kind"] == "idx":
+            if items[idxs[0]].kind == "idx":
                 arr = _idx_images(path)
                 for i in idxs:
-                    pixels = arr[items[i]["index"]]
+                    pixels = arr[items[i].index]
                     buf = _io.BytesIO()
                     Image.fromarray(pixels, "L").save(buf, format="PNG", compress_level=0)
                     out[i] = (pixels.tobytes(), buf.getvalue())
             else:
                 col = storage.read_parquet(path, [image_column]).column(0)
                 for i in idxs:
-                    data = col[items[i]["index"]].as_py() or b""
-                    out[i] = (data, data)
+                    out[i] = _cell_bytes(col[items[i].index].as_py())
         except Exception as e:  # noqa: BLE001 - recorded per item
             for i in idxs:
                 out[i] = e
     return out  # type: ignore[return-value]
+
+
+def _cell_bytes(value) -> tuple[bytes, bytes] | Exception:
+    """An image cell of a Parquet source: bytes, or a ``datasets`` Image struct."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            value = value["bytes"]
+        elif value.get("path"):
+            try:
+                value = storage.read_bytes(value["path"])
+            except OSError as e:
+                return e
+        else:
+            value = b""
+    data = value or b""
+    return data, data
 
 
 def ensure_fashion_mnist(root: str = FASHION_MNIST_URI) -> None:

@@ -1,17 +1,41 @@
 """The stage kit: what every stage does the same way, in one place.
 
+The layout of an output
+-----------------------
+::
+
+    <output_uri>/_SUCCESS.json              the manifest: written last, the commit
+    <output_uri>/data/train-00000.parquet   data files, one per (shard, split), named for their split
+    <output_uri>/data/test-00000.parquet    (a model or a report: one file, e.g. model.safetensors)
+    <output_uri>/_errors/rejected-00000.parquet   what a shard rejected, with the reasons
+    <output_uri>/.attempts/<identity>/...   work in progress (shards, markers, training checkpoints)
+
+A folder reader (pyarrow, pandas, duckdb, Hugging Face ``datasets``) pointed at ``output_uri``
+sees exactly the committed rows: work in progress is under a hidden folder (readers skip ``.``- and
+``_``-prefixed paths), and the data files become visible only at the commit. Their names map to
+splits as ``datasets`` expects (``train-*``, ``val-*`` -> validation, ``test-*``).
+
 The contract
 ------------
-A stage writing to ``output_uri`` puts its files in an attempt folder,
-``output_uri/_attempts/<identity>/``, one shard (or one file, e.g. a model) at a time: the data
-first, then a small marker ``_shards/part-NNNNN.json`` (a :class:`ShardMarker`) with its row counts
-and sha256. When every shard is done the stage writes ``output_uri/_SUCCESS.json`` (the
-:class:`Manifest`) with a conditional write: it is created only if absent, so of two runs racing
-for one location exactly one commits and the other gets an :class:`OutputConflictError` (or, when
-it computed the same identity, the winner's result). Readers trust only the manifest, so a crash at
-any point leaves nothing that looks complete, and a rerun reuses the finished shards of its attempt
-folder and writes only the missing ones. A rerun after the commit is a no-op that returns the
-recorded result; a different identity at a committed ``output_uri`` is an error, never an overwrite.
+A stage writing to ``output_uri`` puts its files in its attempt folder, one shard (or one file,
+e.g. a model) at a time: the data first, then a small marker ``_shards/part-NNNNN.json`` (a
+:class:`ShardMarker`) with its files, row counts and sha256. When every shard is done, the commit:
+
+1. **claim** ``.commit.json`` with a conditional write (created only if absent): of two runs of
+   different identities racing for one location exactly one goes on, the other gets an
+   :class:`OutputConflictError` (a run of the same identity may finish the claimed commit);
+2. **publish**: the data files move from the attempt to their visible names (locally a rename, on
+   S3 a server-side copy), stale visible files of an earlier, withdrawn output are removed;
+3. **manifest**: ``_SUCCESS.json`` (the :class:`Manifest`: files, counts, figures, the inputs, the
+   dataset descriptor) with a conditional write, last;
+4. **clean up**: the claim and every attempt folder go.
+
+Readers trust only the manifest. A crash before step 3 leaves no manifest, so nothing looks
+complete; a rerun reuses the finished shards of its attempt and writes only the missing ones (and a
+crash during publication is finished by the next run of the same identity). A rerun after the commit
+is a no-op that returns the recorded result; a different identity at a committed ``output_uri`` is
+an error, never an overwrite. Outputs committed in an earlier layout are refused with a message
+saying how to rebuild them.
 
 Identity
 --------
@@ -40,6 +64,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from infra import config as config_lib
@@ -49,7 +74,12 @@ from infra.storage import FileEntry
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_SUCCESS.json"
-ATTEMPTS_DIR = "_attempts"
+CLAIM_NAME = ".commit.json"
+ATTEMPTS_DIR = ".attempts"
+DATA_DIR = "data"
+ERRORS_DIR = "_errors"
+LAYOUT = 2  # the output layout this version writes and reads (1: files under _attempts/, no splits)
+SPLITS = ("train", "val", "test")  # file names per split: datasets maps val-* to its validation split
 
 
 class NotCommittedError(FileNotFoundError):
@@ -57,7 +87,7 @@ class NotCommittedError(FileNotFoundError):
 
 
 class OutputConflictError(RuntimeError):
-    """The location holds a committed output of a different identity."""
+    """The location holds (or is committing) an output of a different identity."""
 
 
 class InputError(ValueError):
@@ -103,30 +133,42 @@ def identity(stage: str, cfg: Any, inputs: Sequence[InputRef]) -> str:
 # --------------------------------------------------------------------------- markers and manifests
 
 
+def _entry(d: dict[str, Any]) -> FileEntry:
+    return FileEntry(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardMarker:
-    """A finished shard of an attempt: its files by kind (``data``, ``_errors``, ...) and counts."""
+    """A finished shard of an attempt: its data files (one per split, or one whole file), the file
+    of what it rejected, and its counts."""
 
     index: int
-    files: dict[str, FileEntry]
+    data: tuple[FileEntry, ...]
+    errors: FileEntry | None = None
     counts: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. read, images
     node: str = ""  # the Ray node that wrote it (infra.cluster.node_id)
 
-    def rows(self, kind: str = "data") -> int:
-        return self.files[kind].rows if kind in self.files else 0
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.data)
+
+    @property
+    def rejected(self) -> int:
+        return self.errors.rows if self.errors is not None else 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index,
-            "files": {k: dataclasses.asdict(v) for k, v in self.files.items()},
+            "data": [dataclasses.asdict(f) for f in self.data],
+            "errors": dataclasses.asdict(self.errors) if self.errors is not None else None,
             "counts": dict(self.counts),
             "node": self.node,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ShardMarker:
-        files = {k: FileEntry(**v) for k, v in d["files"].items()}
-        return cls(int(d["index"]), files, dict(d["counts"]), d.get("node", ""))
+        errors = _entry(d["errors"]) if d.get("errors") else None
+        return cls(int(d["index"]), tuple(_entry(f) for f in d["data"]), errors, dict(d["counts"]), d["node"])
 
 
 @dataclasses.dataclass
@@ -136,7 +178,7 @@ class Manifest:
     config_hash: str  # the config's alone
     config: dict[str, Any]
     inputs: list[InputRef]  # the lineage: what this output was made from
-    files: list[FileEntry]  # the output's data files
+    files: list[FileEntry]  # the output's data files (their visible paths)
     error_files: list[FileEntry]  # rejected inputs with their reasons
     counts: dict[str, int]
     figures: dict[str, float]  # headline numbers (val/psnr, bytes_per_code, ...)
@@ -144,8 +186,10 @@ class Manifest:
     mlflow_run_id: str | None
     code_version: str
     created_at: str
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dataset: dict[str, Any] | None = None  # the dataset descriptor (infra.image_shards, infra.code_shards)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # other facts (a model's config, ...)
     nodes: dict[str, int] = dataclasses.field(default_factory=dict)  # Ray node id -> shards/workers it ran
+    layout: int = LAYOUT
     output_uri: str = ""  # filled in on read: where this manifest was found
 
     def to_json(self) -> dict[str, Any]:
@@ -155,26 +199,31 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], output_uri: str) -> Manifest:
-        if "identity" not in d:
+        if d.get("layout") != LAYOUT:
             raise OutputConflictError(
-                f"{output_uri} holds an output committed by an older version of taming-pipeline "
-                f"(stage {d.get('stage')!r}, no identity recorded): delete it, or choose another output URI"
+                f"{output_uri} holds a {d.get('stage', 'stage')} output committed by an earlier version of "
+                f"taming-pipeline (output layout {d.get('layout', 1)}, this version reads layout {LAYOUT}): "
+                "rebuild it: delete the folder (`make clean` for the demo's) and run the stage again, or "
+                "choose another output URI"
             )
         d = dict(d)
-        d["files"] = [FileEntry(**f) for f in d["files"]]
-        d["error_files"] = [FileEntry(**f) for f in d.get("error_files", [])]
+        d["files"] = [_entry(f) for f in d["files"]]
+        d["error_files"] = [_entry(f) for f in d["error_files"]]
         d["inputs"] = [InputRef(**i) for i in d["inputs"]]
         return cls(**d, output_uri=output_uri)
 
-    def data_uris(self) -> list[str]:
-        return [storage.join(self.output_uri, f.path) for f in self.files]
+    def data_files(self, split: str | None = None) -> list[FileEntry]:
+        """The data files, all or those of ``split``."""
+        return [f for f in self.files if split is None or f.split == split]
+
+    def data_uris(self, split: str | None = None) -> list[str]:
+        return [storage.join(self.output_uri, f.path) for f in self.data_files(split)]
 
     def error_uris(self) -> list[str]:
         return [storage.join(self.output_uri, f.path) for f in self.error_files]
 
-    def upstream(self) -> list[Manifest]:
-        """The committed outputs this one was made from (one hop of the lineage)."""
-        return [read_manifest(i.uri) for i in self.inputs if i.kind == "output"]
+    def rows(self, split: str | None = None) -> int:
+        return sum(f.rows for f in self.data_files(split))
 
 
 def read_manifest(output_uri: str) -> Manifest:
@@ -193,7 +242,7 @@ def is_committed(uri: str) -> bool:
     return storage.exists(storage.join(storage.normalize(uri), MANIFEST_NAME))
 
 
-def _input_values(cfg: Any) -> list[str]:
+def input_uris(cfg: Any) -> list[str]:
     """The locations a config reads (its fields declared with ``input_field``), normalised."""
     out = []
     for f in dataclasses.fields(cfg):
@@ -213,8 +262,8 @@ def changes(m: Manifest, stage: str, cfg: Any, rerun: Sequence[str] = ()) -> lis
     why = []
     if m.config_hash != config_lib.config_hash(cfg):
         try:
-            old = config_lib.identity_dict(config_lib.from_dict(type(cfg), m.config))
-            new = config_lib.identity_dict(cfg)
+            old = config_lib.flatten(config_lib.identity_dict(config_lib.from_dict(type(cfg), m.config)))
+            new = config_lib.flatten(config_lib.identity_dict(cfg))
             diff = [
                 f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
                 for k in sorted(set(old) | set(new))
@@ -223,7 +272,7 @@ def changes(m: Manifest, stage: str, cfg: Any, rerun: Sequence[str] = ()) -> lis
         except config_lib.ConfigError:  # written by another version of the config class
             diff = []
         why.append("config changed" + (f" ({'; '.join(diff)})" if diff else ""))
-    values = _input_values(cfg)
+    values = input_uris(cfg)
     for r in rerun:
         r = storage.normalize(r)
         hit = [v for v in values if v == r or v.startswith(r.rstrip("/") + "/")]
@@ -239,18 +288,10 @@ def changes(m: Manifest, stage: str, cfg: Any, rerun: Sequence[str] = ()) -> lis
     return why
 
 
-def _identity_at(uri: str) -> str | None:
-    """The identity committed at ``uri`` (one read), None when nothing is."""
-    try:
-        return read_manifest(uri).identity
-    except NotCommittedError:
-        return None
-
-
 def uncommit(output_uri: str) -> str:
     """Withdraw the committed output at ``output_uri``: its manifest moves to ``_replaced/`` (kept
-    for the record), so the location is uncommitted and the next commit there removes the old
-    attempt's files. Returns where the old manifest went."""
+    for the record), so the location is uncommitted and the next commit there replaces the old
+    output's files. Returns where the old manifest went."""
     output_uri = storage.normalize(output_uri)
     m = read_manifest(output_uri)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
@@ -267,28 +308,15 @@ def uncommit(output_uri: str) -> str:
     return kept
 
 
-def column_names(m: Manifest) -> list[str]:
-    """The columns of a committed Parquet output (from its first data file's schema; [] if empty)."""
-    return storage.parquet_schema(m.data_uris()[0]).names if m.files else []
-
-
-def lineage_value(m: Manifest, key: str, hops: int = 8) -> Any:
-    """``extra[key]`` of ``m`` or of the nearest output it was made from (e.g. segmentation labels)."""
-    for _ in range(hops):
-        if m.extra.get(key) is not None:
-            return m.extra[key]
-        ups = m.upstream()
-        if not ups:
-            return None
-        m = ups[0]
-    return None
-
-
-def read_committed_table(output_uri: str, columns: list[str] | None = None, verify: bool = False) -> pa.Table:
-    """All data rows of a committed output (only the files its manifest lists)."""
+def read_committed_table(
+    output_uri: str, columns: list[str] | None = None, split: str | None = None, verify: bool = False
+) -> pa.Table:
+    """The data rows of a committed output (only the files its manifest lists; those of ``split``
+    when given), in the order of its files."""
     m = read_manifest(output_uri)
     tables = []
-    for entry, uri in zip(m.files, m.data_uris()):
+    for entry in m.data_files(split):
+        uri = storage.join(m.output_uri, entry.path)
         if verify:
             data = storage.read_bytes(uri)
             if storage.sha256(data) != entry.sha256:
@@ -301,38 +329,48 @@ def read_committed_table(output_uri: str, columns: list[str] | None = None, veri
     return pa.concat_tables(tables)
 
 
-def read_held_out(uri: str, columns: list[str], limit: int | None = None) -> tuple[pa.Table, str]:
-    """The held-out rows of a committed output for validation: the ``val`` split, else ``test``,
-    else (with a warning, and the split name saying so) ``train``; at most ``limit`` rows."""
-    import numpy as np
-
-    t = read_committed_table(uri, list(dict.fromkeys([*columns, "split"])))
-    splits = np.asarray(t["split"].to_pylist())
-    split = next((s for s in ("val", "test", "train") if (splits == s).any()), None)
+def held_out_split(m: Manifest) -> str:
+    """The split to validate on: ``val``, else ``test``, else (with a warning) ``train``."""
+    split = next((s for s in ("val", "test", "train") if m.rows(s)), None)
     if split is None:
-        raise InputError(f"{uri} has no rows to validate on")
+        raise InputError(f"{m.output_uri} has no rows to validate on")
     if split == "train":
-        log.warning("%s has no val or test split: validating on train rows", uri)
-    return t.filter(splits == split).slice(0, limit), split
+        log.warning("%s has no val or test split: validating on train rows", m.output_uri)
+    return split
+
+
+def read_held_out(uri: str, columns: list[str], limit: int | None = None) -> tuple[pa.Table, str]:
+    """The held-out rows of a committed output for validation (:func:`held_out_split`), at most
+    ``limit`` of them, and the split's name."""
+    split = held_out_split(read_manifest(uri))
+    return read_committed_table(uri, columns, split).slice(0, limit), split
 
 
 # --------------------------------------------------------------------------- the output of one identity
 
 
+def _split_order(split: str) -> tuple[int, str]:
+    return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)
+
+
 class StageOutput:
-    """The output location of one stage identity (see the module docstring for the contract)."""
+    """The output location of one stage identity (see the module docstring for the layout and the
+    contract)."""
 
     def __init__(self, output_uri: str, stage: str, identity: str):
         self.output_uri = storage.normalize(output_uri)
         self.stage = stage
         self.identity = identity
         self.work_uri = storage.join(self.output_uri, ATTEMPTS_DIR, identity)
+        self._claim_uri = storage.join(self.output_uri, CLAIM_NAME)
 
     def committed(self) -> Manifest | None:
-        """The manifest if this identity already committed here; raise if another one did."""
+        """The manifest if this identity already committed here; raise if another identity did, or
+        is committing here now."""
         try:
             m = read_manifest(self.output_uri)
         except NotCommittedError:
+            self._check_claim()
             return None
         self._check_same(m)
         return m
@@ -346,15 +384,26 @@ class StageOutput:
                 "output first if you mean to replace it."
             )
 
-    def shard_uri(self, kind: str, index: int, ext: str = "parquet") -> str:
-        return storage.join(self.work_uri, kind, f"part-{index:05d}.{ext}")
+    def _check_claim(self) -> None:
+        """A commit of another identity under way here (or one that stopped half-way): the conflict."""
+        try:
+            claim = storage.read_json(self._claim_uri)
+        except FileNotFoundError:
+            return
+        if claim.get("identity") != self.identity:
+            raise OutputConflictError(
+                f"{self.output_uri} is being committed by another run (stage {claim.get('stage')!r}, "
+                f"identity {claim.get('identity')}, since {claim.get('created_at')}; this run's identity is "
+                f"{self.identity}), or such a run stopped while committing: rerun that run to finish it, "
+                f"or delete {self._claim_uri} and the folder's data/ to start over. Or choose another "
+                "output URI."
+            )
 
-    def file_uri(self, marker: ShardMarker, kind: str = "data") -> str:
-        """Where a finished shard's file of ``kind`` is."""
-        return storage.join(self.output_uri, marker.files[kind].path)
+    def _shard_uri(self, folder: str, name: str) -> str:
+        return storage.join(self.work_uri, folder, name)
 
     def marker_uri(self, index: int) -> str:
-        return self.shard_uri("_shards", index, "json")
+        return self._shard_uri("_shards", f"part-{index:05d}.json")
 
     def done_shards(self) -> dict[int, ShardMarker]:
         """Markers of the shards this identity's attempt already finished (for resume)."""
@@ -366,31 +415,104 @@ class StageOutput:
                 done[marker.index] = marker
         return done
 
-    def _finish(self, index: int, files: dict[str, FileEntry], counts: dict[str, int]) -> ShardMarker:
+    def file_uri(self, entry: FileEntry) -> str:
+        """Where a file of a finished shard is now (in the attempt until the commit publishes it)."""
+        return storage.join(self.output_uri, entry.path)
+
+    def _finish(self, index: int, data: list[FileEntry], errors: FileEntry | None, counts) -> ShardMarker:
         from infra.cluster import node_id
 
-        marker = ShardMarker(index, files, dict(counts), node_id())
+        marker = ShardMarker(index, tuple(data), errors, dict(counts), node_id())
         storage.write_json(self.marker_uri(index), marker.to_json())  # last: the shard is done
         return marker
 
     def write_shard(
-        self, index: int, tables: dict[str, pa.Table], counts: dict[str, int], **parquet_options: Any
+        self,
+        index: int,
+        data: pa.Table,
+        counts: dict[str, int],
+        *,
+        errors: pa.Table | None = None,
+        **parquet_options: Any,
     ) -> ShardMarker:
-        """Write one shard's tables (``{"data": t, "_errors": t}``), then its marker, last."""
-        files = {
-            kind: storage.write_parquet(
-                self.shard_uri(kind, index), table, rel_to=self.output_uri, **parquet_options
+        """Write one shard's rows, a file per split when they have a ``split`` column
+        (``data/<split>-NNNNN.parquet``, rows in their order), its ``errors`` when there are any,
+        then its marker, last."""
+        if "split" in data.column_names:
+            splits = sorted(set(data["split"].to_pylist()), key=_split_order)
+            parts = [(s, data.filter(pc.equal(data["split"], s))) for s in splits]
+        else:
+            parts = [(None, data)] if data.num_rows else []
+        files = [
+            storage.write_parquet(
+                self._shard_uri(DATA_DIR, f"{split or 'part'}-{index:05d}.parquet"),
+                table,
+                rel_to=self.output_uri,
+                split=split,
+                **parquet_options,
             )
-            for kind, table in tables.items()
-        }
-        return self._finish(index, files, counts)
+            for split, table in parts
+        ]
+        err = None
+        if errors is not None and errors.num_rows:
+            uri = self._shard_uri(ERRORS_DIR, f"rejected-{index:05d}.parquet")
+            err = storage.write_parquet(uri, errors, rel_to=self.output_uri)
+        return self._finish(index, files, err, counts)
 
     def write_file(
         self, index: int, name: str, data: bytes, counts: dict[str, int] | None = None
     ) -> ShardMarker:
-        """Write one whole file (a model, a metrics file) as shard ``index``'s data, then its marker."""
+        """Write one whole file (a model, a report) as shard ``index``'s data, then its marker; the
+        commit publishes it as ``<output_uri>/<name>``."""
         entry = storage.write_file(storage.join(self.work_uri, name), data, rel_to=self.output_uri)
-        return self._finish(index, {"data": entry}, counts or {})
+        return self._finish(index, [entry], None, counts or {})
+
+    # ----------------------------------------------------------------------- the commit
+
+    def _claim(self) -> Manifest | None:
+        """Take the claim (or find it ours: a resumed or concurrent run of this identity); None when
+        this run may publish, the manifest when one was committed meanwhile."""
+        blob = storage.to_json_bytes(
+            {
+                "stage": self.stage,
+                "identity": self.identity,
+                "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            }
+        )
+        created = storage.create_bytes(self._claim_uri, blob)
+        if not created:
+            self._check_claim()  # another identity's: the conflict
+        # The committer writes the manifest before it drops the claim, so a claim taken after that
+        # finds the manifest here, before publishing anything over the committed files.
+        try:
+            m = read_manifest(self.output_uri)
+        except NotCommittedError:
+            return None
+        if created:
+            storage.remove(self._claim_uri)
+        self._check_same(m)
+        return m
+
+    def _visible(self, entry: FileEntry) -> FileEntry:
+        return dataclasses.replace(entry, path=storage.relative(self.file_uri(entry), self.work_uri))
+
+    def _publish(self, entries: list[FileEntry]) -> list[FileEntry]:
+        """Move the attempt's files to their visible paths (stale visible data files removed first);
+        returns their visible entries. Safe to run again after a crash half-way."""
+        visible = [self._visible(e) for e in entries]
+        keep = {storage.join(self.output_uri, v.path) for v in visible}
+        for folder in (DATA_DIR, ERRORS_DIR):
+            for uri in storage.list_files(storage.join(self.output_uri, folder)):
+                if uri not in keep:
+                    storage.remove(uri)
+        for entry, v in zip(entries, visible):
+            src, dst = self.file_uri(entry), storage.join(self.output_uri, v.path)
+            try:
+                storage.move(src, dst)
+            except FileNotFoundError:  # moved already: by an earlier, interrupted commit or a twin run
+                if storage.size(dst) != entry.bytes:
+                    raise OSError(f"{self.stage}: {src} is gone and {dst} is not its copy") from None
+        return visible
 
     def commit(
         self,
@@ -403,31 +525,40 @@ class StageOutput:
         figures: dict[str, float] | None = None,
         registered: dict[str, Any] | None = None,
         mlflow_run_id: str | None = None,
+        dataset: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         nodes: dict[str, int] | None = None,
     ) -> tuple[Manifest, bool]:
-        """Write the manifest if none exists yet (the single step that makes the output visible).
+        """Claim, publish, write the manifest, clean up (see the module docstring).
 
         ``nodes``: where the work ran (Ray node id -> count), by default the markers' nodes.
         Returns ``(manifest, True)`` when this call committed, ``(winner, False)`` when a concurrent
         run of the same identity committed first; a different identity first is an
         :class:`OutputConflictError`.
         """
+        if (existing := self.committed()) is not None:
+            return existing, False
         markers = sorted(markers, key=lambda m: m.index)
+        if (existing := self._claim()) is not None:
+            return existing, False
+        data = [f for m in markers for f in m.data]
+        published = self._publish(data + [m.errors for m in markers if m.errors is not None])
+        files, error_files = published[: len(data)], published[len(data) :]
         manifest = Manifest(
             stage=self.stage,
             identity=self.identity,
             config_hash=config_hash,
             config=config,
             inputs=list(inputs),
-            files=[m.files["data"] for m in markers if "data" in m.files],
-            error_files=[m.files["_errors"] for m in markers if "_errors" in m.files],
+            files=files,
+            error_files=error_files,
             counts=dict(counts),
             figures=dict(figures or {}),
             registered=registered,
             mlflow_run_id=mlflow_run_id,
             code_version=tracking.code_version(),
             created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            dataset=dataset,
             extra=extra or {},
             nodes=dict(nodes) if nodes is not None else dict(Counter(m.node for m in markers if m.node)),
             output_uri=self.output_uri,
@@ -437,10 +568,9 @@ class StageOutput:
             winner = read_manifest(self.output_uri)
             self._check_same(winner)  # another identity committed first: the conflict error
             return winner, False
-        # Attempts of other identities can never commit here now: garbage.
-        for uri in storage.list_dirs(storage.join(self.output_uri, ATTEMPTS_DIR)):
-            if uri.rstrip("/").rsplit("/", 1)[-1] != self.identity:
-                storage.remove(uri)
+        storage.remove(self._claim_uri)
+        storage.remove(storage.join(self.output_uri, ATTEMPTS_DIR))  # every attempt is garbage now
+        storage.remove(storage.join(self.output_uri, "_attempts"))  # and those of layout 1
         return manifest, True
 
 
@@ -477,12 +607,17 @@ class StageResult:
         return out
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 shard``, ``7 shards``, ``70,000 images``: a count for a plan's summary."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def tally(stage: str, markers: Sequence[ShardMarker], expected: int) -> dict[str, int]:
     """``read``, ``written`` and ``rejected`` over the markers, checked: ``expected == read ==
     written + rejected``, so a lost or doubled row fails the stage instead of passing silently."""
     read = sum(m.counts.get("read", 0) for m in markers)
-    written = sum(m.rows("data") for m in markers)
-    rejected = sum(m.rows("_errors") for m in markers)
+    written = sum(m.rows for m in markers)
+    rejected = sum(m.rejected for m in markers)
     if read != expected or read != written + rejected:
         raise RuntimeError(
             f"{stage} counts do not add up: expected {expected}, read {read}, written {written}, "
@@ -494,20 +629,21 @@ def tally(stage: str, markers: Sequence[ShardMarker], expected: int) -> dict[str
 class StageRun:
     """One run of a stage: its identity and output, its MLflow child run, its commit.
 
-    job = StageRun(STAGE, cfg, cfg.output_uri, [InputRef.output("images", images)], experiment)
+    p = plan(cfg)
+    job = StageRun(STAGE, cfg, p.inputs, experiment)
     if (done := job.cached()) is not None:
         return done
     with job:
-        markers, _ = pool.map_items(Worker, args, items, job.out)
-        return job.commit(markers, counts=...)
+        markers, _ = pool.map_items(Worker, args, items, job.out, cfg.resources)
+        return job.commit(markers, counts=..., dataset=p.dataset)
     """
 
-    def __init__(self, stage: str, cfg: Any, output_uri: str, inputs: Sequence[InputRef], experiment: str):
-        if not output_uri:
+    def __init__(self, stage: str, cfg: Any, inputs: Sequence[InputRef], experiment: str):
+        if not getattr(cfg, "output_uri", ""):
             raise config_lib.ConfigError(f"{stage}.output_uri is not set")
         self.stage, self.cfg, self.inputs, self.experiment = stage, cfg, list(inputs), experiment
         self.identity = identity(stage, cfg, self.inputs)
-        self.out = StageOutput(output_uri, stage, self.identity)
+        self.out = StageOutput(cfg.output_uri, stage, self.identity)
         self.run_id: str | None = None
         self.nodes: dict[str, int] | None = None  # set by work that writes no markers (Ray Train workers)
         self._ctx = None
@@ -553,12 +689,14 @@ class StageRun:
         *,
         counts: dict[str, int],
         figures: dict[str, float] | None = None,
+        dataset: Any = None,
         extra: dict[str, Any] | None = None,
         registered: dict[str, Any] | None = None,
         step: int | None = None,
     ) -> StageResult:
         """Log the counts (``<stage>/<name>``), the seconds and the figures (``val/psnr`` as it is,
-        ``images_per_s`` as ``<stage>/images_per_s``) at ``step``, then commit."""
+        ``images_per_s`` as ``<stage>/images_per_s``) at ``step``, then commit. ``dataset``: the
+        output's descriptor (a dataclass with ``to_json()``)."""
         figures = dict(figures or {})
         metrics = {f"{self.stage}/{k}": v for k, v in counts.items()}
         metrics[f"{self.stage}/seconds"] = self.seconds
@@ -573,6 +711,7 @@ class StageRun:
             figures=figures,
             registered=registered,
             mlflow_run_id=self.run_id,
+            dataset=dataset.to_json() if dataset is not None else None,
             extra=extra,
             nodes=self.nodes,
         )

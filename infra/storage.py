@@ -210,27 +210,54 @@ def remove(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def move(src: str, dst: str) -> None:
+    """Move one file (locally an atomic rename; on S3 a server-side copy, then the delete)."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if is_remote(src):
+        fs.mv(src_path, dst_path)
+        return
+    Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src_path, dst_path)
+
+
+def size(uri: str) -> int | None:
+    """The size of the file at ``uri`` in bytes, None when there is none."""
+    fs, path = filesystem(uri)
+    try:
+        return int(fs.info(path).get("size") or 0)
+    except FileNotFoundError:
+        return None
+
+
 # --------------------------------------------------------------------------- Parquet
 
 
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
-    """A committed file: its path relative to the stage's output_uri, rows, bytes and sha256."""
+    """A file of a stage output: its path relative to the output_uri, rows, bytes, sha256 and, for
+    data files of image and code shards, the split its rows belong to."""
 
     path: str
     rows: int
     bytes: int
     sha256: str
+    split: str | None = None
 
 
-def write_file(uri: str, data: bytes, rel_to: str, rows: int = 1) -> FileEntry:
+def write_file(uri: str, data: bytes, rel_to: str, rows: int = 1, split: str | None = None) -> FileEntry:
     """Write ``data`` atomically; return its entry (path relative to ``rel_to``)."""
     write_bytes(uri, data)
-    return FileEntry(path=relative(uri, rel_to), rows=rows, bytes=len(data), sha256=sha256(data))
+    return FileEntry(relative(uri, rel_to), rows, len(data), sha256(data), split)
 
 
 def write_parquet(
-    uri: str, table: pa.Table, rel_to: str, compression: str = "zstd", **options: Any
+    uri: str,
+    table: pa.Table,
+    rel_to: str,
+    compression: str = "zstd",
+    split: str | None = None,
+    **options: Any,
 ) -> FileEntry:
     """Write ``table`` atomically; return its entry (path relative to ``rel_to``).
 
@@ -238,7 +265,7 @@ def write_parquet(
     """
     buf = _io.BytesIO()
     pq.write_table(table, buf, compression=compression, **options)
-    return write_file(uri, buf.getvalue(), rel_to, rows=table.num_rows)
+    return write_file(uri, buf.getvalue(), rel_to, rows=table.num_rows, split=split)
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -355,3 +355,19 @@ def segment_v3(model: nn.Module, image: torch.Tensor, resize: int = 520) -> tupl
     logits = model((x - mean) / std)["out"]
     up = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
     return up.argmax(1).to(torch.uint8), up
+
+
+def load_deeplab_v2(path, cfg: DeepLabConfig | None = None) -> DeepLabMSC:
+    """The official ``deeplabv2_resnet101_msc-cocostuff164k-100000.pth`` (kazuto1011/deeplab-pytorch,
+    a plain state_dict), loaded strictly."""
+    from models.checkpoint import load_release_state, read_state_dict
+
+    return load_release_state(DeepLabMSC(cfg), read_state_dict(path), f"{path}")
+
+
+def load_deeplab_v3_torchvision(path) -> nn.Module:
+    """torchvision's ``deeplabv3_resnet101_coco-586e9e4e.pth`` (its weights enum's file, a plain
+    state_dict), loaded strictly."""
+    from models.checkpoint import load_release_state, read_state_dict
+
+    return load_release_state(torchvision_deeplabv3(), read_state_dict(path), f"{path}")

@@ -8,14 +8,14 @@
 - Memorisation: nearest-neighbour pixel distances of generated and of real test images to the
   training images; the duplicate rate within a set; class balance.
 
-Inception-based FID / KID / IS / precision-recall are torch-fidelity's (``infra``-free: the stage
-passes the weights file).
+Inception-based FID / KID / IS / precision-recall: :func:`inception_metrics`, torch-fidelity's, with
+the weights file the stage passes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,12 +25,12 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ClassifierRecipe:
-    model: str = "resnet10t"  # a timm architecture
+    model: str = "resnet10t"  # a timm architecture, trained from scratch
     epochs: int = 5
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
-    seed: int = 0
+    seed: int = 0  # initialisation and order
 
 
 def _as_input(x: torch.Tensor) -> torch.Tensor:
@@ -116,3 +116,108 @@ def normalised_entropy(labels: torch.Tensor, classes: int) -> float:
     p = torch.bincount(labels, minlength=classes).double() / len(labels)
     p = p[p > 0]
     return float(-(p * p.log()).sum() / math.log(classes))
+
+
+def inception_metrics(x_a, x_b, weights: str, batch: int, cuda: bool) -> dict[str, float]:
+    """torch-fidelity's FID, KID, IS (of ``x_a``) and precision/recall between two uint8 sets
+    (N, C, H, W), with the Inception weights file ``weights``. Precision/recall run on the Inception
+    pool features (as ADM's evaluator), not torch-fidelity's default VGG16, so one weights file
+    serves all four; grayscale is repeated to RGB."""
+    import torch_fidelity
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x if x.shape[1] == 3 else x.repeat(1, 3, 1, 1)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    n = min(len(x_a), len(x_b))
+    m = torch_fidelity.calculate_metrics(
+        input1=Images(x_a),
+        input2=Images(x_b),
+        fid=True,
+        kid=True,
+        isc=True,
+        prc=True,
+        feature_extractor="inception-v3-compat",
+        feature_layer_prc="2048",
+        feature_extractor_weights_path=weights,
+        batch_size=batch,
+        cuda=cuda,
+        kid_subset_size=min(1000, n),
+        isc_splits=min(10, len(x_a)),
+        verbose=False,
+        cache=False,
+    )
+    keys = {
+        "frechet_inception_distance": "fid",
+        "kernel_inception_distance_mean": "kid",
+        "kernel_inception_distance_std": "kid_std",
+        "inception_score_mean": "is",
+        "inception_score_std": "is_std",
+        "precision": "precision",
+        "recall": "recall",
+    }
+    return {ours: float(m[theirs]) for theirs, ours in keys.items() if theirs in m}
+
+
+def memorization(x_gen: torch.Tensor, x_ref: torch.Tensor, x_train: torch.Tensor, quantile: float) -> dict:
+    """Memorisation and duplicates of uint8 generated images: the share whose nearest training
+    image is at most as far as the ``quantile`` of the real test images' nearest distances (so
+    exact copies always count), the threshold, both medians, and the duplicate rate."""
+    d_gen = nearest_distances(x_gen, x_train)
+    d_ref = nearest_distances(x_ref, x_train)
+    threshold = float(torch.quantile(d_ref, quantile))
+    return {
+        "duplicate_fraction": duplicate_fraction(x_gen),
+        "memorized_fraction": float((d_gen <= threshold).float().mean()),
+        "memorization_threshold": threshold,
+        "nn_distance_generated_median": float(d_gen.median()),
+        "nn_distance_reference_median": float(d_ref.median()),
+    }
+
+
+@dataclass
+class ClassifierScores:
+    figures: dict[str, float]
+    per_class: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    real_train_images: int = 0
+
+
+def classifier_scores(
+    x_gen, y_gen, x_ref, y_ref, x_train, y_train, classes: int, recipe: ClassifierRecipe, names=None
+) -> ClassifierScores:
+    """The classification accuracy score of the generated images (a classifier trained on them,
+    tested on the real reference images) beside the same classifier trained on as many real
+    training images, their ratio, the label consistency and the domain FID in the real classifier's
+    features, class balance; the same per class (uint8 images, int64 labels)."""
+    real_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(recipe.seed))[
+        : len(x_gen)
+    ]
+    fake_clf = train_classifier(x_gen, y_gen, classes, recipe)
+    real_clf = train_classifier(x_train[real_idx], y_train[real_idx], classes, recipe)
+    p_fake, _ = predict(fake_clf, x_ref)
+    p_real, f_ref = predict(real_clf, x_ref)
+    p_gen, f_gen = predict(real_clf, x_gen)
+    fig = {"class_balance": normalised_entropy(y_gen, classes)}
+    fig["classifier_score"] = float((p_fake == y_ref).float().mean())
+    fig["classifier_score_real"] = float((p_real == y_ref).float().mean())
+    fig["classifier_score_ratio"] = fig["classifier_score"] / max(fig["classifier_score_real"], 1e-9)
+    fig["label_consistency"] = float((p_gen == y_gen).float().mean())
+    fig["domain_fid"] = frechet_distance(f_gen, f_ref)
+    fig["predicted_class_balance"] = normalised_entropy(p_gen, classes)
+    per = {}
+    for cls in range(classes):
+        r, g = y_ref == cls, y_gen == cls
+        per[names[cls] if names else str(cls)] = {
+            "generated_images": int(g.sum()),
+            "classifier_score": float((p_fake[r] == cls).float().mean()) if r.any() else None,
+            "classifier_score_real": float((p_real[r] == cls).float().mean()) if r.any() else None,
+            "label_consistency": float((p_gen[g] == cls).float().mean()) if g.any() else None,
+            "domain_fid": frechet_distance(f_gen[g], f_ref[r]) if g.sum() >= 50 and r.sum() >= 50 else None,
+        }
+    return ClassifierScores(fig, per, len(real_idx))

@@ -23,7 +23,6 @@ order whatever the attention; a local model generates in its own order inside.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import local_attention as local
+from models.token_sampling import Generators, Scales, per_step, sample_next
 
 
 @dataclass(frozen=True)
@@ -208,59 +208,6 @@ class Block(nn.Module):
         """The block with ``attend`` (normalised input -> attention output) as its attention."""
         x = x + attend(self.ln1(x))
         return x + self.mlp(self.ln2(x))
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row (ties with the k-th kept), the rest -inf."""
-    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filtering: keep the smallest set of tokens whose probability reaches p (at least one)."""
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    remove = cum > p
-    remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses p
-    remove[..., 0] = False
-    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-
-
-Generators = torch.Generator | Sequence[torch.Generator] | None
-Scales = float | Sequence[float] | None
-
-
-def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """probs (B, V), uniforms u (B,) in [0, 1) -> tokens (B, 1): the first token whose cumulative
-    probability exceeds u (float64 sums, row by row; a zero-probability token is never chosen)."""
-    cdf = probs.double().cumsum(-1)
-    x = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, x, right=True).clamp_(max=probs.shape[-1] - 1)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: Generators = None,
-    uniform: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """logits (B, V) -> tokens (B, 1). One generator per row, or one uniform per row (``uniform``,
-    (B,)), makes each row reproducible alone."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(-1)
-    if uniform is not None:
-        return inverse_cdf(probs, uniform)
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generator)
-    return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)])
 
 
 class GPT(nn.Module):
@@ -450,7 +397,7 @@ class GPT(nn.Module):
         guided = cfg_scale is not None
         if guided and (uncond_prefix is None or uncond_prefix.shape != prefix.shape):
             raise ValueError("classifier-free guidance needs uncond_prefix with the prefix's shape")
-        scales = _per_step(cfg_scale, steps)
+        scales = per_step(cfg_scale, steps)
         if uniforms is not None and tuple(uniforms.shape) != (b, steps):
             raise ValueError(f"uniforms must be (batch, steps) = {(b, steps)}, got {tuple(uniforms.shape)}")
         x = torch.cat([prefix, uncond_prefix]) if guided else prefix
@@ -487,129 +434,5 @@ class GPT(nn.Module):
         return torch.cat([prefix, out], dim=1)
 
 
-def _per_step(scale: Scales, steps: int) -> list[float] | None:
-    if scale is None:
-        return None
-    if isinstance(scale, int | float):
-        return [float(scale)] * steps
-    scales = [float(v) for v in scale]
-    if len(scales) != steps:
-        raise ValueError(f"{len(scales)} guidance scales for {steps} steps")
-    return scales
-
-
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _window_start(i: int, n: int, g: int, stride: int | None = None) -> int:
-    """Offset of the window (size g) that generates index i of n.
-
-    ``stride=None`` is the official rule (the window follows i one step at a time, centred where
-    the borders allow). With a stride s the window moves in steps of s, so s consecutive positions
-    share it; each position still sees at least g/2 - s/2 rows/columns of context before it.
-    """
-    if stride is not None:
-        return min(max(0, ((i - g // 2 + stride // 2) // stride) * stride), n - g)
-    if i <= g // 2:
-        local = i
-    elif n - i < g // 2:
-        local = g - (n - i)
-    else:
-        local = g // 2
-    return i - local
-
-
-@torch.no_grad()
-def sample_sliding_window(
-    gpt: GPT,
-    cond: torch.Tensor,
-    shape: tuple[int, int],
-    window: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: Generators = None,
-    stride: int | None = None,
-    uniforms: torch.Tensor | None = None,
-    cfg_scale: Scales = None,
-    uncond: torch.Tensor | None = None,
-    n_codes: int | None = None,
-) -> torch.Tensor:
-    """Sample an image-code grid larger than the training window, exactly by the official rule.
-
-    cond: either condition codes on the same grid (B, H, W) (the window holds g*g condition tokens,
-    then g*g image tokens), or a fixed prefix (B, P) that every window starts with (class,
-    unconditional). For grid position (i, j) the official code feeds the window around it in full
-    and reads one logit. Here the condition part of each window position is computed once and kept
-    in a KV cache, the image part is fed only up to the read position, and where consecutive
-    positions share a window (near the borders) the cache is extended by one token instead of
-    recomputed. The logits are those of the official computation.
-
-    ``stride`` (near-exact, much faster): windows move in steps of ``stride`` instead of 1, so each
-    window serves up to stride x stride positions through its cache. Positions see slightly less
-    context on one side than under the official rule, so samples differ from it.
-
-    ``uniforms`` (B, H * W) in raster order, ``cfg_scale`` (one number or one per position) with
-    ``uncond`` (cond's shape, the null condition) and ``n_codes`` work as in :meth:`GPT.generate`.
-    """
-    b, (h, w), g = cond.shape[0], shape, window
-    spatial = cond.dim() == 3
-    if spatial and cond.shape[1:] != (h, w):
-        raise ValueError(f"condition grid {tuple(cond.shape[1:])} must match the image grid {(h, w)}")
-    n_cond = g * g if spatial else cond.shape[1]
-    if h < g or w < g or n_cond + g * g - 1 > gpt.config.block_size:
-        raise ValueError(
-            f"window {g} needs a grid of at least {g}x{g} and block_size >= {n_cond + g * g - 1}"
-        )
-    guided = cfg_scale is not None
-    if guided and (uncond is None or uncond.shape != cond.shape):
-        raise ValueError("classifier-free guidance needs uncond with the condition's shape")
-    scales = _per_step(cfg_scale, h * w)
-    both = torch.cat([cond, uncond]) if guided else cond
-    limit = slice(None) if n_codes is None else slice(0, n_codes)
-    img = torch.zeros(b, h, w, dtype=torch.long, device=cond.device)
-    caches: dict[tuple[int, int], tuple[KVCache, torch.Tensor, int]] = {}  # window -> cache, logits, n_img
-    row_start = -1
-    for i in range(h):
-        rs = _window_start(i, h, g, stride)
-        if rs != row_start:  # windows of earlier row starts are never used again
-            caches, row_start = {}, rs
-        for j in range(w):
-            cs = _window_start(j, w, g, stride)
-            li, lj = i - rs, j - cs
-            need = li * g + lj  # image tokens before the read position, in window order
-            if (rs, cs) not in caches:
-                cache = gpt.new_cache(both.shape[0], n_cond + g * g - 1)
-                c_tokens = both[:, rs : rs + g, cs : cs + g].reshape(-1, n_cond) if spatial else both
-                caches[(rs, cs)] = (cache, gpt(c_tokens, cache, 0)[:, -1, limit], 0)
-            cache, last_logits, have = caches[(rs, cs)]
-            if need > have:
-                tokens = img[:, rs : rs + g, cs : cs + g].reshape(b, g * g)[:, have:need]
-                tokens = torch.cat([tokens, tokens]) if guided else tokens
-                last_logits = gpt(tokens, cache, n_cond + have)[:, -1, limit]
-                caches[(rs, cs)] = (cache, last_logits, need)
-            elif need < have:  # cannot happen in raster order; guard the invariant
-                raise RuntimeError("sliding-window cache went backwards")
-            logits = last_logits
-            if guided:
-                c, u_ = last_logits.float().chunk(2)
-                logits = u_ + scales[i * w + j] * (c - u_)
-            u = None if uniforms is None else uniforms[:, i * w + j]
-            img[:, i, j] = sample_next(logits, temperature, top_k, top_p, generator, u)[:, 0]
-    return img
-
-
-def official_window_logits(
-    gpt: GPT, cond: torch.Tensor, img: torch.Tensor, i: int, j: int, g: int
-) -> torch.Tensor:
-    """The official per-position computation (full window forward), for tests and benchmarks."""
-    h, w = img.shape[1:]
-    rs, cs = _window_start(i, h, g), _window_start(j, w, g)
-    b = img.shape[0]
-    seq = torch.cat(
-        [cond[:, rs : rs + g, cs : cs + g].reshape(b, -1), img[:, rs : rs + g, cs : cs + g].reshape(b, -1)], 1
-    )
-    logits = gpt(seq[:, :-1])
-    return logits[:, g * g - 1 + (i - rs) * g + (j - cs)]

@@ -6,7 +6,7 @@ image codes (B, T) that the code shards already hold; the loss is the cross-entr
 positions only (as taming's ``Net2NetTransformer``), reported in nats and bits per token.
 
 Beyond the official recipe (AdamW betas (0.9, 0.95), weight decay on the Linear weights, constant
-lr): linear warm-up and cosine decay (``models.training.Schedule``), gradient clipping, an optional
+lr): linear warm-up and cosine decay (``models.optim.Schedule``), gradient clipping, an optional
 EMA of the weights, optional bf16 autocast, taming's token corruption (``pkeep``: each input code is
 replaced by a random code with probability 1 - pkeep; the targets stay the true codes), and
 gradients averaged across workers by an explicit all-reduce (gloo and NCCL alike).
@@ -22,15 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gpt import GPT
-from models.training import Schedule, allreduce_grads, ema_update, shipped_copy
+from models.optim import Schedule, allreduce_grads, ema_update, shipped_copy
 
 LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
 class GPTRecipe:
-    lr: float = 4e-3  # peak, after warm-up
-    steps: int = 1000  # the cosine reaches min_lr_ratio * lr here
+    """How the GPT learns: AdamW and its schedule, clipping, EMA, token corruption (the training
+    budget, steps and batch size, is the caller's)."""
+
+    lr: float | None = None  # peak, after warm-up; None: 4e-3 * 128 / n_embd (see peak_lr)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.1  # on the weights of Linear layers only
@@ -40,8 +42,19 @@ class GPTRecipe:
     ema_decay: float | None = None
     pkeep: float = 1.0  # share of input codes kept (taming's pkeep); the rest are random codes
 
-    def schedule(self) -> Schedule:
-        return Schedule(self.lr, self.steps, self.warmup_steps, True, self.min_lr_ratio)
+    def __post_init__(self):
+        if not 0 < self.pkeep <= 1:
+            raise ValueError(f"pkeep must lie in (0, 1], got {self.pkeep}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def peak_lr(self, n_embd: int) -> float:
+        """``lr``, or the default that scales with the width: 4e-3 at 128 (the demo's), 1e-3 at 512."""
+        return self.lr if self.lr is not None else 4e-3 * 128 / n_embd
+
+    def schedule(self, steps: int, n_embd: int) -> Schedule:
+        """Warm-up, then a cosine to ``min_lr_ratio * lr`` at ``steps``."""
+        return Schedule(self.peak_lr(n_embd), steps, self.warmup_steps, True, self.min_lr_ratio)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -113,16 +126,17 @@ class GPTTrainer:
         model: GPT,
         recipe: GPTRecipe,
         codebook_size: int,
+        steps: int,
         *,
         autocast_dtype: torch.dtype | None = None,
     ):
         self.model, self.recipe, self.codebook_size = model, recipe, codebook_size
-        self.schedule = recipe.schedule()
+        self.schedule = recipe.schedule(steps, model.config.n_embd)
         self.autocast_dtype = autocast_dtype
         fused = {"fused": True} if next(model.parameters()).is_cuda else {}
         self.opt = torch.optim.AdamW(
             param_groups(model, recipe.weight_decay),
-            lr=recipe.lr,
+            lr=self.schedule.lr,
             betas=(recipe.beta1, recipe.beta2),
             **fused,
         )

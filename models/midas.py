@@ -245,3 +245,32 @@ def predict_depth(model: nn.Module, image: torch.Tensor, spec: TransformSpec = S
     """RGB in [-1, 1] (B, 3, H, W) -> relative inverse depth at the image size (B, H, W), as taming."""
     pred = model(transform(image, spec))
     return F.interpolate(pred[:, None], size=image.shape[-2:], mode="bicubic", align_corners=False)[:, 0]
+
+
+MIDAS_MODELS = ("midas_v21_small_256", "midas_v21_384", "dpt_hybrid_384", "dpt_large_384")
+
+
+def build(name: str) -> nn.Module:
+    """The architecture of the MiDaS release ``name`` (random weights)."""
+    from models.dpt import DPTDepth  # DPT builds on this file's fusion blocks
+
+    if name == "midas_v21_small_256":
+        return MidasSmall()
+    if name == "midas_v21_384":
+        return MidasNet()
+    if name in ("dpt_hybrid_384", "dpt_large_384"):
+        return DPTDepth(name)
+    raise ValueError(f"unknown MiDaS model {name!r}; supported: {list(MIDAS_MODELS)}")
+
+
+def load_midas(path, name: str = "midas_v21_small_256") -> nn.Module:
+    """An official MiDaS release file, loaded strictly. Its format is MiDaS's own
+    (``BaseModel.load``): a state_dict, or, in a file that also holds the optimizer, the state_dict
+    under ``model``."""
+    from models.checkpoint import load_release_state, read_state_dict
+
+    model = build(name)
+    state = read_state_dict(path)
+    if isinstance(state, dict) and "optimizer" in state:
+        state = state["model"]
+    return load_release_state(model, state, f"{path}")

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.gpt import GPT, Generators
+from models.gpt import GPT
+from models.token_sampling import Generators
 from models.vqgan import VQGAN
 
 

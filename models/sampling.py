@@ -3,7 +3,7 @@ stage, ``train_gpt``'s sample grids and the benchmarks use.
 
 Randomness: sample ``i`` of a run with ``seed`` draws its numbers from a Philox stream keyed by
 ``(seed, i)`` alone, one uniform per position, turned into tokens by inverse CDF
-(:func:`models.gpt.inverse_cdf`). Nothing depends on which batch, actor or device the sample
+(:func:`models.token_sampling.inverse_cdf`). Nothing depends on which batch, actor or device the sample
 lands in, or on how many samples ran before it.
 
 Floating point is the other half: a matrix product's rows are not bitwise the same at every
@@ -19,51 +19,14 @@ fails the GPT runs tile by tile), and the decoder always decodes exactly ``tile`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from models.gpt import GPT, sample_sliding_window
+from models.gpt import GPT, KVCache
 from models.net2net import GeneratorSpec, condition_prefix
-
-
-@dataclass(frozen=True)
-class SamplerOptions:
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    cfg_scale: float | None = None  # classifier-free guidance (needs a model with a null condition)
-    cfg_schedule: Literal["constant", "linear"] = "constant"  # linear: 1 at the first position -> cfg_scale
-    greedy: bool = False  # argmax at every position (no randomness)
-    window: Literal["exact", "strided"] = "exact"  # grids larger than the training grid: sliding window
-    window_stride: int | None = None  # strided: positions per window move (None: a quarter window)
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.cfg_scale is not None and self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.window_stride is not None and self.window_stride < 1:
-            raise ValueError("window_stride must be >= 1")
-
-    @property
-    def effective_temperature(self) -> float:
-        return 0.0 if self.greedy else self.temperature
-
-    def guidance(self, steps: int) -> list[float] | None:
-        """The guidance scale at each of ``steps`` positions (None: no guidance)."""
-        s = self.cfg_scale
-        if s is None:
-            return None
-        if self.cfg_schedule == "constant" or steps == 1:
-            return [float(s)] * steps
-        return [1.0 + (s - 1.0) * t / (steps - 1) for t in range(steps)]
+from models.sampler_options import SamplerOptions
+from models.token_sampling import Generators, Scales, per_step, sample_next
 
 
 def sample_uniforms(seed: int, indices: Sequence[int], n: int) -> torch.Tensor:
@@ -189,3 +152,119 @@ def decode_tiles(tokenizer, codes: torch.Tensor, tile: int = 8) -> torch.Tensor:
         for lo in range(0, padded_codes.shape[0], tile)
     ]
     return torch.cat(out)[:b]
+
+
+# --------------------------------------------------------------------------- the sliding window
+
+
+def _window_start(i: int, n: int, g: int, stride: int | None = None) -> int:
+    """Offset of the window (size g) that generates index i of n.
+
+    ``stride=None`` is the official rule (the window follows i one step at a time, centred where
+    the borders allow). With a stride s the window moves in steps of s, so s consecutive positions
+    share it; each position still sees at least g/2 - s/2 rows/columns of context before it.
+    """
+    if stride is not None:
+        return min(max(0, ((i - g // 2 + stride // 2) // stride) * stride), n - g)
+    if i <= g // 2:
+        local = i
+    elif n - i < g // 2:
+        local = g - (n - i)
+    else:
+        local = g // 2
+    return i - local
+
+
+@torch.no_grad()
+def sample_sliding_window(
+    gpt: GPT,
+    cond: torch.Tensor,
+    shape: tuple[int, int],
+    window: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: Generators = None,
+    stride: int | None = None,
+    uniforms: torch.Tensor | None = None,
+    cfg_scale: Scales = None,
+    uncond: torch.Tensor | None = None,
+    n_codes: int | None = None,
+) -> torch.Tensor:
+    """Sample an image-code grid larger than the training window, exactly by the official rule.
+
+    cond: either condition codes on the same grid (B, H, W) (the window holds g*g condition tokens,
+    then g*g image tokens), or a fixed prefix (B, P) that every window starts with (class,
+    unconditional). For grid position (i, j) the official code feeds the window around it in full
+    and reads one logit. Here the condition part of each window position is computed once and kept
+    in a KV cache, the image part is fed only up to the read position, and where consecutive
+    positions share a window (near the borders) the cache is extended by one token instead of
+    recomputed. The logits are those of the official computation.
+
+    ``stride`` (near-exact, much faster): windows move in steps of ``stride`` instead of 1, so each
+    window serves up to stride x stride positions through its cache. Positions see slightly less
+    context on one side than under the official rule, so samples differ from it.
+
+    ``uniforms`` (B, H * W) in raster order, ``cfg_scale`` (one number or one per position) with
+    ``uncond`` (cond's shape, the null condition) and ``n_codes`` work as in :meth:`GPT.generate`.
+    """
+    b, (h, w), g = cond.shape[0], shape, window
+    spatial = cond.dim() == 3
+    if spatial and cond.shape[1:] != (h, w):
+        raise ValueError(f"condition grid {tuple(cond.shape[1:])} must match the image grid {(h, w)}")
+    n_cond = g * g if spatial else cond.shape[1]
+    if h < g or w < g or n_cond + g * g - 1 > gpt.config.block_size:
+        raise ValueError(
+            f"window {g} needs a grid of at least {g}x{g} and block_size >= {n_cond + g * g - 1}"
+        )
+    guided = cfg_scale is not None
+    if guided and (uncond is None or uncond.shape != cond.shape):
+        raise ValueError("classifier-free guidance needs uncond with the condition's shape")
+    scales = per_step(cfg_scale, h * w)
+    both = torch.cat([cond, uncond]) if guided else cond
+    limit = slice(None) if n_codes is None else slice(0, n_codes)
+    img = torch.zeros(b, h, w, dtype=torch.long, device=cond.device)
+    caches: dict[tuple[int, int], tuple[KVCache, torch.Tensor, int]] = {}  # window -> cache, logits, n_img
+    row_start = -1
+    for i in range(h):
+        rs = _window_start(i, h, g, stride)
+        if rs != row_start:  # windows of earlier row starts are never used again
+            caches, row_start = {}, rs
+        for j in range(w):
+            cs = _window_start(j, w, g, stride)
+            li, lj = i - rs, j - cs
+            need = li * g + lj  # image tokens before the read position, in window order
+            if (rs, cs) not in caches:
+                cache = gpt.new_cache(both.shape[0], n_cond + g * g - 1)
+                c_tokens = both[:, rs : rs + g, cs : cs + g].reshape(-1, n_cond) if spatial else both
+                caches[(rs, cs)] = (cache, gpt(c_tokens, cache, 0)[:, -1, limit], 0)
+            cache, last_logits, have = caches[(rs, cs)]
+            if need > have:
+                tokens = img[:, rs : rs + g, cs : cs + g].reshape(b, g * g)[:, have:need]
+                tokens = torch.cat([tokens, tokens]) if guided else tokens
+                last_logits = gpt(tokens, cache, n_cond + have)[:, -1, limit]
+                caches[(rs, cs)] = (cache, last_logits, need)
+            elif need < have:  # cannot happen in raster order; guard the invariant
+                raise RuntimeError("sliding-window cache went backwards")
+            logits = last_logits
+            if guided:
+                c, u_ = last_logits.float().chunk(2)
+                logits = u_ + scales[i * w + j] * (c - u_)
+            u = None if uniforms is None else uniforms[:, i * w + j]
+            img[:, i, j] = sample_next(logits, temperature, top_k, top_p, generator, u)[:, 0]
+    return img
+
+
+def official_window_logits(
+    gpt: GPT, cond: torch.Tensor, img: torch.Tensor, i: int, j: int, g: int
+) -> torch.Tensor:
+    """The official per-position computation (full window forward), for tests and benchmarks."""
+    h, w = img.shape[1:]
+    rs, cs = _window_start(i, h, g), _window_start(j, w, g)
+    b = img.shape[0]
+    seq = torch.cat(
+        [cond[:, rs : rs + g, cs : cs + g].reshape(b, -1), img[:, rs : rs + g, cs : cs + g].reshape(b, -1)], 1
+    )
+    logits = gpt(seq[:, :-1])
+    return logits[:, g * g - 1 + (i - rs) * g + (j - cs)]

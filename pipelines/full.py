@@ -12,7 +12,9 @@ Under ``ray job submit`` give ``run.root_uri`` as an absolute path or an ``s3://
 path would resolve inside the job's temporary working directory.
 
 ``--explain`` prints which stages would run and which are committed, and why (not committed yet,
-config changed and which keys, an input that changed or is made again first), and runs nothing.
+config changed and which keys, an input that changed or is made again first), and each stage's plan
+(what it will read and how much work: built from the manifests and model headers, as the stage
+itself builds it before any work), and runs nothing.
 A stage whose committed output no longer matches its config stops the run (nothing is
 overwritten) unless ``run.replace_changed=true``: then its old manifest is set aside under
 ``<output>/_replaced/`` and the stage runs again. A stage that fails for another reason than its
@@ -167,14 +169,35 @@ def _configured(cfg: FullConfig):
     return [(n, m, getattr(cfg, n)) for n, m in STAGES if getattr(cfg, n) is not None]
 
 
+def _plan_line(name: str, module: Any, scfg: Any, remade: list[str]) -> str:
+    """The stage's plan summary, or why it cannot be made yet (an input made first) or would fail."""
+    made_first = [r for r in remade if r in stage_inputs(scfg)]
+    if made_first:
+        return f"planned once {made_first[0]} is made"
+    try:
+        return module.plan(scfg).summary(scfg)
+    except stage.NotCommittedError as e:
+        return f"planned once its input is committed ({str(e).split(' holds', 1)[0]})"
+    except Exception as e:  # noqa: BLE001 - shown, as the run would show it
+        if user_error(e) is None:
+            raise
+        return f"would fail: {str(e).splitlines()[0]}"
+
+
+def stage_inputs(scfg: Any) -> list[str]:
+    """The committed outputs a stage config reads (its input fields), normalised."""
+    return [v for v in stage.input_uris(scfg) if not v.startswith("models:/")]
+
+
 def explain(cfg: FullConfig) -> list[dict[str, Any]]:
     """Per configured stage: ``action`` (``cached``, ``run``, ``rerun`` or ``stop``) and ``why``,
-    from the committed manifests alone (nothing is loaded or run). A stage runs when its output is
-    not committed; one committed under another config, or from inputs that changed or are made
-    again first, reruns with ``run.replace_changed`` and stops the run without it."""
+    from the committed manifests alone, and ``plan``: what the stage will read and how much work
+    (nothing is loaded or run). A stage runs when its output is not committed; one committed under
+    another config, or from inputs that changed or are made again first, reruns with
+    ``run.replace_changed`` and stops the run without it."""
     cfg = resolve(cfg)
     plan, remade = [], []
-    for name, _, scfg in _configured(cfg):
+    for name, module, scfg in _configured(cfg):
         out = scfg.output_uri
         if not stage.is_committed(out):
             attempts = storage.list_dirs(storage.join(out, stage.ATTEMPTS_DIR))
@@ -187,17 +210,20 @@ def explain(cfg: FullConfig) -> list[dict[str, Any]]:
             action = "cached" if not why else ("rerun" if cfg.run.replace_changed else "stop")
             if not why:
                 why = ["committed with this config and these inputs"]
+        summary = _plan_line(name, module, scfg, remade)
         if action != "cached":
-            remade.append(out)
-        plan.append({"stage": name, "action": action, "output_uri": out, "why": why})
+            remade.append(storage.normalize(out))
+        plan.append({"stage": name, "action": action, "output_uri": out, "why": why, "plan": summary})
     return plan
 
 
 def format_plan(plan: list[dict[str, Any]]) -> str:
     width = max((len(p["stage"]) for p in plan), default=5)
+    pad = " " * (width + 10)
     lines = [
-        f"{p['stage']:<{width}}  {p['action']:<6}  {p['output_uri']}\n{'':<{width}}  {'':<6}  "
+        f"{p['stage']:<{width}}  {p['action']:<6}  {p['output_uri']}\n{pad}"
         + "; ".join(p["why"])
+        + f"\n{pad}{p['plan']}"
         for p in plan
     ]
     stops = [p["stage"] for p in plan if p["action"] == "stop"]
@@ -310,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--json", action="store_true", help="also print the whole summary as JSON")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = resolve(config_lib.load(FullConfig, args.config, args.overrides))  # all checks first
     except config_lib.ConfigError as e:

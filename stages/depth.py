@@ -19,11 +19,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from infra import stage, tracking
+from infra import annotate, previews, stage, tracking
 from infra.config import execution_field, input_field, output_field
-from infra.devices import Precision, placement
-from infra.imaging import colorize, depth_maps, image_grid
-from stages.annotate import AnnotateWorker, run_annotate
+from infra.devices import Precision, Resources, placement
 
 log = logging.getLogger(__name__)
 STAGE = "depth"
@@ -34,6 +32,7 @@ WEIGHT_FILES = {
     "dpt_hybrid_384": "dpt_hybrid_384.pt",
     "dpt_large_384": "dpt_large_384.pt",
 }
+ENCODING = "float16-le at the image size, per image normalised to [-1, 1]"
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,7 @@ class DepthConfig:
     precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # execution only (not part of the identity)
     batch_size: int | None = execution_field(None)  # per forward; None: 1 on CPU (measured faster), 16 on GPU
-    concurrency: int = execution_field(1)
-    num_cpus: float = execution_field(1.0)
-    num_gpus: float = execution_field(0.0)
+    resources: Resources = execution_field(default_factory=Resources)  # workers: actors, a model each
 
 
 def encode_f16(maps: np.ndarray) -> list[bytes]:
@@ -61,23 +58,15 @@ def decode_f16(column: pa.Array | pa.ChunkedArray, h: int, w: int) -> np.ndarray
     return np.stack([np.frombuffer(b, dtype="<f2").reshape(h, w) for b in column.to_pylist()])
 
 
-class DepthWorker(AnnotateWorker):
-    def __init__(self, out: stage.StageOutput, cfg: DepthConfig, weights: str, metadata: dict[str, str]):
-        from models.checkpoint import load_midas
-        from models.midas import TRANSFORMS
+class DepthWorker(annotate.AnnotateWorker):
+    def __init__(self, out: stage.StageOutput, cfg: DepthConfig, p: annotate.AnnotatePlan):
+        from models.midas import TRANSFORMS, load_midas
 
-        self.out, self.cfg, self.metadata = out, cfg, metadata
-        self.place = placement(cfg.num_cpus, cfg.num_gpus, cfg.precision)
+        super().__init__(out, p)
+        self.place = placement(cfg.resources, cfg.precision)
         self.batch_size = cfg.batch_size or (16 if self.place.device == "cuda" else 1)
-        self.model = load_midas(weights, cfg.model).to(self.place.device, self.place.dtype)
+        self.model = load_midas(p.weights_path, cfg.model).to(self.place.device, self.place.dtype)
         self.spec = TRANSFORMS[cfg.model]  # the official input transform of this model
-
-    def fields(self) -> list[pa.Field]:
-        return [
-            pa.field("depth", pa.binary()),
-            pa.field("depth_min", pa.float32()),
-            pa.field("depth_max", pa.float32()),
-        ]
 
     def annotate(self, x: np.ndarray) -> dict[str, list]:
         import torch
@@ -92,21 +81,16 @@ class DepthWorker(AnnotateWorker):
         return {"depth": encode_f16(norm), "depth_min": lo.tolist(), "depth_max": hi.tolist()}
 
 
-def _preview(t: pa.Table) -> np.ndarray:
-    return image_grid([colorize(m[0], -1.0, 1.0) for m in depth_maps(t["depth"].to_pylist())])
+def plan(cfg: DepthConfig) -> annotate.AnnotatePlan:
+    """The image shards, the weights (by sha256) and the output's descriptor, before any work."""
+    return annotate.plan(
+        STAGE, "depth", cfg.images_uri, cfg.model, cfg.weights_uri, WEIGHT_FILES[cfg.model], encoding=ENCODING
+    )
 
 
 def run(cfg: DepthConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> stage.StageResult:
     """Run (or resume, or reuse) the depth stage."""
-    return run_annotate(
-        STAGE,
-        cfg,
-        DepthWorker,
-        WEIGHT_FILES[cfg.model],
-        info={"encoding": "float16-le, per image normalised to [-1, 1]"},
-        preview=_preview,
-        experiment=experiment,
-    )
+    return annotate.run(plan(cfg), cfg, DepthWorker, previews.depth, cfg.resources, experiment)
 
 
 def main(argv: list[str] | None = None) -> stage.StageResult:

@@ -18,13 +18,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 
-from infra import stage, tracking
+from infra import annotate, previews, stage, tracking
 from infra.config import execution_field, input_field, output_field
-from infra.devices import placement
-from infra.imaging import image_grid, label_colors, label_maps
-from stages.annotate import AnnotateWorker, run_annotate
+from infra.devices import Resources, placement
 
 log = logging.getLogger(__name__)
 STAGE = "segmentation"
@@ -44,25 +41,20 @@ class SegmentationConfig:
     v3_resize: int = 520  # torchvision_deeplabv3_voc: shorter side fed to the network (its preset: 520)
     # execution only (not part of the identity)
     batch_size: int | None = execution_field(None)  # per forward; None: 1 on CPU (measured faster), 8 on GPU
-    concurrency: int = execution_field(1)
-    num_cpus: float = execution_field(1.0)
-    num_gpus: float = execution_field(0.0)
+    resources: Resources = execution_field(default_factory=Resources)  # workers: actors, a model each
 
 
-class SegmentationWorker(AnnotateWorker):
-    def __init__(
-        self, out: stage.StageOutput, cfg: SegmentationConfig, weights: str, metadata: dict[str, str]
-    ):
-        from models.checkpoint import load_deeplab_v2, load_deeplab_v3_torchvision
+class SegmentationWorker(annotate.AnnotateWorker):
+    def __init__(self, out: stage.StageOutput, cfg: SegmentationConfig, p: annotate.AnnotatePlan):
+        from models.deeplab import load_deeplab_v2, load_deeplab_v3_torchvision
 
-        self.out, self.cfg, self.metadata = out, cfg, metadata
-        self.place = placement(cfg.num_cpus, cfg.num_gpus, "fp32")  # label maps: argmax of fp32 logits
+        super().__init__(out, p)
+        self.cfg = cfg
+        self.place = placement(cfg.resources, "fp32")  # label maps: argmax of fp32 logits
         self.batch_size = cfg.batch_size or (8 if self.place.device == "cuda" else 1)
         v2 = cfg.model == "deeplabv2_cocostuff164k"
-        self.model = (load_deeplab_v2 if v2 else load_deeplab_v3_torchvision)(weights).to(self.place.device)
-
-    def fields(self) -> list[pa.Field]:
-        return [pa.field("segmentation", pa.binary())]
+        load = load_deeplab_v2 if v2 else load_deeplab_v3_torchvision
+        self.model = load(p.weights_path).to(self.place.device)
 
     def annotate(self, x: np.ndarray) -> dict[str, list]:
         import torch
@@ -78,24 +70,26 @@ class SegmentationWorker(AnnotateWorker):
         return {"segmentation": [m.tobytes() for m in labels.cpu().numpy().astype(np.uint8)]}
 
 
-def _preview(t: pa.Table) -> np.ndarray:
-    return image_grid([label_colors(m[0]) for m in label_maps(t["segmentation"].to_pylist())])
+def plan(cfg: SegmentationConfig) -> annotate.AnnotatePlan:
+    """The image shards, the weights (by sha256) and the output's descriptor, before any work."""
+    from models.deeplab import COCO_STUFF_LABELS, torchvision_deeplabv3_labels
+
+    v2 = cfg.model == "deeplabv2_cocostuff164k"
+    return annotate.plan(
+        STAGE,
+        "segmentation",
+        cfg.images_uri,
+        cfg.model,
+        cfg.weights_uri,
+        WEIGHT_FILES[cfg.model],
+        encoding="uint8 label ids at the image size",
+        labels=list(COCO_STUFF_LABELS if v2 else torchvision_deeplabv3_labels()),
+    )
 
 
 def run(cfg: SegmentationConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> stage.StageResult:
     """Run (or resume, or reuse) the segmentation stage."""
-    from models.deeplab import COCO_STUFF_LABELS, torchvision_deeplabv3_labels
-
-    names = COCO_STUFF_LABELS if cfg.model == "deeplabv2_cocostuff164k" else torchvision_deeplabv3_labels()
-    return run_annotate(
-        STAGE,
-        cfg,
-        SegmentationWorker,
-        WEIGHT_FILES[cfg.model],
-        info={"labels": names},
-        preview=_preview,
-        experiment=experiment,
-    )
+    return annotate.run(plan(cfg), cfg, SegmentationWorker, previews.segmentation, cfg.resources, experiment)
 
 
 def main(argv: list[str] | None = None) -> stage.StageResult:

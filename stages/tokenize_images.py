@@ -2,12 +2,13 @@
 
 Input: committed image shards (the ingest output) and a tokenizer URI: a native checkpoint (local or
 ``s3://``), an official taming release, or ``models:/<name>@<alias>`` from the MLflow registry.
-Output: one code shard per image shard (deterministic assignment), one row per (image,
-augmentation): ``image_id``, ``aug_id``, ``label``, ``split``, ``grid_h``, ``grid_w`` and ``codes``
-(2 bytes per code, zstd). The tokenizer's sha256, codebook size and code dtype go into the file
-metadata and the manifest; the tokenizer's weights are part of the output's identity, so moving an
-alias to a new version is a different config, never a stale no-op. A rerun after a kill
-tokenizes only the missing shards and gives byte-identical files.
+Output: one code file per image data file (deterministic assignment, the same split), one row per
+(image, augmentation): ``image_id``, ``aug_id``, ``label``, ``split``, ``grid_h``, ``grid_w`` and
+``codes`` (2 bytes per code, zstd), described by ``infra.code_shards.CodeShards`` (the tokenizer's
+URI and sha256, the codebook, the grid, the augmentations) in the manifest and every file. The
+tokenizer's weights are part of the output's identity, so moving an alias to a new version is a
+different config, never a stale no-op. A rerun after a kill tokenizes only the missing shards and
+gives byte-identical files.
 
     python -m stages.tokenize_images images_uri=... tokenizer_uri=models:/demo-vqgan@candidate output_uri=...
 """
@@ -15,7 +16,6 @@ tokenizes only the missing shards and gives byte-identical files.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,8 +26,9 @@ import pyarrow as pa
 
 from infra import code_shards, image_shards, model_store, pool, schemas, stage, storage, tracking
 from infra import config as config_lib
+from infra.code_shards import CodeShards, ConditionCodes
 from infra.config import execution_field, input_field, output_field
-from infra.devices import Precision, placement
+from infra.devices import Precision, Resources, placement
 from infra.imaging import decode_column
 from infra.stage import InputError, InputRef, ShardMarker, StageResult, StageRun
 
@@ -48,13 +49,11 @@ class TokenizeConfig:
     hflip: bool = False  # also tokenize the mirrored image (aug_id 1)
     num_crops: int = 0  # LlamaGen's recipe: extra random crops (aug_id 2, 3, ...), fixed per image_id
     crop_size: int | None = None  # tokenize crops of this side: aug 0/1 use the centre crop
-    splits: list[str] | None = None  # only these splits (None: all)
+    splits: list[str] | None = None  # only the data files of these splits (None: all)
     precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # execution only (not part of the identity)
     batch_size: int | None = execution_field(None)  # per forward pass; None: auto_batch_size (pixels, device)
-    concurrency: int = execution_field(1)  # actors (each holds one copy of the model)
-    num_cpus: float = execution_field(1.0)  # per actor
-    num_gpus: float = execution_field(0.0)  # per actor
+    resources: Resources = execution_field(default_factory=Resources)  # workers: actors, a model each
 
     def __post_init__(self):
         if self.num_crops and not self.crop_size:
@@ -80,28 +79,117 @@ def _augmentations(cfg: TokenizeConfig) -> list[str]:
     return ["identity"] + (["hflip"] if cfg.hflip else []) + [f"crop{k}" for k in range(cfg.num_crops)]
 
 
-class TokenizeShards(pool.Worker):
-    """Ray Data actor: loads the tokenizer once, then tokenizes whole image shards per call."""
+@dataclass(frozen=True)
+class TokenizePlan:
+    """What tokenize will read and write, from the image shards' manifest and the tokenizers' headers."""
 
-    def __init__(self, cfg: TokenizeConfig, out: stage.StageOutput, metadata: dict[str, str]):
+    inputs: tuple[InputRef, ...]  # the image shards (by identity) and every tokenizer (by sha256)
+    files: tuple[str, ...]  # the image data files to tokenize (of the chosen splits): one output shard each
+    images: int
+    dataset: CodeShards
+    conditions: tuple[tuple[str, str], ...]  # (code column, the image-shard column it tokenizes)
+
+    def summary(self, cfg: TokenizeConfig) -> str:
+        d = self.dataset
+        conds = "".join(f" + {c}" for c, _ in self.conditions)
+        return (
+            f"{stage.counted(self.images, 'image')} in {stage.counted(len(self.files), 'file')} from "
+            f"{cfg.images_uri} x "
+            f"{len(d.augmentations)} views -> {d.grid[0]}x{d.grid[1]} codes of {d.codebook_size}{conds} "
+            f"(tokenizer sha256 {d.tokenizer_sha256[:12]}) on {cfg.resources.describe()}"
+        )
+
+
+def _grid(header, size: tuple[int, int], crop: int | None, what: str) -> tuple[int, int]:
+    f = header.config.downsample_factor
+    h, w = (crop, crop) if crop else size
+    if h % f or w % f:
+        raise InputError(f"{what}: {h}x{w} images are not a multiple of its downsampling factor {f}")
+    return h // f, w // f
+
+
+def plan(cfg: TokenizeConfig) -> TokenizePlan:
+    """Check the image shards against the tokenizers' headers (no weights loaded); every problem
+    fails here, by name."""
+    if not cfg.images_uri or not cfg.tokenizer_uri:
+        raise config_lib.ConfigError("tokenize_images: images_uri and tokenizer_uri must be set")
+    images = stage.read_manifest(cfg.images_uri)  # raises a clear error when not committed
+    described = image_shards.describe(images)
+    tok = model_store.first_stage_header(cfg.tokenizer_uri)  # fails before any work on a bad URI
+    mcfg = tok.config
+    if mcfg.in_channels != described.channels:
+        raise InputError(
+            f"the tokenizer {cfg.tokenizer_uri} takes {mcfg.in_channels}-channel images but {cfg.images_uri} "
+            f"holds {described.channels}-channel images"
+        )
+    if mcfg.codebook_size > schemas.MAX_CODEBOOK:
+        raise InputError(f"codebook of {mcfg.codebook_size} codes does not fit 2 bytes per code")
+    side = described.resolution
+    if cfg.crop_size and (side is None or cfg.crop_size >= side):
+        raise InputError(f"crop_size {cfg.crop_size} must be below the image side {side} (square images)")
+    inputs = [InputRef.output("images", images), InputRef.weights("tokenizer", cfg.tokenizer_uri, tok.sha256)]
+    conditions, columns = {}, []
+    wanted = {
+        "depth_codes": (cfg.depth_tokenizer_uri, "depth"),
+        "segmentation_codes": (cfg.segmentation_tokenizer_uri, "segmentation"),
+    }
+    for col, (uri, source) in wanted.items():
+        if not uri:
+            continue
+        header = model_store.first_stage_header(uri, f" ({col})")
+        if source not in described.annotations:
+            raise InputError(
+                f"{cfg.images_uri} has no `{source}` column: run the {source} stage first and tokenize "
+                "its output"
+            )
+        if source == "depth" and header.config.in_channels != 1:
+            raise InputError(
+                f"the depth tokenizer {uri} must take 1 channel, not {header.config.in_channels}"
+            )
+        grid = _grid(header, described.size, cfg.crop_size, f"the {source} tokenizer {uri}")
+        conditions[col] = ConditionCodes(
+            codebook_size=header.config.codebook_size,
+            grid=grid,
+            tokenizer_uri=uri,
+            tokenizer_sha256=header.sha256,
+        )
+        columns.append((col, source))
+        inputs.append(InputRef.weights(f"{col}_tokenizer", uri, header.sha256))
+    chosen = [f for f in images.data_files() if cfg.splits is None or f.split in cfg.splits]
+    dataset = CodeShards(
+        codebook_size=mcfg.codebook_size,
+        grid=_grid(tok, described.size, cfg.crop_size, f"the tokenizer {cfg.tokenizer_uri}"),
+        tokenizer_uri=cfg.tokenizer_uri,
+        tokenizer_sha256=tok.sha256,
+        label_names=described.label_names,
+        augmentations=_augmentations(cfg),
+        crop_size=cfg.crop_size,
+        image_size=described.size,
+        conditions=conditions,
+    )
+    files = tuple(storage.join(images.output_uri, f.path) for f in chosen)
+    return TokenizePlan(tuple(inputs), files, sum(f.rows for f in chosen), dataset, tuple(columns))
+
+
+class TokenizeShards(pool.Worker):
+    """Ray Data actor: loads the tokenizers once, then tokenizes whole image files per call."""
+
+    def __init__(self, cfg: TokenizeConfig, p: TokenizePlan, out: stage.StageOutput):
         import torch
 
         t0 = time.perf_counter()
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # in the actor
-        self.cfg, self.out, self.metadata = cfg, out, metadata
-        place = placement(cfg.num_cpus, cfg.num_gpus, cfg.precision)
+        self.cfg, self.p, self.out, self.schema = cfg, p, out, p.dataset.schema()
+        place = placement(cfg.resources, cfg.precision)
         self.device, self.dtype = place.device, place.dtype
 
-        def load(uri):
-            model = model_store.load_first_stage(uri).model.to(self.device, self.dtype).eval()
+        def load(uri: str, sha256: str):
+            model = model_store.load_first_stage(uri, sha256).model.to(self.device, self.dtype).eval()
             return model.to(memory_format=torch.channels_last)
 
-        self.model = load(cfg.tokenizer_uri)
-        self.cond_models = {}
-        if cfg.depth_tokenizer_uri:
-            self.cond_models["depth_codes"] = load(cfg.depth_tokenizer_uri)
-        if cfg.segmentation_tokenizer_uri:
-            self.cond_models["segmentation_codes"] = load(cfg.segmentation_tokenizer_uri)
+        d = p.dataset
+        self.model = load(d.tokenizer_uri, d.tokenizer_sha256)
+        self.cond_models = {c: load(v.tokenizer_uri, v.tokenizer_sha256) for c, v in d.conditions.items()}
         ready = time.perf_counter() - t0
         log.info("tokenize: actor ready in %.1f s (%s, %s)", ready, self.device, self.dtype)
 
@@ -124,62 +212,38 @@ class TokenizeShards(pool.Worker):
                 codes.append(model.encode(batch)[2].cpu().numpy())
         return np.concatenate(codes)  # (N, h, w)
 
-    def _views(self, full: np.ndarray, ids: list[str]):
-        """(aug_id, array) for every augmentation of a batch (N, C, H, W): the same views for
-        images and their condition maps."""
-        x = full
-        if self.cfg.crop_size:  # every row at the crop size: identity/hflip use the centre crop
-            c, side = self.cfg.crop_size, full.shape[-1]
-            o = (side - c) // 2
-            x = full[..., o : o + c, o : o + c]
-        for aug_id, aug in enumerate(_augmentations(self.cfg)):
-            if aug == "identity":
-                yield aug_id, x
-            elif aug == "hflip":
-                yield aug_id, x[..., ::-1]
-            else:
-                k, c = int(aug[4:]), self.cfg.crop_size
-                offs = [code_shards.crop_offset(i, k, full.shape[-1], c) for i in ids]
-                yield aug_id, np.stack([full[n, :, r : r + c, q : q + c] for n, (r, q) in enumerate(offs)])
-
     def _conditions(self, t: pa.Table) -> dict[str, tuple]:
         """column -> (model, compact array (N, C, H, W), expand) for the configured condition tokenizers."""
-        from models.training import one_hot
+        from models.vqgan_training import one_hot
 
         out = {}
-        if "depth_codes" in self.cond_models:
-            arr = decode_column("depth", t["depth"].to_pylist())
-            out["depth_codes"] = (self.cond_models["depth_codes"], arr, None)
-        if "segmentation_codes" in self.cond_models:
-            model = self.cond_models["segmentation_codes"]
-            k = model.config.in_channels
-            arr = decode_column("segmentation", t["segmentation"].to_pylist())
-            out["segmentation_codes"] = (model, arr, functools.partial(one_hot, classes=k))
+        for col, source in self.p.conditions:
+            model = self.cond_models[col]
+            arr = decode_column(source, t[source].to_pylist())
+            expand = (
+                functools.partial(one_hot, classes=model.config.in_channels)
+                if source == "segmentation"
+                else None
+            )
+            out[col] = (model, arr, expand)
         return out
 
     def process(self, shard: int, item: dict[str, Any]) -> ShardMarker:
-        columns = ["image_id", "image", "label", "split"]
-        columns += [
-            c
-            for c, on in (("depth", "depth_codes"), ("segmentation", "segmentation_codes"))
-            if on in self.cond_models
-        ]
+        columns = ["image_id", "image", "label", "split", *(source for _, source in self.p.conditions)]
         t_start = time.perf_counter()
         t = storage.read_parquet(item["uri"], columns)
-        if self.cfg.splits is not None:
-            t = t.filter(pa.compute.is_in(t["split"], pa.array(self.cfg.splits)))
         ids = t["image_id"].to_pylist()
-        inputs = {
-            "codes": (
-                self.model,
-                decode_column("image", t["image"].to_pylist(), self.model.config.in_channels),
-                None,
-            )
-        }
+        pngs = schemas.image_bytes(t["image"])
+        inputs = {"codes": (self.model, decode_column("image", pngs, self.model.config.in_channels), None)}
         inputs.update(self._conditions(t))
         t_decoded = time.perf_counter()
         per_col = {
-            col: [(aug_id, self._encode(model, view, expand)) for aug_id, view in self._views(arr, ids)]
+            col: [
+                (aug_id, self._encode(model, view, expand))
+                for aug_id, view in code_shards.views(
+                    arr, ids, self.p.dataset.augmentations, self.cfg.crop_size
+                )
+            ]
             for col, (model, arr, expand) in inputs.items()
         }
         t_encoded = time.perf_counter()
@@ -187,7 +251,7 @@ class TokenizeShards(pool.Worker):
         small = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w"]  # codes: plain, no stats
         marker = self.out.write_shard(
             shard,
-            {"data": rows},
+            rows,
             {"images": t.num_rows},
             use_dictionary=small,
             write_statistics=small,
@@ -206,126 +270,51 @@ class TokenizeShards(pool.Worker):
         return marker
 
     def _rows(self, t: pa.Table, per_col: dict[str, list[tuple[int, np.ndarray]]]) -> pa.Table:
-        n = t.num_rows
-        grids = {(col, a): c.shape[1:] for col, per_aug in per_col.items() for a, c in per_aug if len(c)}
-        main = {g for (col, _), g in grids.items() if col == "codes"}
-        if len(main) > 1:
-            raise ValueError(f"augmentations give different code grids {sorted(main)}; use one crop size")
+        grid = self.p.dataset.grid
+        for col, per_aug in per_col.items():
+            for _, codes in per_aug:
+                want = grid if col == "codes" else self.p.dataset.conditions[col].grid
+                if len(codes) and tuple(codes.shape[1:]) != tuple(want):
+                    raise ValueError(f"{col}: the tokenizer gave {codes.shape[1:]} codes, the plan {want}")
         augs = [a for a, _ in per_col["codes"]]
-        order = [(i, a) for i in range(n) for a in augs]  # image by image, then augmentation
-        lengths = {col: int(np.prod(per_aug[0][1].shape[1:])) for col, per_aug in per_col.items()}
-        grid_h, grid_w = per_col["codes"][0][1].shape[1:]
-        cond = {col: length for col, length in lengths.items() if col != "codes"}
-        schema = schemas.with_metadata(schemas.code_schema(lengths["codes"], cond), self.metadata)
+        order = [(i, a) for i in range(t.num_rows) for a in augs]  # image by image, then augmentation
         data = {
             "image_id": [t["image_id"][i].as_py() for i, _ in order],
             "aug_id": [a for _, a in order],
             "label": [t["label"][i].as_py() for i, _ in order],
             "split": [t["split"][i].as_py() for i, _ in order],
-            "grid_h": [grid_h] * len(order),
-            "grid_w": [grid_w] * len(order),
+            "grid_h": [grid[0]] * len(order),
+            "grid_w": [grid[1]] * len(order),
         }
         for col, per_aug in per_col.items():
             flat = {a: c.reshape(len(c), -1) for a, c in per_aug}
             data[col] = schemas.encode_codes(np.stack([flat[a][i] for i, a in order]) if order else [])
-        return pa.table(data, schema=schema)
-
-
-def _check_conditions(cfg: TokenizeConfig, images: stage.Manifest) -> dict[str, model_store.LoadedModel]:
-    """Load the condition tokenizers and check that the image shards carry their columns."""
-    wanted = {
-        "depth_codes": (cfg.depth_tokenizer_uri, "depth"),
-        "segmentation_codes": (cfg.segmentation_tokenizer_uri, "segmentation"),
-    }
-    out = {}
-    for col, (uri, source) in wanted.items():
-        if not uri:
-            continue
-        loaded = model_store.load_first_stage(uri)
-        if images.files and source not in stage.column_names(images):
-            raise InputError(
-                f"{cfg.images_uri} has no `{source}` column: run the {source} stage first "
-                "and tokenize its output"
-            )
-        if source == "depth" and loaded.model.config.in_channels != 1:
-            raise InputError(
-                f"the depth tokenizer {uri} must take 1 channel, not {loaded.model.config.in_channels}"
-            )
-        out[col] = loaded
-    return out
-
-
-def _check_compatible(cfg: TokenizeConfig, images: stage.Manifest, loaded: model_store.LoadedModel) -> None:
-    mcfg = loaded.model.config
-    described = image_shards.info(images)
-    channels = described["channels"]
-    if channels is not None and channels != mcfg.in_channels:
-        raise InputError(
-            f"the tokenizer {cfg.tokenizer_uri} takes {mcfg.in_channels}-channel images but {cfg.images_uri} "
-            f"holds {channels}-channel images"
-        )
-    if mcfg.codebook_size > schemas.MAX_CODEBOOK:
-        raise InputError(f"codebook of {mcfg.codebook_size} codes does not fit 2 bytes per code")
-    side = described["resolution"]
-    if cfg.crop_size and side is not None and cfg.crop_size >= side:
-        raise InputError(f"crop_size {cfg.crop_size} must be below the image side {side}")
+        return pa.table(data, schema=self.schema)
 
 
 def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> StageResult:
     """Run (or resume, or reuse) the tokenize stage."""
-    if not cfg.images_uri or not cfg.tokenizer_uri:
-        raise config_lib.ConfigError("tokenize_images: images_uri and tokenizer_uri must be set")
-    images = stage.read_manifest(cfg.images_uri)  # raises a clear error when not committed
-    loaded = model_store.load_first_stage(cfg.tokenizer_uri)  # fails before any work on a bad URI
-    _check_compatible(cfg, images, loaded)
-    mcfg = loaded.model.config
-    conds = _check_conditions(cfg, images)
-    inputs = [
-        InputRef.output("images", images),
-        InputRef.weights("tokenizer", cfg.tokenizer_uri, loaded.sha256),
-    ]
-    inputs += [InputRef.weights(f"{col}_tokenizer", c.uri, c.sha256) for col, c in conds.items()]
-    job = StageRun(STAGE, cfg, cfg.output_uri, inputs, experiment)
+    p = plan(cfg)
+    job = StageRun(STAGE, cfg, p.inputs, experiment)
     if (done := job.cached()) is not None:
         return done
-    metadata = {
-        "taming.tokenizer_uri": cfg.tokenizer_uri,
-        "taming.tokenizer_sha256": loaded.sha256,
-        "taming.codebook_size": str(mcfg.codebook_size),
-        "taming.code_dtype": schemas.CODE_DTYPE,
-        "taming.augmentations": json.dumps(_augmentations(cfg)),
-        **{f"taming.{col}.tokenizer_sha256": c.sha256 for col, c in conds.items()},
-        **{f"taming.{col}.codebook_size": str(c.model.config.codebook_size) for col, c in conds.items()},
-    }
+    log.info("tokenize: %s", p.summary(cfg))
     with job:
-        tracking.set_tags({"tokenizer_sha256": loaded.sha256})
+        tracking.set_tags({"tokenizer_sha256": p.dataset.tokenizer_sha256})
         markers, reused = pool.map_items(
-            TokenizeShards,
-            (cfg, job.out, metadata),
-            pool.shard_items(images.data_uris()),
-            job.out,
-            concurrency=cfg.concurrency,
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
+            TokenizeShards, (cfg, p, job.out), pool.shard_items(list(p.files)), job.out, cfg.resources
         )
         n_images = sum(m.counts["images"] for m in markers)
-        rows = sum(m.rows() for m in markers)
-        n_aug = len(_augmentations(cfg))
-        if rows != n_images * n_aug:
+        rows = sum(m.rows for m in markers)
+        n_aug = len(p.dataset.augmentations)
+        if n_images != p.images or rows != n_images * n_aug:
             raise RuntimeError(
-                f"tokenize counts do not add up: {n_images} images x {n_aug} augmentations != {rows}"
+                f"tokenize counts do not add up: {n_images} images read of {p.images}, x {n_aug} "
+                f"augmentations != {rows} rows"
             )
-        expected_images = sum(f.rows for f in images.files)
-        if cfg.splits is None and n_images != expected_images:
-            raise RuntimeError(f"tokenize read {n_images} images but the image shards hold {expected_images}")
-        grid = (mcfg.resolution // mcfg.downsample_factor,) * 2  # nominal; rows carry the real grid
-        data_uris = [job.out.file_uri(m) for m in markers]
-        data_bytes = sum(m.files["data"].bytes for m in markers)
-        code_bytes = sum(_column_bytes(u, "codes") for u in data_uris)
-        first = storage.read_parquet(data_uris[0], ["grid_h", "grid_w"])
-        if first.num_rows:
-            grid = (first["grid_h"][0].as_py(), first["grid_w"][0].as_py())
-        n_codes = max(rows * grid[0] * grid[1], 1)
+        files = [f for m in markers for f in m.data]
+        code_bytes = sum(_column_bytes(job.out.file_uri(f), "codes") for f in files)
+        n_codes = max(rows * p.dataset.num_tokens, 1)
         fresh = reused < len(markers)
         return job.commit(
             markers,
@@ -333,17 +322,9 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
             figures={
                 "images_per_s": n_images / max(job.seconds, 1e-9) if fresh else 0.0,
                 "bytes_per_code": code_bytes / n_codes,
-                "file_bytes_per_code": data_bytes / n_codes,
+                "file_bytes_per_code": sum(f.bytes for f in files) / n_codes,
             },
-            extra={
-                "tokenizer_uri": cfg.tokenizer_uri,
-                "tokenizer_sha256": loaded.sha256,
-                "codebook_size": mcfg.codebook_size,
-                "grid": list(grid),
-                "code_dtype": schemas.CODE_DTYPE,
-                "augmentations": _augmentations(cfg),
-                "label_names": image_shards.info(images)["label_names"],
-            },
+            dataset=p.dataset,
         )
 
 

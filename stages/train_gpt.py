@@ -8,15 +8,15 @@ coordinate condition for aligned data: each code cell's position in the full ima
 ``coord_levels``). Native models give the condition its own token ids after the image codes, and a
 null token when ``cond_dropout`` > 0 (classifier-free guidance; default 0.1 for class conditions).
 
-The recipe (``models.gpt_training``): AdamW (betas 0.9/0.95, weight decay on matmul weights only),
-warm-up + cosine decay, clipping, optional EMA, token corruption (``pkeep``) and dropout, bf16
-autocast on GPU; gradients all-reduced across ``num_workers`` (gloo on CPU, NCCL on GPU), data fed
-through Ray Data in a seeded, resumable order. Checkpoints every ``checkpoint_every`` steps; a killed
-worker or a resubmitted job resumes from the newest complete one. Rank 0 logs train/loss (nats),
-train/bits_per_token, the learning rate, the gradient norm and tokens/s, val/bits_per_token on the
-held-out split every ``val_every`` steps, and every ``sample_every`` steps a grid of samples (rows:
-classes or held-out conditions) decoded by the tokenizer the code shards name (its sha256
-verified).
+The recipe (``recipe``, ``models.gpt_training.GPTRecipe``): AdamW (betas 0.9/0.95, weight decay on
+matmul weights only), warm-up + cosine decay, clipping, optional EMA, token corruption (``pkeep``)
+and dropout, bf16 autocast on GPU; gradients all-reduced across ``resources.workers`` (gloo on CPU,
+NCCL on GPU), data fed through Ray Data in a seeded, resumable order. Checkpoints every
+``checkpoint_every`` steps; a killed worker or a resubmitted job resumes from the newest complete
+one. Rank 0 logs train/loss (nats), train/bits_per_token, the learning rate, the gradient norm and
+tokens/s, val/bits_per_token on the held-out split every ``val_every`` steps, and every
+``sample_every`` steps a grid of samples (rows: classes or held-out conditions) decoded by the
+tokenizer the code shards name (its sha256 verified).
 
 ``attention``: ``full`` (the official model), or local attention over the code grid (``local2d``,
 the Image Transformer's query blocks of ``block_h x block_w`` codes with a memory of
@@ -30,7 +30,7 @@ The result is one native checkpoint carrying the GPT and everything sampling nee
 ``infra.model_store.load_generator`` loads it (or an official ``Net2NetTransformer`` release).
 
     python -m stages.train_gpt codes_uri=... output_uri=... condition=class preset=gpt-demo \\
-        steps=1000 batch_size=64 num_workers=2 register_name=demo-gpt
+        steps=1000 batch_size=64 recipe.lr=4e-3 resources.workers=2 register_name=demo-gpt
 """
 
 from __future__ import annotations
@@ -38,15 +38,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from infra import code_shards, image_shards, model_store, ray_train, stage, storage, tracking
+from infra import code_shards, model_store, previews, ray_train, stage, tracking
 from infra import config as config_lib
+from infra.code_shards import CodeShards
 from infra.config import added_field, execution_field, input_field, output_field
+from infra.devices import Resources
 from infra.stage import InputError, InputRef, StageResult, StageRun
+from models.gpt import GPTConfig
+from models.gpt_training import GPTRecipe
+from models.net2net import GeneratorSpec
 
 log = logging.getLogger(__name__)
 STAGE = "train_gpt"
@@ -54,7 +59,6 @@ HEADLINE = ("steps", "val/bits_per_token")  # the figures a pipeline's summary s
 Condition = Literal["unconditional", "class", "depth", "segmentation", "coord"]
 SPATIAL = {"depth": "depth_codes", "segmentation": "segmentation_codes"}
 WINDOW_FIELDS = ("block_h", "block_w", "flange_top", "flange_left", "flange_right")
-MAX_GRID_ROWS = 16  # sample grids: at most this many classes / conditions, one row each
 
 
 @dataclass(frozen=True)
@@ -79,22 +83,16 @@ class TrainGPTConfig:
     dropout: float = 0.0  # embedding, residual and attention dropout
     steps: int = 1000
     batch_size: int = 64  # global, split over the workers
-    lr: float | None = None  # peak; None: 4e-3 * 128 / n_embd (4e-3 at the demo's width)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0  # the cosine decays to this share of lr at `steps`
-    weight_decay: float = 0.1  # on matmul weights only
-    grad_clip: float = 1.0
-    ema_decay: float | None = None  # EMA of the weights (the EMA model is validated and saved)
-    pkeep: float = 1.0  # taming's token corruption: share of input codes kept (1: off)
+    # AdamW (lr None: 4e-3 * 128 / n_embd), warm-up + cosine, weight decay, clipping, EMA, pkeep:
+    # models.gpt_training.GPTRecipe
+    recipe: GPTRecipe = field(default_factory=GPTRecipe)
     seed: int = 0  # initialisation, data order, condition dropout
     shuffle_buffer: int = 4096  # rows each worker shuffles within, per epoch (0: shard order only)
     tokenizer_uri: str | None = input_field(None)  # for sample grids; None: the one the codes name
     register_name: str | None = None  # register the final model under this name ...
     register_alias: str = "candidate"  # ... with this alias
     # execution only (not part of the identity)
-    num_workers: int = execution_field(2)
-    cpus_per_worker: float = execution_field(1.0)
-    use_gpu: bool = execution_field(False)
+    resources: Resources = execution_field(default_factory=lambda: Resources(workers=2))  # Ray Train workers
     bf16: bool = execution_field(True)  # autocast on GPU
     checkpoint_every: int = execution_field(250)
     log_every: int = execution_field(25)
@@ -109,10 +107,10 @@ class TrainGPTConfig:
 
         if self.preset not in PRESETS:
             raise ValueError(f"preset: unknown {self.preset!r}; known: {sorted(PRESETS)}")
-        if not 0 < self.pkeep <= 1:
-            raise ValueError("pkeep must lie in (0, 1]")
         if self.cond_dropout is not None and not 0 <= self.cond_dropout < 1:
             raise ValueError("cond_dropout must lie in [0, 1)")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
 
     @property
     def dropout_rate(self) -> float:
@@ -122,84 +120,65 @@ class TrainGPTConfig:
 
 
 @dataclass(frozen=True)
-class Plan:
+class TrainGPTPlan:
     """What the driver worked out before any work: the model, its spec and how to read the rows."""
 
-    spec: Any  # models.net2net.GeneratorSpec
-    gpt: Any  # models.gpt.GPTConfig
-    recipe: Any  # models.gpt_training.GPTRecipe
+    inputs: tuple[InputRef, ...]  # the code shards, by identity
+    codes: CodeShards  # their descriptor
+    spec: GeneratorSpec
+    gpt: GPTConfig
+    recipe: GPTRecipe  # its lr resolved
     raw: str  # the batch column the condition prefix comes from
     columns: tuple[str, ...]  # condition code columns to read
-    coord: dict[str, Any] | None  # coord: the geometry to compute positions from
     labels: tuple[int, ...] | None  # class: the label ids trained on (rows without one are skipped)
     train_rows: int
 
+    def summary(self, cfg: TrainGPTConfig) -> str:
+        g, (h, w) = self.gpt, self.spec.grid
+        return (
+            f"{self.train_rows:,} train rows of {h}x{w} codes ({cfg.condition}) -> GPT "
+            f"{g.n_layer}x{g.n_embd} ({g.attention}, vocab {g.vocab_size}), {cfg.steps} steps x "
+            f"{cfg.batch_size} on {cfg.resources.describe()}"
+        )
 
-def _coord_column(batch, *, augmentations, side, crop, grid, levels) -> dict[str, np.ndarray]:
-    """The coordinate condition of each row (its view's code cells in the full image)."""
-    from models.net2net import coord_levels_map
-
-    rows = []
-    for image_id, aug in zip(batch["image_id"].to_pylist(), batch["aug_id"].to_pylist()):
-        r, q, size, flip = code_shards.view_geometry(image_id, augmentations[aug], side, crop)
-        rows.append(coord_levels_map(grid, (side, side), (r, q), size, levels, flip).numpy())
-    return {"coord": np.stack(rows) if rows else np.zeros((0, grid[0] * grid[1]), np.int64)}
+    def derive(self, cfg: TrainGPTConfig):
+        """The rows' computed condition column (coord), or None."""
+        if self.raw != "coord":
+            return None
+        return functools.partial(code_shards.coord_column, codes=self.codes, levels=cfg.coord_levels)
 
 
-def _derive(plan: Plan):
-    return None if plan.coord is None else functools.partial(_coord_column, **plan.coord)
-
-
-def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
-    """Check the input against the config and derive the model; every problem fails here, by name.
-    ``codes``: the code shards' manifest when the caller has read it already."""
+def plan(cfg: TrainGPTConfig) -> TrainGPTPlan:
+    """Check the input against the config and derive the model; every problem fails here, by name."""
     from models.gpt import PRESETS
-    from models.gpt_training import GPTRecipe
-    from models.net2net import GeneratorSpec, native_condition
+    from models.net2net import native_condition
 
     if not cfg.codes_uri:
         raise config_lib.ConfigError("train_gpt.codes_uri is not set")
-    codes = codes or stage.read_manifest(cfg.codes_uri)  # NotCommittedError names the problem
-    info = code_shards.info(codes)  # InputError for outputs that are not code shards
-    k, grid = int(info["codebook_size"]), tuple(info["grid"])
-    t = stage.read_committed_table(cfg.codes_uri, ["split", "label"])
-    train = np.asarray(t["split"].to_pylist()) == "train"
-    labels = code_shards.labels_of(t)[train]
-    fields: dict[str, Any] = {}
-    raw, columns, coord, keep, prefix = "codes", (), None, None, 1
+    m = stage.read_manifest(cfg.codes_uri)  # NotCommittedError names the problem
+    codes = code_shards.describe(m)  # InputError for outputs that are not code shards
+    k, grid = codes.codebook_size, codes.grid
+    n_train, keep, fields, raw, columns, prefix = m.rows("train"), None, {}, "codes", (), 1
     if cfg.condition == "class":
-        names = info.get("label_names")
+        labels = code_shards.labels_of(stage.read_committed_table(cfg.codes_uri, ["label"], "train"))
         if not (labels >= 0).any():
             raise InputError(f"train_gpt.condition=class: {cfg.codes_uri} has no labels in its train split")
-        n_classes = len(names) if names else int(labels.max()) + 1
+        n_classes = len(codes.label_names) if codes.label_names else int(labels.max()) + 1
         fields["n_classes"] = n_classes
-        raw, keep = "label", tuple(range(n_classes))
-        train = labels >= 0
+        raw, keep, n_train = "label", tuple(range(n_classes)), int((labels >= 0).sum())
     elif cfg.condition in SPATIAL:
         col = SPATIAL[cfg.condition]
-        if col not in info["conditions"]:
+        if col not in codes.conditions:
             raise InputError(
                 f"train_gpt.condition={cfg.condition}: {cfg.codes_uri} has no `{col}` column (tokenize with "
                 f"tokenize_images.{cfg.condition}_tokenizer_uri set)"
             )
-        fields["cond_codebook_size"] = info["conditions"][col]["codebook_size"]
-        length = code_shards.condition_lengths(storage.parquet_schema(codes.data_uris()[0]))[col]
-        raw, columns, prefix = col, (col,), length
+        fields["cond_codebook_size"] = codes.conditions[col].codebook_size
+        raw, columns, prefix = col, (col,), codes.conditions[col].length
     elif cfg.condition == "coord":
-        sides = [image_shards.info(m)["resolution"] for m in codes.upstream()]  # the image shards
-        if not sides or sides[0] is None:
-            raise InputError(
-                f"train_gpt.condition=coord: the image size behind {cfg.codes_uri} is not recorded"
-            )
+        if codes.image_size[0] != codes.image_size[1]:
+            raise InputError(f"train_gpt.condition=coord: the images behind {cfg.codes_uri} are not square")
         fields["coord_levels"] = cfg.coord_levels
-        side = sides[0]
-        coord = dict(
-            augmentations=info["augmentations"],
-            side=side,
-            crop=info["crop_size"],
-            grid=grid,
-            levels=cfg.coord_levels,
-        )
         raw, prefix = "coord", grid[0] * grid[1]
     cond, vocab = native_condition(
         "spatial" if cfg.condition in SPATIAL else cfg.condition, k, cfg.dropout_rate, **fields
@@ -208,14 +187,12 @@ def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
         condition=cond,
         codebook_size=k,
         grid=grid,
-        tokenizer_uri=cfg.tokenizer_uri or info.get("tokenizer_uri"),
-        tokenizer_sha256=info.get("tokenizer_sha256"),
-        label_names=info.get("label_names"),
+        tokenizer_uri=cfg.tokenizer_uri or codes.tokenizer_uri,
+        tokenizer_sha256=codes.tokenizer_sha256,
+        label_names=codes.label_names,
         prefix_length=prefix,
         condition_column=columns[0] if columns else None,
-        condition_tokenizer_sha256=info["conditions"].get(columns[0], {}).get("tokenizer_sha256")
-        if columns
-        else None,
+        condition_tokenizer_sha256=codes.conditions[columns[0]].tokenizer_sha256 if columns else None,
     )
     if cfg.vocab_size is not None and cfg.vocab_size < vocab:
         raise InputError(
@@ -228,7 +205,6 @@ def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
             f"condition tokens + {grid[0] * grid[1]} image tokens - 1 = {spec.block_size}"
         )
     base = PRESETS[cfg.preset]
-    drop = cfg.dropout
     window = {}
     if cfg.attention != "full":  # the local window's geometry, on the codes' grid
         if prefix != 1:
@@ -237,7 +213,7 @@ def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
                 f"condition={cfg.condition} is a prefix of {prefix} tokens that every position would "
                 "attend to"
             )
-        window = {k: getattr(cfg, k) for k in WINDOW_FIELDS}
+        window = {f: getattr(cfg, f) for f in WINDOW_FIELDS}
         window.update(attention=cfg.attention, grid_h=grid[0], grid_w=grid[1], n_prefix=prefix)
     try:
         gpt = dataclasses.replace(
@@ -247,9 +223,9 @@ def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
             n_layer=cfg.n_layer or base.n_layer,
             n_head=cfg.n_head or base.n_head,
             n_embd=cfg.n_embd or base.n_embd,
-            embd_pdrop=drop,
-            resid_pdrop=drop,
-            attn_pdrop=drop,
+            embd_pdrop=cfg.dropout,
+            resid_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
             **window,
         )
     except ValueError as e:  # a window that does not tile the code grid
@@ -258,25 +234,23 @@ def plan(cfg: TrainGPTConfig, codes: stage.Manifest | None = None) -> Plan:
         raise config_lib.ConfigError(
             f"train_gpt: n_embd={gpt.n_embd} is not a multiple of n_head={gpt.n_head}"
         )
-    n_train = int(train.sum())
-    if n_train < cfg.batch_size:
+    workers = cfg.resources.workers or 1
+    if n_train < cfg.batch_size or cfg.batch_size < workers:
         raise InputError(
-            f"{cfg.codes_uri} holds {n_train} training rows, fewer than train_gpt.batch_size={cfg.batch_size}"
+            f"{cfg.codes_uri} holds {n_train} training rows and train_gpt.batch_size={cfg.batch_size} is "
+            f"split over {workers} workers: the batch must be at least the workers and at most the "
+            "training rows"
         )
-    recipe = GPTRecipe(
-        lr=cfg.lr if cfg.lr is not None else 4e-3 * 128 / gpt.n_embd,
-        steps=cfg.steps,
-        warmup_steps=cfg.warmup_steps,
-        min_lr_ratio=cfg.min_lr_ratio,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        ema_decay=cfg.ema_decay,
-        pkeep=cfg.pkeep,
-    )
-    return Plan(spec, gpt, recipe, raw, columns, coord, keep, n_train)
+    if cfg.sample_every:  # sample grids: the tokenizer the codes name, its sha256 checked (not loaded)
+        model_store.describe_tokenizer(
+            spec.tokenizer_uri, spec.tokenizer_sha256, f"the code shards {cfg.codes_uri}"
+        )
+    recipe = dataclasses.replace(cfg.recipe, lr=cfg.recipe.peak_lr(gpt.n_embd))
+    inputs = (InputRef.output("codes", m),)
+    return TrainGPTPlan(inputs, codes, spec, gpt, recipe, raw, columns, keep, n_train)
 
 
-def held_out(cfg: TrainGPTConfig, p: Plan) -> tuple[Any, Any, str]:
+def held_out(cfg: TrainGPTConfig, p: TrainGPTPlan) -> tuple[Any, Any, str]:
     """The held-out rows as (raw condition, codes, split name)."""
     import torch
 
@@ -284,9 +258,9 @@ def held_out(cfg: TrainGPTConfig, p: Plan) -> tuple[Any, Any, str]:
     if p.labels is not None:
         t = t.filter(np.isin(code_shards.labels_of(t), p.labels))
     t = t.slice(0, cfg.val_rows)
-    rows = code_shards.decode_rows(t, p.spec.grid[0] * p.spec.grid[1])
-    if p.coord is not None:
-        rows.update(_coord_column(t, **p.coord))
+    rows = code_shards.decode_rows(t, p.codes.num_tokens)
+    if (derive := p.derive(cfg)) is not None:
+        rows.update(derive(t))
     return torch.from_numpy(rows[p.raw]), torch.from_numpy(rows["codes"]), split
 
 
@@ -295,28 +269,21 @@ def sample_grid(cfg: TrainGPTConfig, model, spec, raw_held, tokenizer, seed: int
     ``samples_per_condition`` columns; drawn as the sample stage draws (``models.sampling``)."""
     import torch
 
-    from infra.imaging import image_grid, to_uint8_images
+    from infra.imaging import to_uint8_images
     from models.sampling import SamplerOptions, decode_tiles, generate_codes, sample_uniforms
 
-    n = cfg.samples_per_condition
-    cond = spec.condition
-    h, w = spec.grid
+    n, cond, (h, w) = cfg.samples_per_condition, spec.condition, spec.grid
     if cond.mode == "class":
-        raw = torch.arange(min(cond.n_classes, MAX_GRID_ROWS)).repeat_interleave(n)
+        raw = torch.arange(min(cond.n_classes, previews.MAX_GRID_ROWS)).repeat_interleave(n)
     elif cond.mode == "unconditional":
         raw = torch.zeros(n * n, dtype=torch.long)
     else:
-        raw = raw_held[: min(MAX_GRID_ROWS, len(raw_held))].repeat_interleave(n, 0)
+        raw = raw_held[: min(previews.MAX_GRID_ROWS, len(raw_held))].repeat_interleave(n, 0)
     u = sample_uniforms(seed, range(len(raw)), h * w)
     codes = generate_codes(model, spec, raw, u, SamplerOptions())
     x = decode_tiles(tokenizer.to(next(model.parameters()).device), codes.reshape(-1, h, w))
-    return image_grid(to_uint8_images(x), n)
-
-
-def load_tokenizer(cfg: TrainGPTConfig, spec):
-    """The VQGAN that decodes sample grids: the one the code shards name, its sha256 verified."""
-    what = f"the code shards {cfg.codes_uri}"
-    return model_store.load_tokenizer(spec.tokenizer_uri, spec.tokenizer_sha256, what).model
+    images = to_uint8_images(x)
+    return previews.rows({r: images[r * n : (r + 1) * n] for r in range(len(images) // n)}, n)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -328,13 +295,12 @@ def train_loop(config: dict[str, Any]) -> None:
     from models.net2net import condition_prefix, drop_condition
 
     cfg: TrainGPTConfig = config["cfg"]
-    p: Plan = config["plan"]
+    p: TrainGPTPlan = config["plan"]
     session = ray_train.Session(config)
     torch.manual_seed(cfg.seed)  # same init everywhere
     autocast = session.place.dtype if session.place.dtype != torch.float32 else None
-    trainer = GPTTrainer(
-        GPT(p.gpt).to(session.device), p.recipe, p.spec.codebook_size, autocast_dtype=autocast
-    )
+    model = GPT(p.gpt).to(session.device)
+    trainer = GPTTrainer(model, p.recipe, p.spec.codebook_size, cfg.steps, autocast_dtype=autocast)
     if (state := session.restore()) is not None:
         trainer.load_state_dict(state)
     gen = torch.Generator()
@@ -357,7 +323,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 session.log_metrics({"val/bits_per_token": bits}, step=step)
             if session.is_chief and cfg.sample_every and (step % cfg.sample_every == 0 or last):
                 held = held or held_out(cfg, p)
-                tokenizer = tokenizer or load_tokenizer(cfg, p.spec)
+                tokenizer = tokenizer or model_store.load_tokenizer(
+                    p.spec.tokenizer_uri, p.spec.tokenizer_sha256
+                )
                 grid = sample_grid(cfg, trainer.eval_model(), p.spec, held[0], tokenizer, step)
                 session.log_image(grid, f"samples/step_{step:07d}.png")
             if step % cfg.checkpoint_every == 0 or last:
@@ -374,28 +342,22 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
     from models.gpt_training import bits_per_token
     from models.net2net import condition_prefix
 
-    codes = stage.read_manifest(cfg.codes_uri) if cfg.codes_uri else None
-    p = plan(cfg, codes)
-    if cfg.sample_every:  # fails before any work when it cannot be found or is not the one named
-        load_tokenizer(cfg, p.spec)
-    job = StageRun(STAGE, cfg, cfg.output_uri, [InputRef.output("codes", codes)], experiment)
+    p = plan(cfg)
+    job = StageRun(STAGE, cfg, p.inputs, experiment)
     if (done := job.cached()) is not None:
         return done
+    log.info("train_gpt: %s", p.summary(cfg))
     with job:
         tracking.set_tags({"condition": cfg.condition, "tokenizer_sha256": p.spec.tokenizer_sha256 or ""})
-        datasets = {
-            "train": code_shards.ray_dataset(
-                cfg.codes_uri,
-                split="train",
-                labels=p.labels,
-                seed=cfg.seed,
-                columns=p.columns,
-                derive=_derive(p),
-            )
-        }
-        loop_config = {"cfg": cfg, "plan": p}
-        execution = {k: getattr(cfg, k) for k in ray_train.FIT_FIELDS}
-        state = ray_train.fit(job, train_loop, loop_config, datasets, **execution)
+        train = code_shards.ray_dataset(
+            cfg.codes_uri,
+            split="train",
+            labels=p.labels,
+            seed=cfg.seed,
+            columns=p.columns,
+            derive=p.derive(cfg),
+        )
+        state = ray_train.fit(job, train_loop, {"cfg": cfg, "plan": p}, {"train": train}, cfg)
         train_seconds = job.seconds
         model = GPT(p.gpt)
         model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
@@ -413,7 +375,8 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
         }
         tracking.set_tags({"val/split": split})
         step = int(state["step"])
-        tokens = step * (cfg.batch_size // cfg.num_workers) * cfg.num_workers * held_codes.shape[1]
+        workers = cfg.resources.workers or 1
+        tokens = step * (cfg.batch_size // workers) * workers * held_codes.shape[1]
         with torch.no_grad():
             return ray_train.commit_model(
                 job,

@@ -8,13 +8,13 @@ one cannot tell the step size before the second code.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from infra import schemas, stage
+from infra.code_shards import CodeShards, ConditionCodes
 from infra.stage import InputRef
 
 
@@ -48,20 +48,28 @@ def write_code_shards(
     codes = rule_codes(labels, t, k, rng)
     split = np.array(["train"] * n_train + ["val"] * n_val)
     order = rng.permutation(n)  # splits mixed over the shards
-    meta = {
-        "taming.tokenizer_uri": tokenizer_uri,
-        "taming.tokenizer_sha256": tokenizer_sha256,
-        "taming.codebook_size": str(k),
-        "taming.code_dtype": schemas.CODE_DTYPE,
-        "taming.augmentations": json.dumps(["identity"]),
-    }
-    cond_len = {}
+    conditions = {}
     if depth_codebook:
-        cond_len["depth_codes"] = (grid[0] // 2) * (grid[1] // 2)
-        meta["taming.depth_codes.codebook_size"] = str(depth_codebook)
-        meta["taming.depth_codes.tokenizer_sha256"] = "d" * 64
-        depth = rng.integers(0, depth_codebook, (n, cond_len["depth_codes"]))
-    schema = schemas.with_metadata(schemas.code_schema(t, cond_len), meta)
+        half = (grid[0] // 2, grid[1] // 2)
+        conditions["depth_codes"] = ConditionCodes(
+            codebook_size=depth_codebook,
+            grid=half,
+            tokenizer_uri="/depth.safetensors",
+            tokenizer_sha256="d" * 64,
+        )
+        depth = rng.integers(0, depth_codebook, (n, half[0] * half[1]))
+    dataset = CodeShards(
+        codebook_size=k,
+        grid=grid,
+        tokenizer_uri=tokenizer_uri,
+        tokenizer_sha256=tokenizer_sha256,
+        label_names=[f"class{c}" for c in range(classes)] if labelled else None,
+        augmentations=["identity"],
+        crop_size=None,
+        image_size=(2 * grid[0], 2 * grid[1]),
+        conditions=conditions,
+    )
+    schema = dataset.schema()
     config = {"crop_size": None, "synthetic": "rule_codes", "seed": seed}
     out = stage.StageOutput(uri, "tokenize_images", f"synthetic-{seed}-{n}-{k}-{labelled}-{depth_codebook}")
     markers = []
@@ -80,22 +88,14 @@ def write_code_shards(
             },
             schema=schema,
         )
-        markers.append(out.write_shard(i, {"data": table}, {"images": len(part)}))
+        markers.append(out.write_shard(i, table, {"images": len(part)}))
     manifest, _ = out.commit(
         config=config,
         config_hash="synthetic",
         inputs=[InputRef.weights("tokenizer", tokenizer_uri, tokenizer_sha256)],
         markers=markers,
         counts={"images": n, "rows": n, "shards": shards},
-        extra={
-            "tokenizer_uri": tokenizer_uri,
-            "tokenizer_sha256": tokenizer_sha256,
-            "codebook_size": k,
-            "grid": list(grid),
-            "code_dtype": schemas.CODE_DTYPE,
-            "augmentations": ["identity"],
-            "label_names": [f"class{c}" for c in range(classes)] if labelled else None,
-        },
+        dataset=dataset.to_json(),
     )
     return manifest
 

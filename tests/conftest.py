@@ -1,5 +1,9 @@
 """Shared, session-scoped real services: one local Ray, one MLflow server (sqlite backend) and one
-S3 server (moto's server mode) on 127.0.0.1 for the whole test session, torn down at the end."""
+S3 server (moto's server mode) on 127.0.0.1 for the whole test session, torn down at the end.
+
+Two tiers: every test that uses these services (the ``stack`` fixture, directly or through another
+fixture) is marked ``services``; the ones that take long without them are marked ``slow``.
+``make test-fast`` runs the rest (``-m "not services and not slow"``), ``make test`` everything."""
 
 from __future__ import annotations
 
@@ -12,6 +16,12 @@ import pytest
 from infra import services
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.services)
 
 
 STRAY = ("mlflow.db", "mlruns")  # MLflow's defaults in the working directory: nothing may write them

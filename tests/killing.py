@@ -13,8 +13,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def kill_stage_when(module: str, config: Path, watch: Path, pattern: str, timeout: float = 300) -> None:
-    """``python -m <module> --config <config>``, killed when ``watch.glob(pattern)`` finds a file."""
+def kill_stage_when(
+    module: str, config: Path, watch: Path, pattern: str, timeout: float = 300, count: int = 1
+) -> None:
+    """``python -m <module> --config <config>``, killed when ``watch.glob(pattern)`` finds ``count``
+    files."""
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
@@ -28,9 +31,14 @@ def kill_stage_when(module: str, config: Path, watch: Path, pattern: str, timeou
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if any(watch.glob(pattern)):
+        if len(list(watch.glob(pattern))) >= count:
             break
         time.sleep(0.02)
+    if proc.poll() is not None:
+        log = proc.communicate()[0].decode(errors="replace")
+        raise AssertionError(
+            f"{module} ended (status {proc.returncode}) before {pattern} appeared:\n{log[-3000:]}"
+        )
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, like a crashed job
     log = proc.communicate()[0].decode(errors="replace")
     assert proc.returncode == -signal.SIGKILL, log[-3000:]

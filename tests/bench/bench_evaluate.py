@@ -36,6 +36,7 @@ def _random_inception(path: Path) -> None:
 
 
 def _run(images_uri: str, out: str, n: int, **fields) -> dict:
+    from infra.devices import Resources
     from stages import evaluate
 
     cfg = evaluate.EvaluateConfig(
@@ -45,7 +46,7 @@ def _run(images_uri: str, out: str, n: int, **fields) -> dict:
         train_split="train",
         output_uri=out,
         max_images=n,
-        num_cpus=float(os.cpu_count() or 1),
+        resources=Resources(cpus_per_worker=float(os.cpu_count() or 1)),
         **fields,
     )
     t0 = time.perf_counter()

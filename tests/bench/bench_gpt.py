@@ -18,7 +18,8 @@ import types
 
 import torch
 
-from models.gpt import GPT, PRESETS, GPTConfig, official_window_logits, sample_sliding_window
+from models.gpt import GPT, PRESETS, GPTConfig
+from models.sampling import official_window_logits, sample_sliding_window
 from models.vqgan import PRESETS as VQ_PRESETS
 from models.vqgan import VQGAN
 from tests.bench.reference import import_taming

@@ -62,7 +62,7 @@ def run(quick: bool = False) -> dict:
         "unigram_bits_per_token_train": round(unigram, 3),
         "ours_recipe": {**plan.recipe.__dict__, "cond_dropout": plan.spec.condition.cond_dropout},
     }
-    recipes = {"ours": lambda: OurRecipe(plan)}
+    recipes = {"ours": lambda: OurRecipe(plan, steps)}
     if import_taming():
         common = dict(codebook_size=k, tokens=64, batch=BATCH, steps=steps, **SIZE)
         recipes["official"] = lambda: OfficialRecipe(**common)

@@ -26,6 +26,7 @@ def stage_rates(quick: bool) -> dict:
 
     from infra import tracking
     from infra.cluster import ensure_ray
+    from infra.devices import Resources
     from stages import train_gpt
     from tests.bench.data import demo_codes
 
@@ -44,7 +45,7 @@ def stage_rates(quick: bool) -> dict:
                 val_every=0,
                 sample_every=0,
                 checkpoint_every=10_000,
-                num_workers=workers,
+                resources=Resources(workers=workers),
             )
             res = train_gpt.run(cfg, "bench")
             hist = MlflowClient(tracking.tracking_uri()).get_metric_history(
@@ -61,7 +62,7 @@ def step_rates(have_ref: bool, n_layer: int, n_embd: int, tokens: int, batch: in
     from models.gpt import GPTConfig
     from models.gpt_training import GPTRecipe
     from models.net2net import GeneratorSpec, native_condition
-    from stages.train_gpt import Plan
+    from stages.train_gpt import TrainGPTPlan
     from tests.bench.gpt_recipes import OfficialRecipe, OurRecipe
 
     k, n_head = 512, max(1, n_embd // 32)
@@ -69,11 +70,22 @@ def step_rates(have_ref: bool, n_layer: int, n_embd: int, tokens: int, batch: in
     cond, vocab = native_condition("class", k, 0.1, n_classes=10)
     spec = GeneratorSpec(cond, k, (side, side))
     gcfg = GPTConfig(vocab_size=vocab, block_size=tokens, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    plan = Plan(spec, gcfg, GPTRecipe(steps=10_000), "label", (), None, None, 0)
+    recipe = GPTRecipe(lr=GPTRecipe().peak_lr(n_embd))
+    plan = TrainGPTPlan(
+        inputs=(),
+        codes=None,
+        spec=spec,
+        gpt=gcfg,
+        recipe=recipe,
+        raw="label",
+        columns=(),
+        labels=None,
+        train_rows=0,
+    )
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (batch,), generator=gen)
     codes = torch.randint(0, k, (batch, tokens), generator=gen)
-    recipes = {"ours": OurRecipe(plan)}
+    recipes = {"ours": OurRecipe(plan, 10_000)}
     if have_ref:
         recipes["official"] = OfficialRecipe(k, tokens, n_layer, n_head, n_embd, batch, 10_000)
     times: dict[str, list[float]] = {n: [] for n in recipes}
@@ -105,7 +117,7 @@ def gpu_rates() -> dict:
     cfg = PRESETS["gpt-b"]
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
-    trainer = GPTTrainer(model, GPTRecipe(lr=3e-4), 16384, autocast_dtype=torch.bfloat16)
+    trainer = GPTTrainer(model, GPTRecipe(lr=3e-4), 16384, 10_000, autocast_dtype=torch.bfloat16)
     n = num_params(model) - model.pos_emb.numel() - model.tok_emb.weight.numel()
     t = cfg.block_size
 

@@ -15,7 +15,7 @@
    position's likelihood from the window the official sampler uses). Reported: val bits/token on
    mosaics of the test split, and the time to sample one 64x64-code image with each: ``local2d`` in
    one pass, taming's model with the exact sliding-window sampler (the reference: its logits are
-   the official rule's, ``models.gpt.sample_sliding_window``), and a full-attention model with a
+   the official rule's, ``models.sampling.sample_sliding_window``), and a full-attention model with a
    4096-token context (random weights: timing only, no such model is trained here).
 """
 
@@ -26,8 +26,9 @@ import time
 
 import torch
 
-from models.gpt import GPT, GPTConfig, _window_start, sample_sliding_window
+from models.gpt import GPT, GPTConfig
 from models.gpt_training import GPTRecipe, GPTTrainer, code_loss
+from models.sampling import _window_start, sample_sliding_window
 
 WINDOW = dict(block_h=8, block_w=8, flange_top=4, flange_left=4, flange_right=4)
 COST = dict(vocab_size=1024, n_layer=4, n_head=8, n_embd=256)
@@ -66,7 +67,7 @@ def bench_cost(grids, tokens_per_step: int, sample_batch: int, repeats: int) -> 
         for attention in ("full", "local2d"):
             torch.manual_seed(0)
             model = GPT(_config(attention, (side, side), **COST)).to(device)
-            trainer = GPTTrainer(model, GPTRecipe(lr=1e-4, steps=100, warmup_steps=0), 1024)
+            trainer = GPTTrainer(model, GPTRecipe(lr=1e-4, warmup_steps=0), 1024, 100)
             prefix = torch.zeros(batch, 1, dtype=torch.long, device=device)
             codes = torch.randint(0, 1024, (batch, n), device=device)
             trainer.train_step(prefix, codes)  # warm-up
@@ -208,7 +209,7 @@ def bench_quality(steps: int, grids_per_step: int, val_mosaics: int, sample_side
     }
     for name, (gpt, crop_side) in models.items():
         torch.manual_seed(0)
-        trainer = GPTTrainer(gpt, GPTRecipe(lr=2e-3, steps=steps, warmup_steps=min(100, steps // 10)), K)
+        trainer = GPTTrainer(gpt, GPTRecipe(lr=2e-3, warmup_steps=min(100, steps // 10)), K, steps)
         gen = torch.Generator().manual_seed(0)  # the same mosaics for every model
         t0 = time.perf_counter()
         for step in range(steps):

@@ -4,7 +4,7 @@ the official recipe in the same run (`python -m tests.bench quality`, ~35 min on
 
 - ours: ``stages.train_vqgan``'s defaults (preset ``f4-small``: l2-normalised 8-dim codes,
   dead-code restart; lr 1e-3 with warm-up, cosine decay and clipping; random flips) through the
-  very step the stage runs on each Ray Train worker (:class:`models.training.VQGANTrainer`); the
+  very step the stage runs on each Ray Train worker (:class:`models.vqgan_training.VQGANTrainer`); the
   GAN term is off within 1500 steps (``disc_start``), as in the official recipe below.
 - official: the official taming modules (Encoder/Decoder with ch 32, ch_mult [1, 2, 2], one res
   block, no attention, z_channels = embed_dim = 32, ``VectorQuantizer2`` with its legacy loss),
@@ -97,15 +97,17 @@ class OurRecipe:
     """The stage's defaults: :func:`stages.train_vqgan.build_trainer` on the f4-small preset."""
 
     def __init__(self, steps: int, **overrides):
+        from models.vqgan import preset
         from stages.train_vqgan import TrainVQGANConfig, build_trainer
 
         self.cfg = TrainVQGANConfig(steps=steps, batch_size=BATCH, **overrides)
+        mcfg = preset(self.cfg.preset, channels=1, dead_code_threshold=self.cfg.dead_code_threshold)
         torch.manual_seed(self.cfg.seed)
-        self.trainer = build_trainer(self.cfg, channels=1)
+        self.trainer = build_trainer(self.cfg, mcfg)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
 
     def train_step(self, x: torch.Tensor) -> None:
-        from models.training import hflip_
+        from models.vqgan_training import hflip_
 
         if self.cfg.hflip:
             x = hflip_(x, self.gen)
@@ -132,7 +134,7 @@ def train(recipe, train_x: torch.Tensor, steps: int, seed: int = 0, label: str =
 
 
 def run(quick: bool = False, ours: dict | None = None) -> dict:
-    from models.training import evaluate
+    from models.vqgan_training import evaluate
     from tests.bench.reference import import_taming
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

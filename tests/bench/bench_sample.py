@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from infra.devices import Resources
 from infra.imaging import encode_png, encode_pngs, to_uint8_images
 from models import checkpoint
 from models.gpt import GPT, PRESETS
@@ -130,8 +131,7 @@ def cpu(quick: bool) -> dict:
                 num_samples=n,
                 batch_size=batch,
                 samples_per_shard=n // 8,
-                concurrency=cpus,
-                num_cpus=1.0,
+                resources=Resources(workers=cpus, cpus_per_worker=1.0),
                 seed=rep,
             )
             t0 = time.perf_counter()

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infra import stage, storage
+from infra import code_shards, image_shards, schemas, stage, storage
+from infra.devices import Resources
 from infra.imaging import pngs_to_array
 from models import checkpoint
 from models.vqgan import PRESETS, VQGAN
@@ -36,7 +37,7 @@ def bare_loop(images_uri: str, model: VQGAN, batch: int) -> int:
     with torch.inference_mode():
         for uri in stage.read_manifest(images_uri).data_uris():
             t = storage.read_parquet(uri, ["image_id", "image"])
-            x = pngs_to_array(t["image"].to_pylist(), model.config.in_channels)
+            x = pngs_to_array(schemas.image_bytes(t["image"]), model.config.in_channels)
             codes = [model.encode(torch.from_numpy(x[i : i + batch]))[2] for i in range(0, len(x), batch)]
             n += int(sum(len(c) for c in codes))
     return n
@@ -49,7 +50,7 @@ def one(name: str, tmp: Path, images_uri: str, model: VQGAN, concurrency: int, n
     checkpoint.save_native(model, ckpt)
     images = stage.read_manifest(images_uri)
     n = sum(f.rows for f in images.files)
-    side = images.config["resolution"]
+    side = image_shards.describe(images).resolution
     batch = auto_batch_size(side, side, "cpu")  # the stage's default; the loop does the same work
     loops, stages = [], {}
     for attempt in ("cold", "warm"):  # cold: actor start and model load included
@@ -61,8 +62,7 @@ def one(name: str, tmp: Path, images_uri: str, model: VQGAN, concurrency: int, n
             tokenizer_uri=str(ckpt),
             images_uri=images_uri,
             output_uri=str(tmp / f"{name}-{attempt}"),
-            concurrency=concurrency,
-            num_cpus=num_cpus,
+            resources=Resources(workers=concurrency, cpus_per_worker=num_cpus),
         )
         t0 = time.perf_counter()
         res = tokenize_images.run(cfg, "bench")
@@ -79,7 +79,7 @@ def one(name: str, tmp: Path, images_uri: str, model: VQGAN, concurrency: int, n
         "ray_overhead_cold_pct": round(100 * (stages["cold"] / loop_s - 1), 1),
         "bytes_per_code_codes_column": round(res.figures["bytes_per_code"], 3),
         "bytes_per_code_whole_files": round(res.figures["file_bytes_per_code"], 3),
-        "grid": res.manifest.extra["grid"],
+        "grid": list(code_shards.describe(res.manifest).grid),
     }
 
 

@@ -15,6 +15,7 @@ def run(quick: bool = False) -> dict:
 
     from infra import tracking
     from infra.cluster import ensure_ray
+    from infra.devices import Resources
     from stages import train_vqgan
     from tests.bench.data import fashion_mnist_shards
 
@@ -35,7 +36,7 @@ def run(quick: bool = False) -> dict:
                 log_every=10,
                 image_every=10_000,
                 checkpoint_every=10_000,
-                num_workers=workers,
+                resources=Resources(workers=workers),
                 val_images=500,
             )
             res = train_vqgan.run(cfg, "bench")

@@ -46,13 +46,10 @@ def demo_codes() -> str:
 
 def code_arrays(uri: str, split: str):
     """(labels, codes) of one split of a code-shard output as torch int64 tensors."""
-    import numpy as np
     import torch
 
     from infra import code_shards, stage
 
-    t = stage.read_committed_table(uri, code_shards.COLUMNS)
-    t = t.filter(np.asarray(t["split"].to_pylist()) == split)
-    h, w = stage.read_manifest(uri).extra["grid"]
-    rows = code_shards.decode_rows(t, h * w)
+    t = stage.read_committed_table(uri, code_shards.COLUMNS, split)
+    rows = code_shards.decode_rows(t, code_shards.describe(uri).num_tokens)
     return torch.from_numpy(rows["label"]), torch.from_numpy(rows["codes"])

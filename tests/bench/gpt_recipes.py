@@ -39,7 +39,7 @@ class OfficialRecipe:
         sys.modules.setdefault("transformers", types.SimpleNamespace(top_k_top_p_filtering=None))
         from taming.modules.transformer import mingpt
 
-        from models.training import Schedule
+        from models.optim import Schedule
 
         self.k = codebook_size
         self.model = mingpt.GPT(
@@ -97,13 +97,13 @@ class OfficialRecipe:
 
 
 class OurRecipe:
-    def __init__(self, plan, seed: int = 0):
+    def __init__(self, plan, steps: int, seed: int = 0):
         from models.gpt import GPT
         from models.gpt_training import GPTTrainer
 
         self.plan = plan
         torch.manual_seed(seed)
-        self.trainer = GPTTrainer(GPT(plan.gpt), plan.recipe, plan.spec.codebook_size)
+        self.trainer = GPTTrainer(GPT(plan.gpt), plan.recipe, plan.spec.codebook_size, steps)
         self.gen = torch.Generator()
         self.seed = seed
 

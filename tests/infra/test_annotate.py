@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
-from infra import stage, storage
-from stages.annotate import AnnotateWorker
+from infra import schemas, stage, storage
+from infra.annotate import AnnotatePlan, AnnotateWorker
+from infra.image_shards import Annotation, ImageShards
 from tests import images
 
+DATASET = ImageShards(channels=3, size=(8, 8), label_names=None)
 
-class BrightnessWorker(AnnotateWorker):
-    """Annotates the mean brightness; refuses images whose first pixel is very dark (a stand-in failure)."""
 
-    def __init__(self, out: stage.StageOutput):
-        self.out, self.metadata, self.batch_size = out, {"taming.test": "1"}, 3
+class BrightnessDepth(AnnotateWorker):
+    """A stand-in depth model: the mean brightness everywhere; refuses images whose first pixel is
+    very dark (a stand-in failure)."""
 
-    def fields(self):
-        return [pa.field("brightness", pa.float32())]
+    def __init__(self, out: stage.StageOutput, p: AnnotatePlan):
+        super().__init__(out, p)
+        self.batch_size = 3
 
     def annotate(self, x: np.ndarray) -> dict[str, list]:
         if (x[:, 0, 0, 0] < -0.9).any():
             raise ValueError("too dark for this model")
-        return {"brightness": x.mean(axis=(1, 2, 3)).tolist()}
+        mean = x.mean(axis=(1, 2, 3))
+        maps = [np.full((8, 8), m, "<f2").tobytes() for m in mean]
+        return {"depth": maps, "depth_min": mean.tolist(), "depth_max": mean.tolist()}
 
 
 def test_failing_images_are_recorded_and_counts_add_up(tmp_path):
@@ -31,28 +36,28 @@ def test_failing_images_are_recorded_and_counts_add_up(tmp_path):
         arr = np.full((8, 8, 3), 200, np.uint8)
         if i in (2, 5):
             arr[0, 0] = 0  # these two fail
-        from PIL import Image
-
         rows.append(
             {
                 "image_id": f"id{i}",
-                "image": images.encode(Image.fromarray(arr), "PNG"),
+                "image": {"bytes": images.encode(Image.fromarray(arr), "PNG"), "path": None},
                 "label": None,
                 "split": "train",
                 "source_uri": f"src/{i}.png",
-                "width": 8,
-                "height": 8,
+                "source_width": 8,
+                "source_height": 8,
             }
         )
     src = tmp_path / "in.parquet"
-    storage.write_parquet(str(src), pa.Table.from_pylist(rows), rel_to=str(tmp_path))
-    out = stage.StageOutput(str(tmp_path / "out"), "test", "h")
-    marker = BrightnessWorker(out).process(0, {"uri": str(src)})
-    assert marker.counts["read"] == 7
-    assert marker.rows("data") == 5 and marker.rows("_errors") == 2
-    data = storage.read_parquet(storage.join(out.output_uri, marker.files["data"].path))
-    errors = storage.read_parquet(storage.join(out.output_uri, marker.files["_errors"].path))
+    storage.write_parquet(str(src), pa.Table.from_pylist(rows, DATASET.schema()), rel_to=str(tmp_path))
+    annotated = DATASET.annotated("depth", Annotation(model="test", weights_sha256="0", encoding="f16"))
+    p = AnnotatePlan("depth", "depth", (), (str(src),), 7, "", annotated)
+    out = stage.StageOutput(str(tmp_path / "out"), "depth", "h")
+    marker = BrightnessDepth(out, p).process(0, {"uri": str(src)})
+    assert marker.counts["read"] == 7 and marker.rows == 5 and marker.rejected == 2
+    data = storage.read_parquet(out.file_uri(marker.data[0]))
+    errors = storage.read_parquet(out.file_uri(marker.errors))
     assert data["image_id"].to_pylist() == ["id0", "id1", "id3", "id4", "id6"]  # input order kept
     assert errors["source_uri"].to_pylist() == ["src/2.png", "src/5.png"]
     assert all("too dark" in r for r in errors["reason"].to_pylist())
-    assert data.schema.metadata[b"taming.test"] == b"1"
+    assert data.schema.equals(annotated.schema(), check_metadata=True)  # the new descriptor, in the footer
+    assert schemas.image_bytes(data["image"])[0] == rows[0]["image"]["bytes"]

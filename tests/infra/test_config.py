@@ -100,16 +100,48 @@ def test_an_added_field_at_its_default_keeps_old_identities():
 
 def test_every_stage_location_has_a_role():
     """Every `*_uri` field of every stage config is declared an input or output field (so a
-    location never changes an identity), and every execution-only knob is marked on the field."""
-    from pipelines.full import STAGES
+    location never changes an identity), and every stage asks for its resources in the one
+    vocabulary (``resources``: workers, cpus_per_worker, gpus_per_worker), an execution field."""
+    import typing
 
-    for name, module in STAGES:
-        cls = next(v for k, v in vars(module).items() if k.endswith("Config") and dataclasses.is_dataclass(v))
-        for f in dataclasses.fields(cls):
+    from infra.devices import Resources
+    from pipelines.full import STAGES, FullConfig
+
+    hints = typing.get_type_hints(FullConfig)
+    for name, _ in STAGES:
+        cls = next(a for a in typing.get_args(hints[name]) or (hints[name],) if dataclasses.is_dataclass(a))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for f in fields.values():
             if f.name.endswith("_uri"):
                 assert C.role(cls, f.name) in ("input", "output"), (name, f.name)
-            if f.name in ("num_workers", "num_cpus", "num_gpus", "concurrency", "cpus_per_worker"):
-                assert C.role(cls, f.name) == "execution", (name, f.name)
+        assert C.role(cls, "resources") == "execution", name
+        assert isinstance(fields["resources"].default_factory(), Resources), name
+        assert not {"num_workers", "num_cpus", "num_gpus", "concurrency", "cpus_per_worker", "use_gpu"} & set(
+            fields
+        )
+
+
+def test_stage_sections_nest_and_override_by_dotted_keys():
+    """The sampler, the training recipes and the resources are typed sections: set in YAML or on the
+    command line by their dotted keys, checked like any other key."""
+    from stages.sample import SampleConfig
+    from stages.train_gpt import TrainGPTConfig
+
+    cfg = C.from_dict(
+        SampleConfig,
+        C.apply_overrides({"sampler": {"top_k": 100}}, ["sampler.cfg_scale=2", "resources.workers=3"]),
+    )
+    assert (cfg.sampler.top_k, cfg.sampler.cfg_scale, cfg.resources.workers) == (100, 2.0, 3)
+    gpt = C.from_dict(TrainGPTConfig, C.apply_overrides({}, ["recipe.lr=1e-3", "recipe.pkeep=0.9"]))
+    assert (gpt.recipe.lr, gpt.recipe.pkeep) == (1e-3, 0.9)
+    with pytest.raises(C.ConfigError, match="unknown config key sampler.topk"):
+        C.from_dict(SampleConfig, C.apply_overrides({}, ["sampler.topk=3"]))
+    with pytest.raises(C.ConfigError, match="pkeep must lie in"):
+        C.from_dict(TrainGPTConfig, C.apply_overrides({}, ["recipe.pkeep=0"]))
+    # the sections count in the identity, the resources do not
+    assert C.config_hash(gpt) != C.config_hash(TrainGPTConfig())
+    busy = C.from_dict(TrainGPTConfig, C.apply_overrides({}, ["resources.workers=8"]))
+    assert C.config_hash(busy) == C.config_hash(TrainGPTConfig())
 
 
 def test_flatten_and_yaml_roundtrip():

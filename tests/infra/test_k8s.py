@@ -82,11 +82,9 @@ def test_manifests_fit_the_pipeline():
     for name, s in stages:
         assert s.output_uri.startswith("s3://"), name
         # what each stage asks for fits on one pod of a worker group
-        gpus = getattr(s, "num_gpus", 0) or (1 if getattr(s, "use_gpu", False) else 0)
-        cpus = getattr(s, "num_cpus", None) or getattr(s, "cpus_per_worker", 1)
-        assert gpus <= float(gpu_limit["nvidia.com/gpu"]), name
-        assert cpus <= max(cpu_per_pod.values()), name
-    assert cfg.train_gpt.use_gpu and cfg.sample.num_gpus == 1
+        assert s.resources.gpus_per_worker <= float(gpu_limit["nvidia.com/gpu"]), name
+        assert s.resources.cpus_per_worker <= max(cpu_per_pod.values()), name
+    assert cfg.train_gpt.resources.use_gpu and cfg.sample.resources.gpus_per_worker == 1
 
 
 def test_image_holds_the_code_it_runs():

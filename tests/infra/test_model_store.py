@@ -61,3 +61,42 @@ def test_moved_alias_loads_the_new_version(stack):
     assert model_store.load("models:/test-moving-alias@candidate").sha256 == storage.sha256(_model_bytes(4))
     pinned = f"models:/test-moving-alias/{first['version']}"
     assert model_store.load(pinned).sha256 == storage.sha256(_model_bytes(3))
+
+
+def test_a_header_is_read_without_the_weights_and_checked_on_load(tmp_path):
+    """describe() reads kind, config and sha256 from the file's header (what a plan checks);
+    load() with that sha256 refuses weights that changed since."""
+    from infra.stage import InputError
+
+    path = tmp_path / "tok.safetensors"
+    path.write_bytes(_model_bytes(5))
+    header = model_store.describe(str(path))
+    assert (header.kind, header.format, header.config) == ("vqgan", "native", tiny_vqgan())
+    assert header.sha256 == storage.sha256(_model_bytes(5))
+    assert model_store.load(str(path), header.sha256).sha256 == header.sha256
+    path.write_bytes(_model_bytes(6))
+    with pytest.raises(InputError, match="changed since it was checked"):
+        model_store.load(str(path), header.sha256)
+
+
+def test_formats_are_declared_never_guessed(tmp_path):
+    """A folder that is not a taming release is refused, not searched for some checkpoint inside."""
+    from infra.stage import InputError
+
+    (tmp_path / "models" / "deep").mkdir(parents=True)
+    (tmp_path / "models" / "deep" / "tok.safetensors").write_bytes(_model_bytes(7))
+    with pytest.raises(FileNotFoundError, match="checkpoints/last.ckpt"):
+        model_store.describe(str(tmp_path / "models"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match="not a model format"):
+        model_store.describe(str(tmp_path / "weights.bin"))
+
+
+def test_registered_model_is_read_through_its_mlmodel(stack):
+    mlflow.set_tracking_uri(stack["mlflow"].uri)
+    mlflow.set_experiment("test-model-store")
+    with mlflow.start_run():
+        model_store.register(_model_bytes(8), "test-header", alias="candidate")
+    header = model_store.describe("models:/test-header@candidate")
+    assert header.kind == "vqgan" and header.sha256 == storage.sha256(_model_bytes(8))
+    assert header.path.name == "test-header.safetensors" and header.path.parent.name == "artifacts"

@@ -15,6 +15,7 @@ import ray
 
 from infra import ray_train, storage
 from infra.config import output_field
+from infra.devices import Resources
 from infra.stage import StageRun
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the loop below runs in Ray workers
@@ -26,6 +27,11 @@ CLASSES, PER_CLASS, BATCH, WORKERS = 4, 16, 4, 2  # 32 rows per worker: 8 global
 class ToyConfig:
     output_uri: str = output_field()
     seed: int = 0
+    steps: int = 12
+    resources: Resources = Resources(workers=WORKERS, cpus_per_worker=0.5)
+    bf16: bool = False
+    max_failures: int = 0
+    shuffle_buffer: int = 32
 
 
 def toy_loop(config: dict) -> None:
@@ -69,7 +75,8 @@ def class_sorted_files(stack, tmp_path_factory):
 
 
 def _train(uris, out, seed: int, steps: int = 12, crash_at: int = -1, max_failures: int = 0) -> list[int]:
-    job = StageRun("toy", ToyConfig(output_uri=str(out), seed=seed), str(out), [], "test-ray-train")
+    cfg = ToyConfig(output_uri=str(out), seed=seed, steps=steps, max_failures=max_failures)
+    job = StageRun("toy", cfg, [], "test-ray-train")
     sides = {
         "seen_uri": str(out.parent / f"{out.name}-seen.json"),
         "redone_uri": str(out.parent / f"{out.name}-redone.json"),
@@ -79,14 +86,7 @@ def _train(uris, out, seed: int, steps: int = 12, crash_at: int = -1, max_failur
         toy_loop,
         {"steps": steps, "crash_at": crash_at, **sides},
         {"train": ray_train.read_parquet(uris, ["row", "label"], seed)},
-        steps=steps,
-        num_workers=WORKERS,
-        cpus_per_worker=0.5,
-        use_gpu=False,
-        bf16=False,
-        max_failures=max_failures,
-        seed=seed,
-        shuffle_buffer=32,
+        cfg,
     )
     assert int(state["step"]) == steps
     return state["rows"].tolist()  # the global batches, in order

@@ -1,28 +1,30 @@
 """The stage contract on local paths and on s3:// (moto server): commit, skip, conflict, atomicity,
-conditional commits of concurrent runs, and the one identity rule."""
+conditional commits of concurrent runs, the layout folder readers see, and the one identity rule."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pytest
 
+from infra import config as C
 from infra import stage, storage
 from infra.config import execution_field, input_field, output_field
 from infra.stage import InputRef
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.services)])
 def base_uri(request, tmp_path):
     if request.param == "local":
         return str(tmp_path)
     return request.getfixturevalue("s3_bucket")
 
 
-def _table(n: int, start: int = 0) -> pa.Table:
-    return pa.table({"x": list(range(start, start + n))})
+def _table(n: int, start: int = 0, split: str | None = None) -> pa.Table:
+    t = pa.table({"x": list(range(start, start + n))})
+    return t if split is None else t.append_column("split", pa.array([split] * n))
 
 
 def _commit(out: stage.StageOutput, markers, run_id=None):
@@ -35,8 +37,8 @@ def test_commit_skip_conflict(base_uri):
     assert out.committed() is None
     with pytest.raises(stage.NotCommittedError, match="no committed stage output"):
         stage.read_manifest(uri)
-    m0 = out.write_shard(0, {"data": _table(3)}, {"read": 3})
-    m1 = out.write_shard(1, {"data": _table(2, 3)}, {"read": 2})
+    m0 = out.write_shard(0, _table(3), {"read": 3})
+    m1 = out.write_shard(1, _table(2, 3), {"read": 2})
     # shard files exist, but nothing is committed yet
     with pytest.raises(stage.NotCommittedError):
         stage.read_committed_table(uri)
@@ -65,10 +67,10 @@ def test_commit_skip_conflict(base_uri):
 def test_commit_removes_abandoned_attempts(base_uri):
     uri = storage.join(base_uri, "out2")
     stale = stage.StageOutput(uri, "demo", "old")
-    stale.write_shard(0, {"data": _table(1)}, {})
+    stale.write_shard(0, _table(1), {})
     out = stage.StageOutput(uri, "demo", "new")
-    _commit(out, [out.write_shard(0, {"data": _table(2)}, {})])
-    assert not storage.exists(stale.work_uri)
+    _commit(out, [out.write_shard(0, _table(2), {})])
+    assert not storage.exists(stale.work_uri) and not storage.exists(out.work_uri)
     assert stage.read_committed_table(uri).num_rows == 2
 
 
@@ -77,7 +79,7 @@ def test_commit_is_conditional(base_uri):
     and changes nothing; one of the same identity returns the first commit."""
     uri = storage.join(base_uri, "out3")
     a, b = stage.StageOutput(uri, "demo", "a"), stage.StageOutput(uri, "demo", "b")
-    ma, mb = a.write_shard(0, {"data": _table(1)}, {}), b.write_shard(0, {"data": _table(5)}, {})
+    ma, mb = a.write_shard(0, _table(1), {}), b.write_shard(0, _table(5), {})
     assert b.committed() is None and a.committed() is None  # both checked before either committed
     first, ours = _commit(a, [ma], "run-a")
     assert ours
@@ -88,12 +90,28 @@ def test_commit_is_conditional(base_uri):
     assert not ours and winner.mlflow_run_id == "run-a" and winner.created_at == first.created_at
 
 
+def test_a_commit_claimed_by_another_identity_is_a_conflict(base_uri):
+    """A run that stopped half-way through its commit (claimed, files published, no manifest) leaves
+    the location to its own identity: another identity is refused before any work, the same one
+    finishes the commit."""
+    uri = storage.join(base_uri, "claimed")
+    a = stage.StageOutput(uri, "demo", "a")
+    marker = a.write_shard(0, _table(3, split="train"), {})
+    a._claim()
+    a._publish(list(marker.data))  # ... and the process dies before the manifest
+    with pytest.raises(stage.OutputConflictError, match="being committed by another run"):
+        stage.StageOutput(uri, "demo", "b").committed()
+    manifest, ours = _commit(stage.StageOutput(uri, "demo", "a"), [marker])
+    assert ours and stage.read_committed_table(uri).num_rows == 3
+    assert not storage.exists(storage.join(uri, stage.CLAIM_NAME))
+
+
 def test_concurrent_commits_one_wins(base_uri):
     """Eight threads commit eight identities to one URI at once: exactly one commits, seven get
     the conflict error, and the manifest is the winner's."""
     uri = storage.join(base_uri, "race")
     outs = [stage.StageOutput(uri, "demo", f"id{i}") for i in range(8)]
-    markers = [o.write_shard(0, {"data": _table(i + 1)}, {}) for i, o in enumerate(outs)]
+    markers = [o.write_shard(0, _table(i + 1), {}) for i, o in enumerate(outs)]
     start, results = threading.Barrier(len(outs)), {}
 
     def commit(i: int) -> None:
@@ -114,6 +132,46 @@ def test_concurrent_commits_one_wins(base_uri):
     assert stage.read_committed_table(uri).num_rows == won[0] + 1
 
 
+def test_folder_readers_see_exactly_the_committed_rows(base_uri):
+    """pyarrow and pandas pointed at the output folder: nothing before the commit, the committed
+    rows after it (files named for their split), none of an abandoned attempt's."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    uri = storage.join(base_uri, "readers")
+    fs, path = storage.filesystem(uri)
+
+    def folder_rows() -> int:
+        try:
+            return pq.read_table(path, filesystem=fs).num_rows
+        except (FileNotFoundError, OSError, pa.ArrowInvalid):  # an empty or missing folder
+            return 0
+
+    out = stage.StageOutput(uri, "demo", "a")
+    mixed = pa.concat_tables(
+        [_table(3, split="train"), _table(2, 3, split="test"), _table(1, 5, split="train")]
+    )
+    m0 = out.write_shard(0, mixed, {"read": 6})
+    stage.StageOutput(uri, "demo", "stale").write_shard(0, _table(9, split="train"), {})
+    assert folder_rows() == 0  # work in progress is invisible
+    manifest, _ = _commit(out, [m0])
+    assert [(f.path, f.split, f.rows) for f in manifest.files] == [
+        ("data/train-00000.parquet", "train", 4),
+        ("data/test-00000.parquet", "test", 2),
+    ]
+    assert folder_rows() == 6
+    if not storage.is_remote(uri):
+        assert len(pd.read_parquet(uri)) == 6
+    train = stage.read_committed_table(uri, split="train")
+    assert train["x"].to_pylist() == [0, 1, 2, 5]  # the rows of a split, in their order
+
+
+def test_an_output_of_the_earlier_layout_is_refused(tmp_path):
+    storage.write_json(str(tmp_path / stage.MANIFEST_NAME), {"stage": "ingest", "identity": "x"})
+    with pytest.raises(stage.OutputConflictError, match="earlier version .* rebuild it"):
+        stage.read_manifest(str(tmp_path))
+
+
 def test_create_bytes_is_exclusive(base_uri):
     uri = storage.join(base_uri, "x.json")
     assert storage.create_bytes(uri, b"one") and not storage.create_bytes(uri, b"two")
@@ -122,7 +180,7 @@ def test_create_bytes_is_exclusive(base_uri):
 
 def test_verify_detects_changed_file(tmp_path):
     out = stage.StageOutput(str(tmp_path), "demo", "h")
-    manifest, _ = _commit(out, [out.write_shard(0, {"data": _table(4)}, {})])
+    manifest, _ = _commit(out, [out.write_shard(0, _table(4), {})])
     storage.write_parquet(manifest.data_uris()[0], _table(4, 100), rel_to=str(tmp_path))
     with pytest.raises(OSError, match="sha256"):
         stage.read_committed_table(str(tmp_path), verify=True)
@@ -151,11 +209,18 @@ def test_list_files_local_and_join(tmp_path):
 
 
 @dataclass(frozen=True)
+class Inner:
+    rate: float = 0.5
+    workers: int = C.execution_field(1)
+
+
+@dataclass(frozen=True)
 class Cfg:
     images_uri: str = input_field()
     output_uri: str = output_field()
     size: int = 4
     batch: int = execution_field(8)
+    inner: Inner = field(default_factory=Inner)
 
 
 def test_identity_rule():
@@ -173,5 +238,7 @@ def test_identity_rule():
         stage.identity("s", Cfg(), [InputRef("images", "/a", "d2", "output")]),  # the input's content
         stage.identity("t", Cfg(), [img]),  # another stage
         stage.identity("s", Cfg(), [img, InputRef.weights("w", "/w", "sha")]),  # one more input
+        stage.identity("s", Cfg(inner=Inner(rate=0.6)), [img]),  # a nested config field
     ]
+    assert stage.identity("s", Cfg(inner=Inner(workers=4)), [img]) == stage.identity("s", Cfg(), [img])
     assert base not in different and len(set(different)) == len(different)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, load_deeplab_v2
-from models.deeplab import preprocess, segment
+from models.checkpoint import CheckpointError
+from models.deeplab import load_deeplab_v2, preprocess, segment
 from tests import fixtures
 
 pytestmark = pytest.mark.parity
@@ -18,6 +18,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+@pytest.mark.slow
 def test_deeplab_v2_msc_matches_official(releases):
     model = load_deeplab_v2(releases(NAME) / WEIGHTS)
     e = fixtures.expected(NAME)
@@ -43,6 +44,9 @@ def test_deeplab_v2_msc_matches_official(releases):
 def test_deeplab_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_deeplab_v2(tmp_path / "missing.pth")
-    torch.save({"model": {"base.layer1.conv1.conv.weight": torch.zeros(1)}}, tmp_path / "bad.pth")
+    torch.save({"base.layer1.conv1.conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="missing keys"):
         load_deeplab_v2(tmp_path / "bad.pth")
+    torch.save({"model": {"base.layer1.conv1.conv.weight": torch.zeros(1)}}, tmp_path / "wrapped.pth")
+    with pytest.raises(CheckpointError, match="plain state_dict"):  # a format is read as declared
+        load_deeplab_v2(tmp_path / "wrapped.pth")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.checkpoint import load_taming
-from models.gpt import sample_sliding_window
+from models.sampling import sample_sliding_window
+from models.taming_release import load_taming
 from tests import fixtures
 
 pytestmark = pytest.mark.parity
@@ -71,8 +71,12 @@ def test_load_generator_resolves_an_official_release(tmp_path):
     release = fixtures.release_copy("taming/classcond", tmp_path)
     gen = model_store.load_generator(str(release))
     e = fixtures.expected("taming/classcond")
-    assert gen.kind == "taming" and gen.spec.condition.mode == "class" and gen.spec.condition.n_classes == 10
+    assert gen.format == "taming" and gen.spec.condition.mode == "class"
+    assert gen.spec.condition.n_classes == 10
     assert gen.spec.codebook_size == 128 and gen.spec.grid == (8, 8) and gen.spec.prefix_length == 1
     out = gen.gpt.generate(e["labels"][:2, None].long(), 64, temperature=0, n_codes=gen.spec.codebook_size)
     assert torch.equal(out[:, 1:], e["greedy_out"])
-    assert gen.tokenizer() is not None and gen.tokenizer().config.codebook_size == 128
+    assert gen.first_stage is not None and gen.first_stage.config.codebook_size == 128
+    header = model_store.describe_generator(str(release))  # the same facts from the config alone
+    assert header.spec == gen.spec and header.sha256 == gen.sha256
+    assert header.first_stage == gen.first_stage.config

@@ -84,10 +84,10 @@ def _rule_batches(n: int, seed: int):
     return torch.from_numpy(labels), torch.from_numpy(rule_codes(labels, T, K, rng))
 
 
-def _train(cond: ConditionConfig, vocab: int, steps: int, seed: int = 0, state=None, recipe=None):
-    trainer = GPTTrainer(
-        _gpt(vocab, seed=seed), recipe or GPTRecipe(lr=1e-2, steps=steps, warmup_steps=10), K
-    )
+def _train(cond: ConditionConfig, vocab: int, steps: int, seed=0, state=None, recipe=None, budget=None):
+    """``steps`` steps of a run whose schedule ends at ``budget`` (default: ``steps``)."""
+    recipe = recipe or GPTRecipe(lr=1e-2, warmup_steps=10)
+    trainer = GPTTrainer(_gpt(vocab, seed=seed), recipe, K, budget or steps)
     if state is not None:
         trainer.load_state_dict(state)
     gen = torch.Generator()
@@ -115,9 +115,9 @@ def test_a_learnable_rule_is_learnt_below_the_unigram_entropy():
 
 def test_resumed_training_equals_uninterrupted():
     cond, vocab = native_condition("class", K, 0.1, n_classes=CLASSES)
-    recipe = GPTRecipe(lr=3e-3, steps=12, warmup_steps=3, ema_decay=0.9)
+    recipe = GPTRecipe(lr=3e-3, warmup_steps=3, ema_decay=0.9)
     straight = _train(cond, vocab, 12, recipe=recipe)
-    first = _train(cond, vocab, 5, recipe=recipe)
+    first = _train(cond, vocab, 5, recipe=recipe, budget=12)
     resumed = _train(cond, vocab, 12, seed=0, state=first.state_dict(), recipe=recipe)
     assert resumed.step == 12
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from models.checkpoint import load_midas_small
-from models.midas import TRANSFORMS, MidasSmall, input_size, predict_depth, transform
+from models.checkpoint import CheckpointError
+from models.midas import TRANSFORMS, MidasSmall, input_size, load_midas, predict_depth, transform
 from tests import fixtures
 
 pytestmark = pytest.mark.parity
@@ -27,7 +27,7 @@ def test_state_dict_keys_match_the_release():
 
 
 def test_midas_small_matches_official(releases):
-    model = load_midas_small(releases(NAME) / "midas_v21_small_256.pt")
+    model = load_midas(releases(NAME) / "midas_v21_small_256.pt")
     e = fixtures.expected(NAME)
     with torch.no_grad():
         feats = model.features(e["x"][:1])
@@ -89,9 +89,9 @@ def test_midasnet_384_keys_match_the_release():
     assert y.shape == (1, 64, 96) and (y >= 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["dpt_hybrid_384", "dpt_large_384"])
 def test_dpt_keys_match_the_release(variant, tmp_path):
-    from models.checkpoint import load_midas
     from models.dpt import DPTDepth
 
     keys = json.loads((fixtures.require(f"midas/{variant}") / "keys.json").read_text())
@@ -100,6 +100,9 @@ def test_dpt_keys_match_the_release(variant, tmp_path):
     with torch.no_grad():
         y = model.eval()(torch.randn(1, 3, 64, 96))  # positional embeddings resized to 4x6 patches
     assert y.shape == (1, 64, 96) and (y >= 0).all()
-    if variant == "dpt_hybrid_384":  # the strict loader accepts the release layout ({"model": ...} too)
-        torch.save({"model": model.state_dict()}, tmp_path / "w.pt")
+    if variant == "dpt_hybrid_384":  # MiDaS's own file layouts: the state_dict, or it beside the optimizer
+        torch.save({"model": model.state_dict(), "optimizer": {}}, tmp_path / "w.pt")
         assert isinstance(load_midas(tmp_path / "w.pt", variant), DPTDepth)
+        torch.save({"model": model.state_dict()}, tmp_path / "wrapped.pt")  # not a layout MiDaS reads
+        with pytest.raises(CheckpointError, match="plain state_dict"):
+            load_midas(tmp_path / "wrapped.pt", variant)

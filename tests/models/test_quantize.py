@@ -170,6 +170,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_codebook_identical_across_workers():
     # spawn, not fork: a forked child of a process with Ray initialised (the session's cluster) runs
     # Ray's exit hooks as the driver when it ends, and breaks the driver's later actor calls

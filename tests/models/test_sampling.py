@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig, inverse_cdf
+from models.gpt import GPT, GPTConfig
 from models.net2net import GeneratorSpec, native_condition
 from models.sampling import (
     SamplerOptions,
@@ -17,6 +17,7 @@ from models.sampling import (
     rows_independent,
     sample_uniforms,
 )
+from models.token_sampling import inverse_cdf
 from models.vqgan import VQGAN
 from tests.tiny import tiny_vqgan
 
@@ -86,7 +87,7 @@ def test_guidance_schedule():
 def test_sliding_window_behind_a_class_prefix_follows_the_official_rule():
     """Greedy: every position's token is the argmax of a full forward over the class token and the
     window around it (the official rule, which the cached computation must reproduce)."""
-    from models.gpt import _window_start
+    from models.sampling import _window_start
 
     gpt, spec = _class_model()
     labels = torch.tensor([0, 2])

@@ -1,4 +1,5 @@
-"""The training step (models.training) in-process: schedule, objectives, EMA, state round trips."""
+"""The VQGAN training step (models.vqgan_training) in-process: schedule, objectives, EMA, state
+round trips."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from models.losses import VQGANLoss, VQGANLossConfig
+from models.optim import Schedule
 from models.quantize import QuantizerConfig
-from models.training import (
-    Schedule,
+from models.vqgan import VQGAN
+from models.vqgan_training import (
+    VQGANRecipe,
     VQGANTrainer,
     center_crop,
     evaluate,
@@ -18,7 +21,6 @@ from models.training import (
     one_hot,
     random_crop,
 )
-from models.vqgan import VQGAN
 from tests.tiny import tiny_vqgan
 
 
@@ -36,7 +38,8 @@ def _trainer(channels=1, objective="image", **kw):
             disc_ndf=8,
         )
         loss = VQGANLoss(cfg)
-    return VQGANTrainer(model, loss, Schedule(lr=1e-3, steps=20), objective=objective, **kw)
+    recipe = VQGANRecipe(lr=1e-3, warmup_steps=0, cosine_decay=False, **kw)
+    return VQGANTrainer(model, loss, recipe, 20, objective=objective)
 
 
 def test_schedule_warmup_cosine_floor():
@@ -120,6 +123,7 @@ def test_augmentations():
     assert all(a or b for a, b in zip(same, mirrored)) and any(same) and any(mirrored)
 
 
+@pytest.mark.slow
 def test_evaluate_with_lpips_on_grey_images(tmp_path):
     """LPIPS in validation (grey images shown to it as RGB), from a VGG16 trunk file."""
     import torchvision

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from models import checkpoint
+from models import checkpoint, taming_release
 from models.losses import VGG16_FILE, VQGANLoss, VQGANLossConfig, hinge_d_loss, vanilla_d_loss
 from models.quantize import QuantizerConfig
 from models.vqgan import PRESETS, VQGAN, VQGANConfig
@@ -30,9 +30,20 @@ TINY = VQGANConfig(
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_build(name):
+    """Every preset builds (on the meta device: no memory for the big ones) and maps an image of
+    its resolution to the code grid its downsampling factor says."""
     cfg = PRESETS[name]
-    m = VQGAN.from_config(name)
-    assert m.config == cfg and m.config.downsample_factor == 2 ** (len(cfg.ch_mult) - 1)
+    with torch.device("meta"):
+        m = VQGAN.from_config(name)
+        side = cfg.resolution
+        z = m.encode_pre_quant(torch.empty(1, cfg.in_channels, side, side))
+        out = m.decode(z)
+    f = 2 ** (len(cfg.ch_mult) - 1)
+    assert m.config.downsample_factor == f
+    assert tuple(z.shape) == (1, cfg.embed_dim, side // f, side // f)
+    assert tuple(out.shape) == (1, cfg.out_channels, side, side)
+    codebook = [p for p in m.quantize.parameters() if p.shape[-1] == cfg.embed_dim and p.dim() == 2]
+    assert codebook and codebook[-1].shape[0] == cfg.codebook_size
 
 
 def test_encode_decode_shapes_and_non_square():
@@ -99,7 +110,7 @@ def test_pickle_payloads_are_refused(tmp_path):
         )
     )
     with pytest.raises(checkpoint.CheckpointError, match="pickled Python objects"):
-        checkpoint.load_taming(rel)
+        taming_release.load_taming(rel)
     assert not Path(_Payload.marker).exists()  # nothing was executed
 
 
@@ -129,14 +140,15 @@ def _fake_release(
 @pytest.mark.parity
 def test_taming_import_errors_are_clear(tmp_path, releases):
     with pytest.raises(checkpoint.CheckpointError, match=r"missing keys: decoder\.conv_out\.bias"):
-        checkpoint.load_taming(_fake_release(tmp_path / "a", releases, drop_key="decoder.conv_out.bias"))
+        taming_release.load_taming(_fake_release(tmp_path / "a", releases, drop_key="decoder.conv_out.bias"))
     with pytest.raises(checkpoint.CheckpointError, match=r"shape mismatches: quantize\.embedding\.weight"):
-        checkpoint.load_taming(_fake_release(tmp_path / "b", releases, n_embed=64))
+        taming_release.load_taming(_fake_release(tmp_path / "b", releases, n_embed=64))
     with pytest.raises(checkpoint.CheckpointError, match="EMAVQ"):
-        checkpoint.load_taming(_fake_release(tmp_path / "c", releases, target="taming.models.vqgan.EMAVQ"))
+        ema_vq = _fake_release(tmp_path / "c", releases, target="taming.models.vqgan.EMAVQ")
+        taming_release.load_taming(ema_vq)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpoint.load_taming(tmp_path / "nowhere")
-    ok = checkpoint.load_taming(releases("taming/vqgan"))  # without the loss: loss.* ignored
+        taming_release.load_taming(tmp_path / "nowhere")
+    ok = taming_release.load_taming(releases("taming/vqgan"))  # without the loss: loss.* ignored
     assert ok.loss is None and ok.global_step is not None
 
 
@@ -154,6 +166,7 @@ def test_loss_without_vgg_trunk_names_the_file(tmp_path, monkeypatch, caplog):
     assert float(logs["p_loss"]) == 0.0 and float(logs["disc_factor"]) == 0.0
 
 
+@pytest.mark.slow
 def test_loss_loads_vgg_trunk_from_hub_cache(tmp_path, monkeypatch):
     import torchvision
 
@@ -236,14 +249,45 @@ def test_segmentation_release_imports(tmp_path):
     rel = _write_release(
         tmp_path / "seg", "taming.models.vqgan.VQSegmentationModel", params, src.state_dict()
     )
-    imported = checkpoint.load_taming(rel)
+    imported = taming_release.load_taming(rel)
     m = imported.model
     assert m.config.segmentation_labels == 5 and torch.equal(m.colorize, src.colorize)
     onehot = torch.nn.functional.one_hot(torch.randint(0, 5, (1, 16, 16)), 5).permute(0, 3, 1, 2).float()
     with torch.no_grad():
         assert m(onehot)[0].shape == (1, 5, 16, 16)
     with pytest.raises(checkpoint.CheckpointError, match="cannot be imported"):
-        checkpoint.load_taming(rel, with_loss=True)  # BCE loss: not the VQGAN loss
+        taming_release.load_taming(rel, with_loss=True)  # BCE loss: not the VQGAN loss
+
+
+def test_native_header_without_the_weights(tmp_path):
+    torch.manual_seed(0)
+    m = VQGAN(TINY)
+    path = tmp_path / "m.safetensors"
+    checkpoint.save_native(m, path, extra={"stage": "train_vqgan"})
+    header = checkpoint.read_header(path)
+    assert (header.kind, header.config, header.extra) == ("vqgan", TINY, {"stage": "train_vqgan"})
+    path.write_bytes(path.read_bytes()[:100])  # a header cut short
+    with pytest.raises(checkpoint.CheckpointError, match="not a native checkpoint"):
+        checkpoint.read_header(path)
+
+
+def test_a_release_config_is_read_as_declared(tmp_path):
+    """configs/model.yaml, or the one configs/*-project.yaml taming writes; a yaml elsewhere beside
+    the checkpoint is never taken, and two candidates ask for config_path."""
+    rel = tmp_path / "rel"
+    (rel / "checkpoints").mkdir(parents=True)
+    (rel / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (rel / "checkpoints" / "model.yaml").write_text("model: {}")  # beside the ckpt: not declared
+    with pytest.raises(FileNotFoundError, match="found none"):
+        taming_release.resolve_release(rel)
+    (rel / "configs").mkdir()
+    (rel / "configs" / "2020-11-09T13-31-51-project.yaml").write_text("model: {}")
+    assert taming_release.resolve_release(rel)[1].name == "2020-11-09T13-31-51-project.yaml"
+    (rel / "configs" / "2020-11-10T00-00-00-project.yaml").write_text("model: {}")
+    with pytest.raises(FileNotFoundError, match="pass config_path"):
+        taming_release.resolve_release(rel / "checkpoints" / "last.ckpt")
+    (rel / "configs" / "model.yaml").write_text("model: {}")
+    assert taming_release.resolve_release(rel)[1].name == "model.yaml"
 
 
 def test_native_checkpoint_bytes_are_deterministic():

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra import services, stage
+from infra import image_shards, services, stage
 from tests import images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,14 +42,7 @@ FAST_NODE_DEATH = {
 }
 # 2 of a node's 3 CPUs per task, actor or training worker: no node holds two, and 1 CPU stays free
 # on each for Ray Data's read tasks
-SPREAD = [
-    "ingest.num_cpus=2",
-    "train_vqgan.cpus_per_worker=2",
-    "tokenize_images.num_cpus=2",
-    "train_gpt.cpus_per_worker=2",
-    "sample.num_cpus=2",
-    "evaluate.num_cpus=2",
-]
+SPREAD = [f"{s}.resources.cpus_per_worker=2" for s in OUTPUTS]
 DISTRIBUTED = ("ingest", "train_vqgan", "tokenize_images", "train_gpt", "sample")
 
 
@@ -150,7 +143,7 @@ def test_whole_chain_on_two_nodes_survives_driver_and_node_loss(stack, s3_bucket
         assert len(_nodes(head)) == 2
         _submit(head, "first", args)
         # 1. the second node dies while train_gpt trains (after a checkpoint); a replacement joins
-        gpt_attempts = f"{root}/gpt/_attempts".removeprefix("s3://")
+        gpt_attempts = f"{root}/gpt/.attempts".removeprefix("s3://")
         _wait(
             lambda: any(
                 "checkpoint_" in p for p in (fs.find(gpt_attempts) if fs.exists(gpt_attempts) else [])
@@ -163,7 +156,7 @@ def test_whole_chain_on_two_nodes_survives_driver_and_node_loss(stack, s3_bucket
         assert not stage.is_committed(f"{root}/gpt"), "training finished before the node died"
         workers.append(services.RayWorkerNode(tmp_path / "w2", head, num_cpus=3).start(env=env))
         # 2. the job's driver dies once sampling has written a shard
-        sample_attempts = f"{root}/samples/_attempts".removeprefix("s3://")
+        sample_attempts = f"{root}/samples/.attempts".removeprefix("s3://")
         _wait(lambda: _marker_nodes(fs, sample_attempts), "a sample shard", 420, (head, "first"))
         os.kill(int(_client(head).get_job_info("first").driver_info.pid), signal.SIGKILL)
         assert not stage.is_committed(f"{root}/samples"), "sampling finished before the driver died"
@@ -223,7 +216,7 @@ def test_whole_chain_on_two_nodes_survives_driver_and_node_loss(stack, s3_bucket
     assert inputs["tokenize_images"]["images"].uri == f"{root}/images"
     assert inputs["train_gpt"]["codes"].digest == manifests["tokenize_images"].identity
     assert inputs["sample"]["generator"].uri == f"{root}/gpt"
-    assert manifests["sample"].extra["generator"]["training_run_id"] == gpt_run_id
+    assert image_shards.describe(manifests["sample"]).generation.training_run_id == gpt_run_id
     assert (inputs["evaluate"]["generated"].uri, inputs["evaluate"]["reference"].uri) == (
         f"{root}/samples",
         f"{root}/images",

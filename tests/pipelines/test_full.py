@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from infra import stage
+from infra import code_shards, stage
 from pipelines import full
 from tests import images
 
@@ -73,6 +74,7 @@ def test_parent_and_child_runs_and_rerun(stack, tmp_path, mlflow_client):
     runs_before = len(mlflow_client.search_runs([exp.experiment_id]))
     plan = full.main(["--config", str(cfg_path), "--explain"])["plan"]
     assert [(p["stage"], p["action"]) for p in plan] == [("ingest", "cached")]
+    assert plan[0]["plan"] == f"13 of 13 images from {src} (folder) -> 1 shard, 8x8x3, 2 classes"
     changed = full.main(["--config", str(cfg_path), "--explain", "ingest.resolution=16"])["plan"]
     assert changed[0]["action"] == "stop" and changed[0]["why"] == ["config changed (resolution: 8 -> 16)"]
     assert len(mlflow_client.search_runs([exp.experiment_id])) == runs_before
@@ -92,7 +94,8 @@ def test_parent_and_child_runs_and_rerun(stack, tmp_path, mlflow_client):
     assert m.config["resolution"] == 16 and m.identity != committed.identity
     kept = list((tmp_path / "run" / "images" / "_replaced").glob("*.json"))
     assert [json.loads(k.read_text())["identity"] for k in kept] == [committed.identity]
-    assert [d.name for d in (tmp_path / "run" / "images" / "_attempts").iterdir()] == [m.identity]
+    assert not (tmp_path / "run" / "images" / ".attempts").exists()  # attempts go at the commit
+    assert sum(f.rows for f in m.files) == 12 == pq.read_table(tmp_path / "run" / "images").num_rows
 
 
 def test_pipeline_with_tokenize(stack, tmp_path):
@@ -120,13 +123,21 @@ def test_pipeline_with_tokenize(stack, tmp_path):
     t = summary["tokenize_images"]
     assert t["output_uri"] == str(tmp_path / "run" / "codes") and (t["images"], t["rows"]) == (8, 8)
     m = stage.read_manifest(t["output_uri"])
-    assert m.inputs[0].uri == summary["ingest"]["output_uri"] and m.extra["grid"] == [4, 4]
+    assert m.inputs[0].uri == summary["ingest"]["output_uri"] and code_shards.describe(m).grid == (4, 4)
     # a changed ingest config: it and everything after it would run again
     # (the chain through train_gpt, sample and evaluate: tests/pipelines/test_cluster.py)
     plan = full.main(["--config", str(cfg_path), "--explain", "ingest.resolution=16"])["plan"]
     assert [(p["stage"], p["action"]) for p in plan] == [("ingest", "stop"), ("tokenize_images", "stop")]
     assert plan[0]["why"] == ["config changed (resolution: 8 -> 16)"]
     assert plan[1]["why"] == [f"input {summary['ingest']['output_uri']} is made again first"]
+    assert plan[1]["plan"] == f"planned once {summary['ingest']['output_uri']} is made"
+    # each stage's plan: what it reads and how much work, from the manifests and the model header
+    plan = full.main(["--config", str(cfg_path), "--explain"])["plan"]
+    files = len(stage.read_manifest(summary["ingest"]["output_uri"]).files)  # a file per split
+    want = (
+        f"8 images in {files} file{'s' if files > 1 else ''} from {summary['ingest']['output_uri']} x 1 views"
+    )
+    assert plan[1]["plan"].startswith(want), plan[1]["plan"]
     assert [
         p["action"] for p in full.explain(full.resolve(full.config_lib.load(full.FullConfig, cfg_path)))
     ] == [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,12 +12,32 @@ import torch
 
 from infra import model_store, schemas, stage, storage, tracking
 from infra.config import ConfigError
+from infra.image_shards import GeneratedImageShards, Generation, ImageShards
 from infra.imaging import encode_png
 from infra.stage import InputError, StageOutput
+from models.evaluation import ClassifierRecipe, inception_metrics
+from models.sampling import SamplerOptions
 from stages import evaluate
 from stages.evaluate import EvaluateConfig
 
 EXP = "test-evaluate"
+GENERATION = Generation(
+    generator_uri="models:/g@candidate",
+    pinned_uri="models:/g/1",
+    generator_sha256="0" * 64,
+    generator_format="native",
+    registry_name=None,
+    registry_version=None,
+    training_run_id=None,
+    condition="class",
+    tokenizer_uri=None,
+    tokenizer_sha256="1" * 64,
+    grid=(8, 8),
+    codebook_size=16,
+    sampler=SamplerOptions(),
+    seed=0,
+    tile=8,
+)
 CLASSES = 3
 SIDE = 16
 
@@ -31,32 +52,34 @@ def patterns(labels: np.ndarray, seed: int, shift: int = 0) -> np.ndarray:
     return np.clip(x + shift, 0, 255).astype(np.uint8)
 
 
-def image_set(uri: str, images: np.ndarray, labels, split, extra=None) -> str:
-    """Commit ``images`` as image shards (ingest's schema) with the manifest ``extra`` given."""
+def image_set(uri: str, images: np.ndarray, labels, split, channels: int = 1, registry=None) -> str:
+    """Commit ``images`` as image shards (ingest's columns and descriptor); ``registry``: (name,
+    version) of a generator, making it a generated dataset with that lineage."""
     n = len(images)
     splits = [split] * n if isinstance(split, str) else list(split)
+    names = [f"c{k}" for k in range(CLASSES)]
+    dataset = ImageShards(channels=channels, size=(SIDE, SIDE), label_names=names)
+    if registry is not None:
+        generation = dataclasses.replace(GENERATION, registry_name=registry[0], registry_version=registry[1])
+        dataset = GeneratedImageShards(
+            channels=channels, size=(SIDE, SIDE), label_names=names, generation=generation
+        )
     table = pa.table(
         {
             "image_id": [f"{uri[-8:]}-{i}" for i in range(n)],
-            "image": [encode_png(im) for im in images],
+            "image": schemas.image_column([encode_png(im) for im in images]),
             "label": [None if v is None else int(v) for v in labels],
             "split": splits,
             "source_uri": [f"synthetic://{i}" for i in range(n)],
-            "width": [SIDE] * n,
-            "height": [SIDE] * n,
+            "source_width": [SIDE] * n,
+            "source_height": [SIDE] * n,
         },
-        schema=schemas.IMAGE_SCHEMA,
+        schema=ImageShards(channels=channels, size=(SIDE, SIDE), label_names=None).schema(),
     )
     out = StageOutput(uri, "ingest", f"synthetic-{abs(hash(uri)) % 10**8}")
-    marker = out.write_shard(0, {"data": table}, {"read": n})
-    info = {"channels": 1, "resolution": SIDE, "label_names": [f"c{k}" for k in range(CLASSES)]}
+    marker = out.write_shard(0, table, {"read": n})
     out.commit(
-        config={},
-        config_hash="synthetic",
-        inputs=[],
-        markers=[marker],
-        counts={},
-        extra={**info, **(extra or {})},
+        config={}, config_hash="synthetic", inputs=[], markers=[marker], counts={}, dataset=dataset.to_json()
     )
     return uri
 
@@ -93,9 +116,7 @@ def _cfg(sets, tmp_path, generated, **fields):
         reference_uri=sets["real"],
         output_uri=str(tmp_path / "eval"),
         inception="off",
-        classifier_epochs=20,  # 60 training images: 80 steps
-        classifier_batch_size=16,
-        classifier_lr=3e-3,
+        classifier=ClassifierRecipe(epochs=20, batch_size=16, lr=3e-3),  # 60 training images: 80 steps
     )
     return EvaluateConfig(**{**base, **fields})
 
@@ -124,7 +145,7 @@ def test_memorisation_flags_planted_copies_and_duplicates(sets, tmp_path):
     x[15:20] = x[20:25]  # and five duplicates within the set
     labels = np.concatenate([np.arange(90)[:15] % CLASSES, y[15:]])
     uri = image_set(str(tmp_path / "copies"), x, labels, "train")
-    res = evaluate.run(_cfg(sets, tmp_path, uri, classifier=False), EXP)
+    res = evaluate.run(_cfg(sets, tmp_path, uri, classifier=None), EXP)
     assert 0.25 <= res.figures["memorized_fraction"] < 0.35
     assert abs(res.figures["duplicate_fraction"] - 5 / 60) < 1e-9
 
@@ -149,9 +170,9 @@ def test_inception_metrics_with_random_weights_and_registry_tags(sets, tmp_path)
     torch.save(net.state_dict(), weights)
 
     x = torch.from_numpy(patterns(np.arange(6) % CLASSES, 1))[:, None]  # Inception at 299 px: few images
-    same = evaluate._inception(x, x, str(weights), 16, False)
+    same = inception_metrics(x, x, str(weights), 16, False)
     shifted = torch.from_numpy(patterns(np.arange(6) % CLASSES, 1, shift=80))[:, None]
-    moved = evaluate._inception(shifted, x, str(weights), 16, False)
+    moved = inception_metrics(shifted, x, str(weights), 16, False)
     assert abs(same["fid"]) < 1e-3 and moved["fid"] > 100 * max(abs(same["fid"]), 1e-3)
     assert {"kid", "is", "precision", "recall"} <= set(moved)
 
@@ -159,9 +180,10 @@ def test_inception_metrics_with_random_weights_and_registry_tags(sets, tmp_path)
 
     with mlflow.start_run(experiment_id=mlflow.set_experiment(EXP).experiment_id):
         reg = model_store.register(b"not a model, only a version to tag", "test-eval-gen", "candidate")
-    extra = {"generator": {"registry": {"name": "test-eval-gen", "version": reg["version"]}}}
     y = sets["y_gen"]
-    uri = image_set(str(tmp_path / "registered"), patterns(y, 2), y, "train", extra)
+    uri = image_set(
+        str(tmp_path / "registered"), patterns(y, 2), y, "train", registry=("test-eval-gen", reg["version"])
+    )
     res = evaluate.run(
         _cfg(
             sets,
@@ -169,7 +191,7 @@ def test_inception_metrics_with_random_weights_and_registry_tags(sets, tmp_path)
             uri,
             inception="required",
             inception_weights_uri=str(weights),
-            classifier_epochs=2,
+            classifier=ClassifierRecipe(epochs=2, batch_size=16, lr=3e-3),
             max_images=6,
         ),
         EXP,
@@ -183,17 +205,17 @@ def test_inception_metrics_with_random_weights_and_registry_tags(sets, tmp_path)
     assert {"evaluation/real_vs_generated.png", "evaluation/per_class_scores.png"} <= arts
 
 
-def test_bad_inputs_fail_before_any_work(sets, tmp_path):
+def test_bad_inputs_fail_before_any_work(sets, tmp_path, monkeypatch):
     y = sets["y_gen"]
     unlabelled = image_set(str(tmp_path / "unlabelled"), patterns(y, 2), [None] * len(y), "train")
     one = image_set(str(tmp_path / "one"), patterns(y[:1], 2), y[:1], "train")
     with pytest.raises(InputError, match="needs labels"):
         evaluate.plan(_cfg(sets, tmp_path, unlabelled))
-    evaluate.plan(_cfg(sets, tmp_path, unlabelled, classifier=False))  # fine without the classifier
+    evaluate.plan(_cfg(sets, tmp_path, unlabelled, classifier=None))  # fine without the classifier
     with pytest.raises(InputError, match="holds 1 images"):
         evaluate.plan(_cfg(sets, tmp_path, one))
     rgb = str(tmp_path / "rgb")
-    image_set(rgb, patterns(y, 2), y, "train", {"channels": 3})
+    image_set(rgb, patterns(y, 2), y, "train", channels=3)
     with pytest.raises(InputError, match="channels"):
         evaluate.plan(_cfg(sets, tmp_path, rgb))
     with pytest.raises(FileNotFoundError, match=evaluate.INCEPTION_FILE):
@@ -202,8 +224,18 @@ def test_bad_inputs_fail_before_any_work(sets, tmp_path):
                 sets, tmp_path, sets["good"], inception="required", inception_weights_uri=str(tmp_path / "no")
             )
         )
-    skipped, _ = evaluate.plan(_cfg(sets, tmp_path, sets["good"], inception="skip_if_missing"))
-    assert skipped.inception_path is None or "ran" in skipped.inception_note
+    # skip_if_missing: with no weights in the hub cache the metrics are skipped and the note says why;
+    # with the file there they run, and the note names its sha256
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    skipped = evaluate.plan(_cfg(sets, tmp_path, sets["good"], inception="skip_if_missing"))
+    assert skipped.inception_path is None and skipped.inception_note.startswith("skipped: ")
+    assert evaluate.INCEPTION_FILE in skipped.inception_note
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / evaluate.INCEPTION_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"stand-in weights")
+    found = evaluate.plan(_cfg(sets, tmp_path, sets["good"], inception="skip_if_missing"))
+    assert found.inception_path == str(cached) and found.inception_note.startswith("ran (")
+    assert storage.sha256(b"stand-in weights") in found.inception_note
     with pytest.raises(ConfigError, match="generated_uri"):
         evaluate.plan(_cfg(sets, tmp_path, ""))
     assert not storage.exists(str(tmp_path / "eval"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from infra import sources, stage, storage
+from infra import image_shards, schemas, sources, stage, storage
 from infra.imaging import png_to_array
 from stages import ingest
 from tests import images
@@ -51,7 +52,7 @@ def test_folder_with_every_bad_kind(stack, tmp_path, mlflow_client):
 
     assert _rwr(res) == (len(files), len(good) + 1, len(bad))
     assert res.counts["shards"] == -(-len(files) // 4) and not res.cached
-    assert res.manifest.extra["label_names"] == ["cats", "dogs"]
+    assert image_shards.describe(res.manifest).label_names == ["cats", "dogs"]
     reasons = _reasons(res.manifest)
     assert set(reasons) == set(bad)
     for name, (_, expected) in bad.items():
@@ -62,11 +63,11 @@ def test_folder_with_every_bad_kind(stack, tmp_path, mlflow_client):
     assert set(rows) == set(good) | {"extra.png"}
     assert len(set(t["image_id"].to_pylist())) == t.num_rows
     for r in rows.values():
-        assert png_to_array(r["image"]).shape == (16, 16, 3)
+        assert png_to_array(r["image"]["bytes"]).shape == (16, 16, 3)
         assert r["split"] in ("train", "val")
     assert {rows[k]["label"] for k in good} == {0} and rows["extra.png"]["label"] == 1
-    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (24, 48)  # EXIF applied
-    assert (png_to_array(rows["transparent.png"]["image"]) == 255).all()  # composited on white
+    assert (rows["rotated.jpg"]["source_width"], rows["rotated.jpg"]["source_height"]) == (24, 48)  # EXIF
+    assert (png_to_array(rows["transparent.png"]["image"]["bytes"]) == 255).all()  # composited on white
 
     # the MLflow server recorded the counts on this stage's run
     run = mlflow_client.get_run(res.manifest.mlflow_run_id)
@@ -86,7 +87,10 @@ def test_folder_with_every_bad_kind(stack, tmp_path, mlflow_client):
         ingest.run(dataclasses.replace(cfg, resolution=32), experiment="test-ingest")
     assert res.summary()["written"] == len(good) + 1 and res.summary()["stage"] == "ingest"
     # execution-only settings do not change the output's identity
-    assert ingest.run(dataclasses.replace(cfg, batch_size=2, concurrency=1), experiment="test-ingest").cached
+    from infra.devices import Resources
+
+    faster = dataclasses.replace(cfg, batch_size=2, resources=Resources(workers=1))
+    assert ingest.run(faster, experiment="test-ingest").cached
 
 
 def test_s3_in_and_out(stack, s3_bucket, tmp_path):
@@ -107,9 +111,8 @@ def test_s3_in_and_out(stack, s3_bucket, tmp_path):
     assert fs.exists(f"{s3_bucket}/images/_SUCCESS.json")
     t = stage.read_committed_table(f"{s3_bucket}/images", verify=True)
     assert set(t["split"].to_pylist()) == {"train"} and set(t["label"].to_pylist()) == {0}
-    assert all(t["source_uri"].to_numpy().astype(str) != "") and png_to_array(
-        t["image"][0].as_py()
-    ).shape == (8, 8)
+    assert all(t["source_uri"].to_numpy().astype(str) != "")
+    assert png_to_array(schemas.image_bytes(t["image"])[0]).shape == (8, 8)
     assert ingest.run(cfg, experiment="test-ingest").cached
 
 
@@ -151,16 +154,16 @@ def test_fashion_mnist_idx_layout(stack, tmp_path):
     )
     res = ingest.run(cfg, experiment="test-ingest")
     assert _rwr(res) == (10, 10, 0)
-    names = res.manifest.extra["label_names"]
-    assert names[0] == "T-shirt/top" and len(names) == 10
+    described = image_shards.describe(res.manifest)
+    names = described.label_names
+    assert names[0] == "T-shirt/top" and len(names) == 10 and described.channels == 1
     t = stage.read_committed_table(res.output_uri)
     assert sorted(t["split"].to_pylist()) == ["test"] * 3 + ["train"] * 7
-    img = png_to_array(t["image"][0].as_py())
+    assert {f.split for f in res.manifest.files} == {"train", "test"}  # a file per split
+    img = png_to_array(schemas.image_bytes(t["image"])[0])
     assert img.shape == (32, 32) and (img[:2] == 0).all() and (img[2:30, 2:30] > 0).all()  # padded by 2
-    assert (
-        pq.read_schema(storage.join(res.output_uri, res.manifest.files[0].path)).metadata[b"taming.channels"]
-        == b"1"
-    )
+    footer = pq.read_schema(storage.join(res.output_uri, res.manifest.files[0].path)).metadata
+    assert json.loads(footer[schemas.DESCRIPTOR_KEY.encode()]) == described.to_json()  # the same descriptor
 
 
 @pytest.mark.skipif(not Path(sources.FASHION_MNIST_URI).exists(), reason="dataset-fashion-mnist absent")
@@ -191,12 +194,12 @@ def test_killed_run_leaves_nothing_visible_and_rerun_completes(stack, tmp_path):
                     "output_uri": str(out),
                     "resolution": 16,
                     "rows_per_shard": per_shard,
-                    "concurrency": 1,
+                    "resources": {"workers": 1},
                 },
             }
         )
     )
-    kill_stage_when("stages.ingest", cfg_path, out, "_attempts/*/_shards/part-*.json")
+    kill_stage_when("stages.ingest", cfg_path, out, ".attempts/*/_shards/part-*.json")
     with pytest.raises(stage.NotCommittedError):
         stage.read_committed_table(str(out))
     with pytest.raises(stage.NotCommittedError):  # as a source, the half-written output is refused too
@@ -224,6 +227,7 @@ def test_cli_help_and_bad_key(tmp_path):
         timeout=120,
     )
     assert out.returncode == 0 and "ingest.resolution" in out.stdout and "Fashion-MNIST" in out.stdout
+    assert "ingest.resources.workers = None   [execution]" in out.stdout  # nested keys, with their role
     bad = subprocess.run(
         [sys.executable, "-m", "stages.ingest", "source_uri=/x", "ingest.resoluton=3"],
         cwd=ROOT,
@@ -278,7 +282,9 @@ def test_shards_mix_the_classes_and_max_images_samples_all(stack, tmp_path):
         ),
         "test-ingest",
     )
-    per_shard = [storage.read_parquet(u, ["label"])["label"].to_pylist() for u in res.manifest.data_uris()]
+    per_shard = [
+        storage.read_parquet(u, ["label"])["label"].to_pylist() for u in res.manifest.data_uris("train")
+    ]
     assert len(per_shard) == 4 and all(len(set(labels)) >= 3 for labels in per_shard), per_shard
     first = per_shard[0][:8]
     assert len(set(first)) >= 3, first  # the first rows a reader sees are not one class
@@ -389,4 +395,4 @@ def test_two_concurrent_runs_of_different_configs(stack, tmp_path):
     m = stage.read_manifest(str(out))
     assert m.config["resolution"] == winner and m.counts["written"] == 24
     t = stage.read_committed_table(str(out), verify=True)
-    assert png_to_array(t["image"][0].as_py()).shape[:2] == (winner, winner)
+    assert png_to_array(schemas.image_bytes(t["image"])[0]).shape[:2] == (winner, winner)

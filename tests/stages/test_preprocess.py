@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from infra import stage
+from infra import image_shards, schemas, stage
+from infra.devices import Resources
 from infra.imaging import pngs_to_array
 from models.deeplab import DeepLabMSC, segment
 from models.midas import MidasSmall, predict_depth
+from models.vqgan_training import VQGANRecipe
 from stages import depth, segmentation
 from tests import images
 from tests.killing import kill_stage_when
@@ -34,7 +36,7 @@ def shards(stack, tmp_path_factory):
 
 def _inputs(uri: str) -> tuple[list[str], torch.Tensor]:
     t = stage.read_committed_table(uri).sort_by("image_id")
-    return t["image_id"].to_pylist(), torch.from_numpy(pngs_to_array(t["image"].to_pylist(), 3))
+    return t["image_id"].to_pylist(), torch.from_numpy(pngs_to_array(schemas.image_bytes(t["image"]), 3))
 
 
 def test_depth_stage(shards, tmp_path, s3_bucket):
@@ -90,7 +92,8 @@ def test_segmentation_stage(shards, tmp_path):
         batch_size=3,
     )
     manifest = segmentation.run(cfg, "test-pre").manifest
-    assert manifest.counts["written"] == 6 and len(manifest.extra["segmentation_labels"]) == 182
+    labels_of = image_shards.describe(manifest).annotations["segmentation"].labels
+    assert manifest.counts["written"] == 6 and len(labels_of) == 182
     t = stage.read_committed_table(manifest.output_uri).sort_by("image_id")
     ids, x = _inputs(shards["images"])
     labels, _ = segment(shards["deeplab"], x)
@@ -178,7 +181,8 @@ def test_segmentation_with_torchvision_deeplabv3(shards, tmp_path):
         weights_uri=str(tmp_path / "deeplabv3_resnet101_coco-586e9e4e.pth"),
     )
     manifest = segmentation.run(cfg, "test-pre").manifest
-    assert manifest.extra["segmentation_labels"][0] == "__background__" and manifest.counts["written"] == 6
+    described = image_shards.describe(manifest).annotations["segmentation"]
+    assert described.labels[0] == "__background__" and manifest.counts["written"] == 6
     t = stage.read_committed_table(manifest.output_uri).sort_by("image_id")
     _, x = _inputs(shards["images"])
     labels, _ = segment_v3(model, x, 64)
@@ -204,7 +208,7 @@ def test_depth_killed_and_resumed(shards, tmp_path):
             }
         )
     )
-    kill_stage_when("stages.depth", tmp_path / "cfg.yaml", out, "_attempts/*/_shards/part-*.json")
+    kill_stage_when("stages.depth", tmp_path / "cfg.yaml", out, ".attempts/*/_shards/part-*.json")
     manifest = depth.run(
         depth.DepthConfig(images_uri=imgs.output_uri, output_uri=str(out), weights_uri=weights), "test-pre"
     ).manifest
@@ -222,11 +226,11 @@ def test_train_condition_tokenizers_and_tokenize_with_them(annotated, tmp_path, 
         images_uri=annotated,
         steps=4,
         batch_size=2,
-        warmup_steps=1,
+        recipe=VQGANRecipe(warmup_steps=1),
         log_every=1,
         image_every=4,
         checkpoint_every=4,
-        num_workers=1,
+        resources=Resources(workers=1),
         codebook_size=32,
     )
     dm = train_vqgan.run(
@@ -268,7 +272,7 @@ def test_train_condition_tokenizers_and_tokenize_with_them(annotated, tmp_path, 
     )
     t = stage.read_committed_table(res.output_uri)
     assert res.counts["rows"] == 6 and {"depth_codes", "segmentation_codes"} <= set(t.column_names)
-    with pytest.raises(stage.InputError, match="no `segmentation` column"):
+    with pytest.raises(stage.InputError, match="committed tokenize_images output, not image shards"):
         train_vqgan.run(
             train_vqgan.TrainVQGANConfig(
                 input="segmentation",

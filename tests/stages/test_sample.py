@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from infra import image_shards, model_store, schemas, stage, storage, tracking
+from infra import code_shards, image_shards, model_store, schemas, stage, storage, tracking
 from infra.config import ConfigError
+from infra.devices import Resources
 from infra.imaging import pngs_to_array
 from infra.stage import InputError
 from models import checkpoint
@@ -55,7 +56,10 @@ def gens(stack, tmp_path_factory):
 
 
 CLASS_RUN = dict(
-    samples_per_class=4, samples_per_shard=5, cfg_scale=2.0, cfg_schedule="linear", top_k=8, seed=3
+    samples_per_class=4,
+    samples_per_shard=5,
+    sampler=SamplerOptions(cfg_scale=2.0, cfg_schedule="linear", top_k=8),
+    seed=3,
 )
 
 
@@ -66,7 +70,7 @@ def class_run(gens):
         model_uri=gens["class"][0],
         output_uri=str(gens["root"] / "a"),
         batch_size=1,
-        concurrency=1,
+        resources=Resources(workers=1),
         **CLASS_RUN,
     )
     return sample.run(cfg, EXP)
@@ -82,7 +86,7 @@ def test_samples_are_the_same_whatever_the_batch_actors_and_store(class_run, gen
     a = _rows(class_run.output_uri)
     assert class_run.counts == {"samples": 12, "shards": 3, "reused_shards": 0}
     assert a["label"].to_pylist() == [0, 1, 2] * 4 and a["sample_index"].to_pylist() == list(range(12))
-    assert set(schemas.IMAGE_SCHEMA.names) <= set(a.column_names)
+    assert [f.name for f in schemas.IMAGE_FIELDS] == a.column_names[:7]  # the image-shard columns first
     assert a.num_rows == len(set(a["image_id"].to_pylist()))
     codes = schemas.decode_codes(a["codes"], 64)
     assert len({c.tobytes() for c in codes}) == 12  # every sample its own
@@ -94,7 +98,7 @@ def test_samples_are_the_same_whatever_the_batch_actors_and_store(class_run, gen
         model_uri="models:/test-sample-gen@candidate",
         output_uri=f"{s3_bucket}/samples",
         batch_size=7,
-        concurrency=2,
+        resources=Resources(workers=2),
         **CLASS_RUN,
     )
     b = sample.run(b_cfg, EXP)
@@ -105,15 +109,11 @@ def test_samples_are_the_same_whatever_the_batch_actors_and_store(class_run, gen
     assert b_rows["source_uri"].to_pylist() == [
         f"models:/test-sample-gen/{v}#seed=3&sample={i}" for i in range(12)
     ]
-    gen = b.manifest.extra["generator"]
-    assert gen["registry"] == {"name": "test-sample-gen", "version": v}
-    assert gen["training_run_id"] == run.info.run_id and gen["sha256"] == gens["class"][1]
-    assert b.manifest.extra["tokenizer_sha256"] == gens["tokenizer"][1]
-    assert b.manifest.extra["sampler"]["cfg_scale"] == 2.0 and b.manifest.extra["label_counts"] == {
-        "0": 4,
-        "1": 4,
-        "2": 4,
-    }
+    gen = image_shards.describe(b.manifest).generation
+    assert (gen.registry_name, gen.registry_version) == ("test-sample-gen", v)
+    assert gen.training_run_id == run.info.run_id and gen.generator_sha256 == gens["class"][1]
+    assert gen.tokenizer_sha256 == gens["tokenizer"][1]
+    assert gen.sampler.cfg_scale == 2.0 and gen.label_counts == {"0": 4, "1": 4, "2": 4}
     assert sample.run(b_cfg, EXP).cached
 
     # the bare loop: one generate call over all 12, then the decoder
@@ -125,7 +125,7 @@ def test_samples_are_the_same_whatever_the_batch_actors_and_store(class_run, gen
     assert np.array_equal(bare.numpy(), codes)
     tok, _ = checkpoint.load_native(gens["tokenizer"][0])
     x = decode_tiles(tok.eval(), bare.reshape(-1, 8, 8))
-    stored = torch.from_numpy(pngs_to_array(a["image"].to_pylist(), 1))
+    stored = torch.from_numpy(pngs_to_array(schemas.image_bytes(a["image"]), 1))
     assert torch.equal(stored, ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1)
 
     # the MLflow child run: a grid of samples and the throughput
@@ -138,8 +138,9 @@ def test_killed_run_resumes_byte_identical(class_run, gens, tmp_path):
     out = tmp_path / "killed"
     cfg_path = tmp_path / "cfg.yaml"
     fields = {**CLASS_RUN, "model_uri": gens["class"][0], "output_uri": str(out), "batch_size": 1}
-    cfg_path.write_text(yaml.safe_dump({"run": {"experiment": EXP}, "sample": fields}))
-    kill_stage_when("stages.sample", cfg_path, out, "_attempts/*/_shards/part-*.json")
+    as_yaml = {**fields, "sampler": dataclasses.asdict(CLASS_RUN["sampler"])}
+    cfg_path.write_text(yaml.safe_dump({"run": {"experiment": EXP}, "sample": as_yaml}))
+    kill_stage_when("stages.sample", cfg_path, out, ".attempts/*/_shards/part-*.json")
     res = sample.run(SampleConfig(**{**fields, "batch_size": 4}), EXP)
     assert res.counts["reused_shards"] >= 1 and res.counts["samples"] == 12
     assert [f.sha256 for f in res.manifest.files] == [f.sha256 for f in class_run.manifest.files]
@@ -153,16 +154,18 @@ def test_unconditional_sliding_window_and_depth_conditional(gens, tmp_path):
             output_uri=str(tmp_path / "uncond"),
             num_samples=3,
             grid=[10, 12],  # larger than the 8x8 training grid: the strided sliding window
-            window="strided",
-            window_stride=2,
+            sampler=SamplerOptions(window="strided", window_stride=2),
         ),
         EXP,
     )
     t = _rows(un.output_uri)
     assert t.num_rows == 3 and t["label"].null_count == 3
-    assert set(t["width"].to_pylist()) == {24} and set(t["height"].to_pylist()) == {20}
-    assert pngs_to_array(t["image"].to_pylist(), 1).shape == (3, 1, 20, 24)
-    assert un.manifest.extra["grid"] == [10, 12] and un.manifest.extra["resolution"] is None
+    assert set(t["source_width"].to_pylist()) == {24} and set(t["source_height"].to_pylist()) == {20}
+    assert pngs_to_array(schemas.image_bytes(t["image"]), 1).shape == (3, 1, 20, 24)
+    described = image_shards.describe(un.manifest)
+    assert (
+        described.generation.grid == (10, 12) and described.size == (20, 24) and described.resolution is None
+    )
 
     dep = sample.run(
         SampleConfig(
@@ -188,14 +191,14 @@ def test_unconditional_sliding_window_and_depth_conditional(gens, tmp_path):
             output_uri=str(tmp_path / "greedy"),
             conditions_uri=gens["conditions"],
             samples_per_condition=2,
-            greedy=True,
+            sampler=SamplerOptions(greedy=True),
         ),
         EXP,
     )
     g = _rows(greedy.output_uri)
     c = schemas.decode_codes(g["codes"], 64)
     assert g.num_rows == 18 and np.array_equal(c[0], c[1]) and not np.array_equal(c[0], c[2])
-    assert greedy.manifest.extra["conditions"]["rows"] == 9
+    assert image_shards.describe(greedy.manifest).generation.condition_rows == 9
 
 
 def test_local_attention_samples_a_larger_grid_in_one_pass(gens, tmp_path):
@@ -208,7 +211,8 @@ def test_local_attention_samples_a_larger_grid_in_one_pass(gens, tmp_path):
     )
     res = sample.run(cfg, EXP)
     t = _rows(res.output_uri)
-    assert t.num_rows == 3 and set(t["width"].to_pylist()) == {48} and set(t["height"].to_pylist()) == {32}
+    assert t.num_rows == 3 and set(t["source_width"].to_pylist()) == {48}
+    assert set(t["source_height"].to_pylist()) == {32}
     gen = model_store.load_generator(uri)
     raw = torch.tensor(t["label"].to_pylist())
     u = sample_uniforms(5, t["sample_index"].to_pylist(), 16 * 24)
@@ -220,8 +224,8 @@ def test_local_attention_samples_a_larger_grid_in_one_pass(gens, tmp_path):
 
 def test_generated_dataset_goes_through_tokenize(class_run, gens, tmp_path):
     """A generated dataset is image shards: tokenize reads it as it is, with its labels and names."""
-    info = image_shards.info(class_run.manifest)
-    assert info == {"channels": 1, "resolution": 16, "label_names": ["class0", "class1", "class2"]}
+    info = image_shards.describe(class_run.manifest)
+    assert (info.channels, info.resolution, info.label_names) == (1, 16, ["class0", "class1", "class2"])
     res = tokenize_images.run(
         tokenize_images.TokenizeConfig(
             images_uri=class_run.output_uri,
@@ -230,7 +234,7 @@ def test_generated_dataset_goes_through_tokenize(class_run, gens, tmp_path):
         ),
         EXP,
     )
-    assert res.counts["images"] == 12 and res.manifest.extra["label_names"] == info["label_names"]
+    assert res.counts["images"] == 12 and code_shards.describe(res.manifest).label_names == info.label_names
     codes = stage.read_committed_table(res.output_uri).sort_by("image_id")
     samples = _rows(class_run.output_uri).sort_by("image_id")
     assert codes["image_id"].equals(samples["image_id"]) and codes["label"].equals(samples["label"])
@@ -238,7 +242,7 @@ def test_generated_dataset_goes_through_tokenize(class_run, gens, tmp_path):
     # tokenizer does not invert its own decoder, so these are not the sampled codes)
     tok, _ = checkpoint.load_native(gens["tokenizer"][0])
     with torch.no_grad():
-        want = tok.eval().encode(torch.from_numpy(pngs_to_array(samples["image"].to_pylist(), 1)))[2]
+        want = tok.eval().encode(torch.from_numpy(pngs_to_array(schemas.image_bytes(samples["image"]), 1)))[2]
     assert np.array_equal(schemas.decode_codes(codes["codes"], 64), want.reshape(12, 64).numpy())
 
 
@@ -253,7 +257,8 @@ def test_bad_inputs_fail_before_any_work(gens, tmp_path):
     fails(InputError, "unknown label 7", labels=[7])
     fails(InputError, "unknown label 'boot'", labels=["class1", "boot"], samples_per_class=2)
     fails(ConfigError, "samples_per_class, num_samples or labels")
-    fails(InputError, "without a null condition", model_uri=gens["uncond"][0], num_samples=2, cfg_scale=2.0)
+    guided = SamplerOptions(cfg_scale=2.0)
+    fails(InputError, "without a null condition", model_uri=gens["uncond"][0], num_samples=2, sampler=guided)
     fails(ConfigError, "unconditional", model_uri=gens["uncond"][0], samples_per_class=2)
     fails(InputError, "smaller than the training grid", samples_per_class=1, grid=[4, 4])
     fails(FileNotFoundError, "no-such-gen", model_uri="models:/no-such-gen@candidate", num_samples=1)
@@ -278,7 +283,7 @@ def test_bad_inputs_fail_before_any_work(gens, tmp_path):
     )
     fails(ConfigError, "conditions_uri", **depth)
     with pytest.raises(ValueError, match="top_p"):
-        SampleConfig(**base, samples_per_class=1, top_p=1.5)
+        SampleConfig(**base, samples_per_class=1, sampler=SamplerOptions(top_p=1.5))
     assert not storage.exists(str(out))  # nothing was started
 
 
@@ -291,8 +296,12 @@ def test_an_official_release_samples_its_greedy_codes(stack, tmp_path):
     release = fixtures.release_copy("taming/classcond", tmp_path)
     e = fixtures.expected("taming/classcond")
     labels = [int(v) for v in e["labels"][:2]]
-    cfg = SampleConfig(model_uri=str(release), output_uri=str(tmp_path / "out"), labels=labels, greedy=True)
+    greedy = SamplerOptions(greedy=True)
+    cfg = SampleConfig(
+        model_uri=str(release), output_uri=str(tmp_path / "out"), labels=labels, sampler=greedy
+    )
     res = sample.run(cfg, EXP)
     t = _rows(res.output_uri)
-    assert t["label"].to_pylist() == labels and res.manifest.extra["generator"]["kind"] == "taming"
+    assert t["label"].to_pylist() == labels
+    assert image_shards.describe(res.manifest).generation.generator_format == "taming"
     assert np.array_equal(schemas.decode_codes(t["codes"], 64), e["greedy_out"].numpy())

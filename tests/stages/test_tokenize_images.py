@@ -47,12 +47,14 @@ def test_codes_match_in_memory_model(image_shards, tmp_path):
         images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(tmp_path / "codes"), hflip=True
     )
     res = tokenize_images.run(cfg, "test-tokenize")
-    c, e = res.counts, res.manifest.extra
-    assert (c["images"], c["rows"], c["shards"], e["grid"]) == (40, 80, 4, [8, 8])
-    assert e["codebook_size"] == 64 and res.figures["bytes_per_code"] < 2.0  # 2-byte slots, zstd
+    c, e = res.counts, code_shards.describe(res.manifest)
+    n_files = len(stage.read_manifest(d["images"]).files)  # a code file per image file (per split)
+    assert (c["images"], c["rows"], c["shards"], e.grid) == (40, 80, n_files, (8, 8))
+    assert e.codebook_size == 64 and res.figures["bytes_per_code"] < 2.0  # 2-byte slots, zstd
+    assert e.augmentations == ["identity", "hflip"] and e.image_size == (16, 16)
     t = stage.read_committed_table(res.output_uri, verify=True)
     imgs = stage.read_committed_table(d["images"]).sort_by("image_id")
-    x = torch.from_numpy(pngs_to_array(imgs["image"].to_pylist(), 3))
+    x = torch.from_numpy(pngs_to_array(schemas.image_bytes(imgs["image"]), 3))
     with torch.no_grad():
         _, _, expected = d["model"].encode(x)
         expected_flip = d["model"].encode(x.flip(-1))[2]
@@ -97,7 +99,7 @@ def test_killed_run_resumes_byte_identical(image_shards, tmp_path):
             }
         )
     )
-    kill_stage_when("stages.tokenize_images", cfg_path, out_b, "_attempts/*/_shards/part-*.json")
+    kill_stage_when("stages.tokenize_images", cfg_path, out_b, ".attempts/*/_shards/part-*.json")
     res = tokenize_images.run(
         TokenizeConfig(images_uri=d["images"], tokenizer_uri=d["tokenizer"], output_uri=str(out_b)),
         "test-tokenize",
@@ -146,7 +148,10 @@ def test_s3_and_registry_uri(image_shards, s3_bucket, stack):
         for r in (res, res2)
     )
     assert a["codes"].equals(b["codes"])  # same model, same codes (the files differ in their tokenizer URI)
-    assert res2.manifest.extra["tokenizer_sha256"] == res.manifest.extra["tokenizer_sha256"]
+    assert (
+        code_shards.describe(res2.manifest).tokenizer_sha256
+        == code_shards.describe(res.manifest).tokenizer_sha256
+    )
 
 
 def test_bad_tokenizer_and_channels_fail_before_work(image_shards, tmp_path):
@@ -176,8 +181,9 @@ def test_crops_are_deterministic(image_shards, tmp_path):
         hflip=True,
     )
     res = tokenize_images.run(cfg, "test-tokenize")
-    assert res.counts["rows"] == 40 * 4 and res.manifest.extra["grid"] == [4, 4]
-    assert res.manifest.extra["augmentations"] == ["identity", "hflip", "crop0", "crop1"]
+    described = code_shards.describe(res.manifest)
+    assert res.counts["rows"] == 40 * 4 and described.grid == (4, 4) and described.crop_size == 8
+    assert described.augmentations == ["identity", "hflip", "crop0", "crop1"]
     again = tokenize_images.run(dataclasses.replace(cfg, output_uri=str(tmp_path / "c2")), "test-tokenize")
     assert [f.sha256 for f in again.manifest.files] == [f.sha256 for f in res.manifest.files]
     with pytest.raises(stage.InputError, match="crop_size 16 must be below"):

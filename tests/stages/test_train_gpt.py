@@ -9,7 +9,8 @@ import pytest
 
 from infra import model_store, schemas, stage, storage
 from infra.config import ConfigError
-from models.gpt_training import bits_per_token
+from infra.devices import Resources
+from models.gpt_training import GPTRecipe, bits_per_token
 from models.net2net import condition_prefix
 from stages import train_gpt
 from stages.train_gpt import TrainGPTConfig
@@ -45,15 +46,13 @@ def _cfg(shards, output_uri: str, **kw) -> TrainGPTConfig:
         n_embd=32,
         steps=60,
         batch_size=32,
-        lr=1e-2,
-        warmup_steps=5,
+        recipe=GPTRecipe(lr=1e-2, warmup_steps=5),
         checkpoint_every=20,
         log_every=10,
         val_every=20,
         sample_every=30,
         samples_per_condition=4,
-        num_workers=2,
-        cpus_per_worker=0.5,
+        resources=Resources(workers=2, cpus_per_worker=0.5),
     )
     return TrainGPTConfig(**{**base, **kw})
 
@@ -63,7 +62,8 @@ LOCAL = dict(attention="local2d", block_h=4, block_w=4, flange_top=2, flange_lef
 
 def test_two_workers_train_to_s3_validate_sample_register(shards, s3_bucket, mlflow_client):
     """With local 2D attention (full attention's stage run: the two-node pipeline test)."""
-    cfg = _cfg(shards, f"{s3_bucket}/gpt", register_name="test-gpt", ema_decay=0.9, **LOCAL)
+    recipe = GPTRecipe(lr=1e-2, warmup_steps=5, ema_decay=0.9)
+    cfg = _cfg(shards, f"{s3_bucket}/gpt", register_name="test-gpt", recipe=recipe, **LOCAL)
     res = train_gpt.run(cfg, "test-gpt")
     m = res.manifest
     assert not res.cached and res.counts["steps"] == 60
@@ -85,9 +85,9 @@ def test_two_workers_train_to_s3_validate_sample_register(shards, s3_bucket, mlf
     from PIL import Image
 
     assert Image.open(grid).size[1] > CLASSES * 16  # one row of 16px samples per class
-    # checkpoints went to S3, under the attempt folder
-    ckpts = [u for u in storage.list_files(m.output_uri) if u.endswith("/state.pt")]
-    assert ckpts and all(u.startswith("s3://") for u in ckpts)
+    # the model was published on S3, and the attempt (with its S3 checkpoints) cleared at the commit
+    assert [f.path for f in m.files] == ["model.safetensors"] and m.output_uri.startswith("s3://")
+    assert all(".attempts/" not in u for u in storage.list_files(m.output_uri))
     # registered with its figures as tags; one loader gives the GPT and what sampling needs
     version = mlflow_client.get_model_version("test-gpt", m.registered["version"])
     assert float(version.tags["val/bits_per_token"]) == pytest.approx(res.figures["val/bits_per_token"])
@@ -105,13 +105,14 @@ def test_two_workers_train_to_s3_validate_sample_register(shards, s3_bucket, mlf
         4,
         2,
     )
-    assert gen.tokenizer().config.codebook_size == K  # sha256 verified
+    tok = model_store.load_tokenizer(gen.spec.tokenizer_uri, gen.spec.tokenizer_sha256)  # sha256 verified
+    assert tok.config.codebook_size == K
     # the registered weights are the validated ones: the same bits/token on the held-out rows
     raw, codes, _ = train_gpt.held_out(cfg, train_gpt.plan(cfg))
     bits = bits_per_token(gen.gpt, condition_prefix(gen.spec.condition, raw), codes)
     assert bits == pytest.approx(res.figures["val/bits_per_token"], rel=1e-5)
     # a finished run resubmitted is a no-op
-    again = train_gpt.run(dataclasses.replace(cfg, num_workers=1), "test-gpt")
+    again = train_gpt.run(dataclasses.replace(cfg, resources=Resources(workers=1)), "test-gpt")
     assert again.cached and again.manifest.mlflow_run_id == run_id
 
 
@@ -133,10 +134,10 @@ def test_bad_inputs_fail_before_any_work(shards, tmp_path):
     )
     fails(r"block_size=32 is too short for a 8x8 grid: 1 condition tokens \+ 64 image tokens", block_size=32)
     fails("holds no committed stage output", codes_uri=str(tmp_path / "nothing"))
-    fails("fewer than train_gpt.batch_size=4096", batch_size=4096)
+    fails("train_gpt.batch_size=4096 is split over 2 workers", batch_size=4096)
+    fails("train_gpt.batch_size=1 is split over 2 workers", batch_size=1)  # fewer rows than workers
     missing = storage.join(str(shards["root"]), "moved.safetensors")
     fails("the tokenizer of the code shards .* cannot be found", tokenizer_uri=missing)
-    fails("the image size behind .* is not recorded", condition="coord")
     with pytest.raises(ConfigError, match="local2d takes a one-token condition .* prefix of 16 tokens"):
         train_gpt.run(
             _cfg(shards, str(out), codes_uri=shards["depth"], condition="depth", **LOCAL), "test-gpt"
@@ -169,7 +170,10 @@ def test_other_conditions_become_prefixes(shards):
     prefix = condition_prefix(p.spec.condition, raw)
     assert prefix.shape == (8, 16) and int(prefix.min()) >= K and int(prefix.max()) < K + 12
     # coord: each row's code cells in the full image (identity view: the whole 16x16 image)
+    cfg = _cfg(shards, "unused", condition="coord")
+    p = train_gpt.plan(cfg)
+    assert p.spec.prefix_length == 64 and p.spec.condition.coord_levels == 255
     rows = stage.read_committed_table(shards["codes"], ["image_id", "aug_id"]).slice(0, 3)
-    got = train_gpt._coord_column(rows, augmentations=["identity"], side=16, crop=None, grid=GRID, levels=255)
+    got = p.derive(cfg)(rows)
     want = coord_levels_map(GRID, (16, 16), (0, 0), 16, 255).numpy()
     assert got["coord"].shape == (3, 64) and (got["coord"] == want).all()

@@ -16,37 +16,47 @@ itself).
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.losses import VQGANLoss
+from models.losses import VQGANLoss, VQGANLossConfig
+from models.optim import Schedule, allreduce_grads, ema_update, shipped_copy
 from models.vqgan import VQGAN
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """Linear warm-up to ``lr``, then (optionally) a half-cosine down to ``floor * lr`` at ``steps``."""
+class VQGANRecipe:
+    """How a VQGAN learns: the optimizer schedule and the loss terms (the training budget, steps
+    and batch size, is the caller's)."""
 
-    lr: float = 2e-4
-    steps: int = 1500
-    warmup_steps: int = 0
-    cosine_decay: bool = False
-    floor: float = 0.1
+    lr: float = 1e-3  # peak, after warm-up (bench: 25.2 dB vs 23.2 dB at 2e-4 with this schedule)
+    warmup_steps: int = 100
+    cosine_decay: bool = True  # half-cosine from lr down to min_lr_ratio * lr at the last step
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None  # EMA of the weights (the EMA model is the one validated and saved)
+    perceptual_weight: float = 0.0  # LPIPS; needs its VGG16 trunk (vgg16-397923af.pth)
+    disc_start: int = 1_000_000  # the step the PatchGAN starts at (the default: never, in short runs)
+    disc_weight: float = 0.8
+    codebook_weight: float = 1.0
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        if not self.cosine_decay:
-            return self.lr
-        t = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        return self.lr * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t)))
+    def schedule(self, steps: int) -> Schedule:
+        return Schedule(self.lr, steps, self.warmup_steps, self.cosine_decay, self.min_lr_ratio)
+
+    def loss_config(self, in_channels: int) -> VQGANLossConfig:
+        """The image objective's loss (L1 + LPIPS + GAN + codebook) for ``in_channels`` images."""
+        return VQGANLossConfig(
+            disc_start=self.disc_start,
+            disc_weight=self.disc_weight,
+            codebook_weight=self.codebook_weight,
+            perceptual_weight=self.perceptual_weight,
+            disc_in_channels=in_channels,
+            disc_num_layers=2,
+        )
 
 
 def bce_with_quant(
@@ -58,38 +68,6 @@ def bce_with_quant(
     return loss, {"total_loss": loss.detach(), "bce_loss": bce.detach(), "quant_loss": codebook_loss.detach()}
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def allreduce_grads(params) -> None:
-    """Average the gradients of ``params`` over the process group (no-op in a single process)."""
-    world = _world()
-    if world > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
-
-
-@torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
-    """``ema <- decay * ema + (1 - decay) * weights`` for float tensors; others (counters) copied."""
-    for k, v in model.state_dict().items():
-        if v.dtype.is_floating_point:
-            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-        else:
-            ema[k].copy_(v)
-
-
-def shipped_copy(model: nn.Module, ema: dict[str, torch.Tensor] | None) -> nn.Module:
-    """A copy of ``model`` in eval mode, with the ``ema`` weights when they are kept."""
-    out = copy.deepcopy(model)
-    if ema is not None:
-        out.load_state_dict(ema)
-    return out.eval()
-
-
 class VQGANTrainer:
     """Holds the model, the loss (with its discriminator), both optimizers and the EMA weights."""
 
@@ -97,26 +75,30 @@ class VQGANTrainer:
         self,
         model: VQGAN,
         loss: VQGANLoss | None,
-        schedule: Schedule,
+        recipe: VQGANRecipe,
+        steps: int,
         *,
         objective: Literal["image", "bce"] = "image",
-        grad_clip: float | None = 1.0,
-        ema_decay: float | None = None,
-        codebook_weight: float = 1.0,
         autocast_dtype: torch.dtype | None = None,
     ):
         if objective == "image" and loss is None:
             raise ValueError("the image objective needs a VQGANLoss")
-        self.model, self.loss, self.schedule, self.objective = model, loss, schedule, objective
-        self.grad_clip, self.ema_decay, self.codebook_weight = grad_clip, ema_decay, codebook_weight
+        self.model, self.loss, self.recipe, self.objective = model, loss, recipe, objective
+        self.schedule = recipe.schedule(steps)
+        self.grad_clip, self.ema_decay, self.codebook_weight = (
+            recipe.grad_clip,
+            recipe.ema_decay,
+            recipe.codebook_weight,
+        )
         self.autocast_dtype = autocast_dtype
-        self.opt_g = torch.optim.Adam(model.parameters(), lr=schedule.lr, betas=(0.5, 0.9))
+        self.opt_g = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=(0.5, 0.9))
         self.opt_d = (
-            torch.optim.Adam(loss.discriminator.parameters(), lr=schedule.lr, betas=(0.5, 0.9))
+            torch.optim.Adam(loss.discriminator.parameters(), lr=recipe.lr, betas=(0.5, 0.9))
             if objective == "image"
             else None
         )
-        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_decay else None
+        keep_ema = bool(recipe.ema_decay)
+        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep_ema else None
         self.step = 0
 
     def _autocast(self, device: torch.device):

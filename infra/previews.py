@@ -1,0 +1,128 @@
+"""What the stages log as images, in one place: a preview of what a stage wrote, reconstructions
+beside their inputs, samples in rows (one per class or condition), real images beside generated
+ones, per-class scores as a bar chart. Every function returns a uint8 image (H, W) or (H, W, 3) for
+``infra.tracking.log_image``; :func:`infra.imaging.image_grid` tiles them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from infra import schemas, storage
+from infra.imaging import (
+    colorize,
+    depth_maps,
+    image_grid,
+    label_colors,
+    label_maps,
+    png_to_array,
+    to_uint8_images,
+)
+
+MAX_GRID_ROWS = 16  # at most this many classes / conditions in a grid, one row each
+
+
+def images(pngs: Sequence[bytes], ncol: int = 8) -> np.ndarray:
+    """Encoded images as a grid."""
+    return image_grid([png_to_array(b) for b in pngs], ncol)
+
+
+def depth(blobs: Sequence[bytes], ncol: int = 8) -> np.ndarray:
+    """``depth`` column values ([-1, 1] maps) in a perceptual colour ramp."""
+    return image_grid([colorize(m[0], -1.0, 1.0) for m in depth_maps(list(blobs))], ncol)
+
+
+def segmentation(blobs: Sequence[bytes], ncol: int = 8) -> np.ndarray:
+    """``segmentation`` column values (label maps), a colour per label."""
+    return image_grid([label_colors(m[0]) for m in label_maps(list(blobs))], ncol)
+
+
+def reconstructions(x, xrec, labels: bool = False, ncol: int = 8) -> np.ndarray:
+    """Inputs beside their reconstructions (torch, (N, C, H, W) in [-1, 1]); with ``labels`` the
+    inputs are one-hot label maps (or logits), drawn in label colours."""
+    import torch
+
+    if labels:
+        return image_grid([label_colors(t.argmax(0).cpu().numpy()) for p in zip(x, xrec) for t in p], ncol)
+    return image_grid(to_uint8_images(torch.stack([x, xrec], 1).flatten(0, 1)), ncol)
+
+
+def rows(groups: dict[Any, list[np.ndarray]], ncol: int, beside: list[np.ndarray] | None = None):
+    """One row per group (in the dict's order), ``ncol`` images each (blank where a group has
+    fewer); ``beside``: one more image at the start of each row (a condition)."""
+    cells: list[np.ndarray] = []
+    width = ncol + (1 if beside is not None else 0)
+    for k, ims in enumerate(groups.values()):
+        row = ([beside[k]] if beside is not None else []) + ims[:ncol]
+        cells += row + [np.zeros_like(ims[0])] * (width - len(row))
+    return image_grid(cells, width)
+
+
+def gather(
+    uris: Sequence[str], key: str | None, per_group: int, max_groups: int
+) -> dict[Any, list[np.ndarray]]:
+    """The first ``per_group`` images of each of the first ``max_groups`` values of column ``key``
+    (all in one group when None) from image-shard files, read until the groups are full."""
+    groups: dict[Any, list[np.ndarray]] = {}
+    for uri in uris:
+        if len(groups) >= max_groups and all(len(v) >= per_group for v in groups.values()):
+            break
+        t = storage.read_parquet(uri, ["image"] + ([key] if key else []))
+        keys = t[key].to_pylist() if key else [None] * t.num_rows
+        for k, png in zip(keys, schemas.image_bytes(t["image"])):
+            if k not in groups and len(groups) >= max_groups:
+                continue
+            if len(groups.setdefault(k, [])) < per_group:
+                groups[k].append(png_to_array(png))
+    return groups
+
+
+def decoded_conditions(x) -> list[np.ndarray]:
+    """Decoded condition maps (torch (N, C, H, W)): label maps (one-hot or logits) in label
+    colours, depth in the colour ramp, images as they are."""
+    if x.shape[1] > 3:
+        return [label_colors(v.argmax(0).numpy()) for v in x]
+    return [colorize(v[0].numpy(), -1.0, 1.0) if v.shape[0] == 1 else v.numpy() for v in x]
+
+
+def real_beside_generated(x_ref, y_ref, x_gen, y_gen, classes: int, per: int = 6) -> np.ndarray:
+    """Rows: classes; left ``per`` real images, right ``per`` generated ones (uint8 torch (N, C, H, W))."""
+
+    def hwc(im):  # uint8 (C, H, W) -> (H, W) or (H, W, 3)
+        arr = im.permute(1, 2, 0).numpy()
+        return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+    cells = []
+    for cls in range(min(classes, MAX_GRID_ROWS)):
+        for x, y in ((x_ref, y_ref), (x_gen, y_gen)):
+            ims = [hwc(im) for im in x[y == cls][:per]]
+            cells += ims + [np.zeros_like(hwc(x[0]))] * (per - len(ims))
+    return image_grid(cells, 2 * per)
+
+
+def class_scores(per_class: dict[str, dict[str, Any]]) -> np.ndarray:
+    """Per-class classifier scores (generated-trained vs real-trained) as a bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_class)
+    gen = [per_class[n]["classifier_score"] or 0 for n in names]
+    real = [per_class[n]["classifier_score_real"] or 0 for n in names]
+    figure, ax = plt.subplots(figsize=(max(6, len(names) * 0.8), 3.5), dpi=100)
+    pos = np.arange(len(names))
+    ax.bar(pos - 0.2, real, 0.4, label="trained on real")
+    ax.bar(pos + 0.2, gen, 0.4, label="trained on generated")
+    ax.set_xticks(pos, names, rotation=45, ha="right")
+    ax.set_ylabel("accuracy on real test images")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower left", fontsize="small")
+    figure.tight_layout()
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
