@@ -111,11 +111,15 @@ def digest(entries: Sequence[storage.Entry], root: str) -> str:
 
 
 def detect_format(entries: Sequence[storage.Entry]) -> str:
+    """``fashion_mnist`` (its IDX files), ``parquet`` (a committed output, or Parquet files beside
+    no image files: a Hub dataset's README.md is fine), else ``folder``."""
     files = [e.uri for e in entries]
     names = {f.rsplit("/", 1)[-1] for f in files}
     if {n for pair in _IDX_FILES.values() for n in pair} <= names:
         return "fashion_mnist"
-    if stage.MANIFEST_NAME in names or (files and all(f.endswith(".parquet") for f in files)):
+    images = set(Image.registered_extensions())
+    has_images = any(os.path.splitext(n)[1].lower() in images for n in names)
+    if stage.MANIFEST_NAME in names or (any(n.endswith(".parquet") for n in names) and not has_images):
         return "parquet"
     return "folder"
 

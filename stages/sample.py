@@ -71,9 +71,8 @@ class SampleConfig:
     conditions_split: str | None = None  # spatial: only condition rows of this split (None: all)
     grid: list[int] | None = None  # [h, w] codes; None: the training grid; larger: sliding window
     seed: int = 0
-    sampler: SamplerOptions = field(
-        default_factory=SamplerOptions
-    )  # temperature, top_k, top_p, cfg_scale, ...
+    # temperature, top_k, top_p, greedy, cfg_scale and cfg_schedule, the sliding window's rule
+    sampler: SamplerOptions = field(default_factory=SamplerOptions)
     tile: int = 8  # samples per compute tile: fixes the shapes every forward runs at (models.sampling)
     split: Literal["train", "val", "test"] = "train"  # the split of the generated rows
     samples_per_shard: int = 1000
