@@ -81,6 +81,8 @@ def test_ingest_reads_a_dataset_written_by_datasets(stack, tmp_path):
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["cat", "dog"]))
     rng = np.random.default_rng(0)
     src = tmp_path / "hub" / "data"
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "README.md").write_text("---\nlicense: mit\n---\n")  # a Hub dataset card beside it
     for split, n in (("train", 5), ("test", 3)):
         pics = [Image.fromarray(rng.integers(0, 255, (10, 14, 3), np.uint8)) for _ in range(n)]
         ds = datasets.Dataset.from_dict(
