@@ -21,7 +21,7 @@ from infra import image_shards, model_store, pool, schemas, stage, storage, trac
 from infra.devices import Resources
 from infra.image_shards import Annotation, ImageShards
 from infra.imaging import pngs_to_array
-from infra.stage import InputRef, ShardMarker, StageOutput, StageResult, StageRun
+from infra.stage import FileEntry, InputRef, Manifest, ShardMarker, StageOutput, StageResult, StageRun
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class AnnotatePlan:
     stage: str
     column: str  # the column it adds (depth, segmentation)
     inputs: tuple[InputRef, ...]  # the image shards (by identity) and the weights (by sha256)
-    files: tuple[str, ...]  # the input data files: one output shard each
+    images: Manifest  # the image shards read
+    files: tuple[FileEntry, ...]  # their data files: one output shard each
     rows: int
     weights_path: str
     dataset: ImageShards  # the input's descriptor with the new column
@@ -64,7 +65,10 @@ def plan(
     )
     annotation = Annotation(model=model, weights_sha256=sha, **facts)
     dataset = described.annotated(column, annotation)
-    return AnnotatePlan(name, column, inputs, tuple(images.data_uris()), images.rows(), str(weights), dataset)
+    images.check_sizes()
+    return AnnotatePlan(
+        name, column, inputs, images, tuple(images.files), images.rows(), str(weights), dataset
+    )
 
 
 class AnnotateWorker(pool.Worker):
@@ -99,7 +103,7 @@ class AnnotateWorker(pool.Worker):
             return cols, errors
 
     def process(self, index: int, item: dict[str, Any]) -> ShardMarker:
-        t = storage.read_parquet(item["uri"])
+        t = pool.read_item(item)
         pngs = schemas.image_bytes(t["image"])
         cols: dict[str, list] = {f.name: [] for f in self.new_fields}
         errors: list[str | None] = []
@@ -140,7 +144,7 @@ def run(
         return done
     with job:
         markers, reused = pool.map_items(
-            worker, (job.out, cfg, p), pool.shard_items(list(p.files)), job.out, resources
+            worker, (job.out, cfg, p), pool.file_items(p.images, list(p.files)), job.out, resources
         )
         counts = stage.tally(p.stage, markers, expected=p.rows)
         counts.update(shards=len(markers), reused_shards=reused)

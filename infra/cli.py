@@ -44,8 +44,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
         NotADirectoryError,
         PermissionError,
     )
-    checkpoint = sys.modules.get("models.checkpoint")  # not loaded: none of its errors was raised
-    return (*found, checkpoint.CheckpointError) if checkpoint is not None else found
+    # modules not loaded raised none of their errors: a checkpoint that cannot be read, an S3
+    # endpoint that does not answer
+    checkpoint, botocore = sys.modules.get("models.checkpoint"), sys.modules.get("botocore.exceptions")
+    found += (checkpoint.CheckpointError,) if checkpoint is not None else ()
+    found += (botocore.EndpointConnectionError, botocore.NoCredentialsError) if botocore is not None else ()
+    return found
+
+
+class RedactingFormatter(logging.Formatter):
+    """Lines (tracebacks included) with the credentials of every URI in them redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from infra.storage import redact
+
+        return redact(super().format(record))
 
 
 _traceback_log = logging.getLogger("taming.traceback")  # the log file only: see run_guarded
@@ -58,7 +71,7 @@ def setup_logging(name: str, level: int = logging.INFO) -> Path:
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     path = tracking.local_dir() / "logs" / f"{name}-{stamp}-{os.getpid()}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     to_file = logging.FileHandler(path)
     to_stderr = logging.StreamHandler(sys.stderr)
     for h in (to_file, to_stderr):
@@ -72,8 +85,9 @@ def setup_logging(name: str, level: int = logging.INFO) -> Path:
     root.addHandler(to_file)
     root.setLevel(level)
     _traceback_log.handlers = [to_file]
-    from infra.cluster import QUIET_LOGGERS
+    from infra.cluster import QUIET_LOGGERS, redact_log_records
 
+    redact_log_records()
     for noisy in ("alembic", *QUIET_LOGGERS):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return path
@@ -102,8 +116,10 @@ def run_guarded(fn: Callable[[], T], log_file: Path, debug: bool) -> T:
         found = user_error(e)
         if found is None or debug:
             raise
+        from infra.storage import redact
+
         message = str(found).strip().splitlines()[0] if str(found).strip() else type(found).__name__
-        print(f"error: {message} (traceback in {log_file}; --debug prints it)", file=sys.stderr)
+        print(f"error: {redact(message)} (traceback in {log_file}; --debug prints it)", file=sys.stderr)
         sys.exit(1)
 
 

@@ -13,13 +13,13 @@ import os
 
 log = logging.getLogger(__name__)
 
-# Forwarded to every Ray worker when set here.
+# Forwarded to every Ray worker when set here, through the job's runtime_env. Never credentials:
+# Ray writes runtime_env variables in clear into its runtime_env_agent.log. A local cluster's workers
+# inherit them from the process that starts it; a real cluster's come from the cluster (instance
+# roles, the KubeRay Secret every pod reads, the environment its nodes were started with).
 FORWARD_ENV = (
-    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_URI",  # only without credentials in it (see forwarded_env)
     "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "TAMING_LOCAL_DIR",
@@ -64,6 +64,7 @@ def quiet_logging() -> None:
     import sys
     import warnings
 
+    redact_log_records()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     for module in _PATH_NAMED_LOGGERS:
@@ -90,7 +91,36 @@ def ray_logs_dir() -> str | None:
 
 
 def forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
+    """The variables :data:`FORWARD_ENV` names that are set here, less a tracking URI that carries
+    credentials (``http://user:password@host``: the workers take their own)."""
+    from infra.storage import redact
+
+    env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if redact(uri) != uri:
+        del env["MLFLOW_TRACKING_URI"]
+        log.info("MLFLOW_TRACKING_URI carries credentials: not forwarded to Ray workers (they use their own)")
+    return env
+
+
+def redact_log_records() -> None:
+    """Every log record of this process with the credentials of the URIs in it redacted
+    (``infra.storage.redact``), whatever logger or handler it goes through (once per process)."""
+    from infra.storage import redact
+
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if "://" in str(record.msg) or any("://" in str(a) for a in (record.args or ())):
+            text = redact(record.getMessage())
+            record.msg, record.args = text, ()
+        return record
+
+    factory.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
 
 
 def node_id() -> str:

@@ -170,13 +170,13 @@ def iter_batches(
     """Torch batches from the shards with pyarrow alone (single process); missing labels are -1."""
     m = stage.read_manifest(uri)
     h, w = describe(m).grid
-    uris = m.data_uris(split)
+    files = m.data_files(split)
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     if rng is not None:
-        uris = [uris[i] for i in rng.permutation(len(uris))]
+        files = [files[i] for i in rng.permutation(len(files))]
     pending: pa.Table | None = None
-    for u in uris:
-        t = _filter(storage.read_parquet(u, COLUMNS), split, labels)
+    for f in files:
+        t = _filter(stage.read_file(storage.join(m.output_uri, f.path), f, COLUMNS), split, labels)
         if rng is not None and t.num_rows:
             t = t.take(pa.array(rng.permutation(t.num_rows)))
         pending = t if pending is None else pa.concat_tables([pending, t])
@@ -229,24 +229,28 @@ def coord_column(batch: pa.Table, *, codes: CodeShards, levels: int) -> dict[str
     return {"coord": np.stack(rows) if rows else np.zeros((0, codes.num_tokens), np.int64)}
 
 
-def unaugmented_rows(uris: Sequence[str]) -> list[tuple[int, int]]:
-    """(file, row) of every row of ``uris`` that holds an image as it is (``aug_id`` 0)."""
+def unaugmented_rows(uri: str, files: Sequence[stage.FileEntry]) -> list[tuple[int, int]]:
+    """(file, row) of every row of the committed ``files`` of ``uri`` that holds an image as it is
+    (``aug_id`` 0)."""
     rows: list[tuple[int, int]] = []
-    for fi, uri in enumerate(uris):
-        keep = storage.read_parquet(uri, ["aug_id"])["aug_id"].to_numpy() == 0
+    for fi, f in enumerate(files):
+        keep = stage.read_file(storage.join(uri, f.path), f, ["aug_id"])["aug_id"].to_numpy() == 0
         rows += [(fi, int(r)) for r in np.flatnonzero(keep)]
     return rows
 
 
-def read_rows(uris: Sequence[str], rows: Sequence[tuple[int, int]], column: str, length: int):
-    """(file, row) -> (image_id, codes (length,)) of the rows asked for, one read per file;
-    ``uris``: the data files the file numbers index."""
+def read_rows(
+    uri: str, files: Sequence[stage.FileEntry], rows: Sequence[tuple[int, int]], column: str, length: int
+):
+    """(file, row) -> (image_id, codes (length,)) of the rows asked for, one (verified) read per
+    file; ``files``: the committed data files of ``uri`` the file numbers index."""
     by_file: dict[int, list[int]] = {}
     for fi, r in rows:
         by_file.setdefault(int(fi), []).append(int(r))
     got: dict[tuple[int, int], tuple[str, np.ndarray]] = {}
     for fi, rs in by_file.items():
-        t = storage.read_parquet(uris[fi], ["image_id", column]).take(rs)
+        f = files[fi]
+        t = stage.read_file(storage.join(uri, f.path), f, ["image_id", column]).take(rs)
         values = schemas.decode_codes(t[column], length)
         for r, iid, row in zip(rs, t["image_id"].to_pylist(), values):
             got[(fi, r)] = (iid, row)

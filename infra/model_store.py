@@ -151,18 +151,21 @@ class ModelHeader:
     extra: dict[str, Any]  # native checkpoints: the facts the stage that wrote it recorded
 
 
-def _model_file(uri: str) -> tuple[Path, Format]:
+def _model_file(uri: str) -> tuple[Path, Format, str | None]:
+    """The local weights file (or release) ``uri`` names, its format, and the sha256 a committed
+    output's manifest records for it (None for other locations)."""
+    recorded = None
     if not uri.startswith("models:/") and stage.is_committed(uri):
         m = stage.read_manifest(uri)  # a committed stage output: the model file it holds
         files = [f for f in m.files if f.path.endswith(NATIVE_SUFFIX)]
         if len(files) != 1:
             raise stage.InputError(f"{uri} is a committed {m.stage} output that holds no model")
-        uri = m.data_uris()[m.files.index(files[0])]
+        uri, recorded = m.data_uris()[m.files.index(files[0])], files[0].sha256
     p = local_path(uri)
     if p.suffix == NATIVE_SUFFIX:
-        return p, "native"
+        return p, "native", recorded
     if p.is_dir() or p.suffix == ".ckpt":
-        return p, "taming"
+        return p, "taming", recorded
     raise stage.InputError(
         f"{uri}: not a model format taming-pipeline reads (a native *.safetensors checkpoint, an official "
         "taming release folder or its .ckpt, a committed train_vqgan/train_gpt output, or models:/...)"
@@ -173,10 +176,12 @@ def describe(uri: str) -> ModelHeader:
     """What ``uri`` holds (see :class:`ModelHeader`), without loading its weights."""
     from models import checkpoint, taming_release
 
-    path, fmt = _model_file(uri)
+    path, fmt, recorded = _model_file(uri)
     if fmt == "native":
         h = checkpoint.read_header(path)
-        return ModelHeader(uri, path, file_sha256(path), fmt, h.kind, h.config, h.extra)
+        sha = file_sha256(path)
+        _check_sha(uri, recorded, sha, "its manifest records")
+        return ModelHeader(uri, path, sha, fmt, h.kind, h.config, h.extra)
     release = taming_release.read_release(path)
     sha = file_sha256(release.ckpt)
     if release.is_transformer:
@@ -231,10 +236,11 @@ def load(uri: str, sha256: str | None = None) -> LoadedModel:
     (:class:`~infra.stage.InputError` if they changed since)."""
     from models import checkpoint, taming_release
 
-    path, fmt = _model_file(uri)
+    path, fmt, recorded = _model_file(uri)
     if fmt == "native":
         data = path.read_bytes()
         found = storage.sha256(data)
+        _check_sha(uri, recorded, found, "its manifest records")
         _check_sha(uri, sha256, found)
         model, extra = checkpoint.from_bytes(data)
         return LoadedModel(model.eval(), uri, found, fmt, extra)
@@ -244,9 +250,9 @@ def load(uri: str, sha256: str | None = None) -> LoadedModel:
     return LoadedModel(imported.model.eval(), uri, found, fmt, {"target": imported.target})
 
 
-def _check_sha(uri: str, want: str | None, found: str) -> None:
+def _check_sha(uri: str, want: str | None, found: str, what: str = "expected") -> None:
     if want and want != found:
-        raise stage.InputError(f"{uri} changed since it was checked (sha256 {found}, expected {want})")
+        raise stage.InputError(f"{uri} has sha256 {found}, {what} {want}: it changed since")
 
 
 def load_first_stage(uri: str, sha256: str | None = None) -> LoadedModel:

@@ -21,6 +21,7 @@ process's first ran small matrix products 2-3x slower than from the main thread 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,9 +29,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from infra import storage
 from infra.devices import Resources
-from infra.stage import ShardMarker, StageOutput
+from infra.stage import FileEntry, Manifest, ShardMarker, StageOutput, read_file
 
 log = logging.getLogger(__name__)
 ACTORS_START_TIMEOUT_S = 600
@@ -52,9 +55,15 @@ def _task_call(batch: dict[str, np.ndarray], fn: Callable, args: tuple) -> dict[
     return {"marker": [json.dumps(m.to_json()) for m in markers]}
 
 
-def shard_items(uris: list[str]) -> list[dict[str, Any]]:
-    """The work items of a shard-to-shard stage: input shard i -> output shard i."""
-    return [{"uri": u} for u in uris]
+def file_items(m: Manifest, files: list[FileEntry]) -> list[dict[str, Any]]:
+    """The work items of a file-to-file stage: input file i of the committed output ``m`` ->
+    output shard i; each item carries the file's manifest entry, so the worker verifies it."""
+    return [{"uri": storage.join(m.output_uri, f.path), "entry": dataclasses.asdict(f)} for f in files]
+
+
+def read_item(item: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
+    """The input file of a :func:`file_items` item, checked against its manifest entry."""
+    return read_file(item["uri"], FileEntry(**item["entry"]), columns)
 
 
 def map_items(
@@ -110,6 +119,7 @@ def map_items(
         for k, row in enumerate(ds.iter_rows(), start=1):
             marker = ShardMarker.from_json(json.loads(row["marker"]))
             done[marker.index] = marker
+            out.committed()  # another identity committed here meanwhile: stop now, not at the end
             rows_done += marker.rows
             elapsed = time.perf_counter() - t0
             log.info(

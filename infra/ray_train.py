@@ -198,16 +198,20 @@ def commit_model(
     register_alias: str,
     step: int | None = None,
 ) -> StageResult:
-    """Write ``model`` (native checkpoint carrying ``extra``) as the committed output, register it
-    as ``models:/<register_name>@<register_alias>`` with ``figures`` as version tags, commit (the
-    figures logged at training step ``step``)."""
+    """Claim the output, write ``model`` (native checkpoint carrying ``extra``) into the attempt,
+    register it as ``models:/<register_name>@<register_alias>`` with ``figures`` as version tags,
+    commit (the figures logged at training step ``step``). A run of this identity that committed
+    first wins: this run then writes and registers nothing."""
     from models import checkpoint
 
+    if (winner := job.out.claim()) is not None:
+        return job.lost_to(winner)
     data = checkpoint.to_bytes(model, {**extra, "figures": figures})  # the registered copy: these bytes
     marker = job.out.write_file(0, MODEL_FILE, data)
-    registered = None
-    if register_name:
+    registered = job.out.inherited  # registered by a run that died committing: not twice
+    if register_name and registered is None:
         registered = model_store.register(data, register_name, register_alias, tags=figures)
+        job.out.renew_claim(registered)
     return job.commit([marker], counts=counts, figures=figures, extra=extra, registered=registered, step=step)
 
 

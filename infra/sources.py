@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -176,6 +177,7 @@ def _list_parquet(uri: str, root: str, entries: Sequence[storage.Entry], label_c
         from infra import image_shards
 
         m = stage.read_manifest(uri)
+        m.check_sizes()
         files = m.data_uris()
         names = image_shards.describe(m).label_names
         listed = hashlib.sha256(f"output:{m.identity}".encode()).hexdigest()[:32]
@@ -191,16 +193,19 @@ def _list_parquet(uri: str, root: str, entries: Sequence[storage.Entry], label_c
     items = []
     for f in files:
         fs, path = storage.filesystem(f)
-        with fs.open(path, "rb") as fh:
-            meta = pq.ParquetFile(fh)
-            n = meta.metadata.num_rows
-            columns = set(meta.schema_arrow.names)
-            names = names or _class_names(meta.schema_arrow, label_column)
-            labels = splits = None
-            if label_column and label_column in columns:
-                labels = meta.read(columns=[label_column]).column(0).to_pylist()
-            if "split" in columns:
-                splits = meta.read(columns=["split"]).column(0).to_pylist()
+        try:
+            with fs.open(path, "rb") as fh:
+                meta = pq.ParquetFile(fh)
+                n = meta.metadata.num_rows
+                columns = set(meta.schema_arrow.names)
+                names = names or _class_names(meta.schema_arrow, label_column)
+                labels = splits = None
+                if label_column and label_column in columns:
+                    labels = meta.read(columns=[label_column]).column(0).to_pylist()
+                if "split" in columns:
+                    splits = meta.read(columns=["split"]).column(0).to_pylist()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise stage.InputError(f"{f} is not a readable Parquet file ({e})") from None
         named = split_of_name(storage.relative(f, root))
         for i in range(n):
             label = labels[i] if labels is not None else None

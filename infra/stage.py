@@ -59,6 +59,7 @@ import hashlib
 import io as _io
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -79,6 +80,8 @@ ATTEMPTS_DIR = ".attempts"
 DATA_DIR = "data"
 ERRORS_DIR = "_errors"
 LAYOUT = 2  # the output layout this version writes and reads (1: files under _attempts/, no splits)
+CLAIM_STALE_S = 120.0  # a claim whose heartbeat is older than this was left by a run that died
+CLAIM_HEARTBEAT_S = 30.0  # how often a run that holds the claim renews it while it publishes
 SPLITS = ("train", "val", "test")  # file names per split: datasets maps val-* to its validation split
 
 
@@ -135,6 +138,17 @@ def identity(stage: str, cfg: Any, inputs: Sequence[InputRef]) -> str:
 
 def _entry(d: dict[str, Any]) -> FileEntry:
     return FileEntry(**d)
+
+
+def _inside(path: str, where: str) -> str:
+    """``path`` if it lies inside an output folder (relative, no ``..``): a manifest never names
+    another place."""
+    if path.startswith("/") or "://" in path or any(p in ("", ".", "..") for p in path.split("/")):
+        raise InputError(
+            f"{where}: its manifest lists {path!r}, a path outside the output folder: not a manifest "
+            "taming-pipeline wrote; rebuild the output"
+        )
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +223,8 @@ class Manifest:
         d = dict(d)
         d["files"] = [_entry(f) for f in d["files"]]
         d["error_files"] = [_entry(f) for f in d["error_files"]]
+        for f in (*d["files"], *d["error_files"]):
+            _inside(f.path, output_uri)
         d["inputs"] = [InputRef(**i) for i in d["inputs"]]
         return cls(**d, output_uri=output_uri)
 
@@ -225,17 +241,78 @@ class Manifest:
     def rows(self, split: str | None = None) -> int:
         return sum(f.rows for f in self.data_files(split))
 
+    def check_sizes(self) -> None:
+        """Every data file is there at its committed size (one listing of ``data/``; a model file
+        by itself): :class:`InputError` naming the first that is not, before any work reads it."""
+        listed = {e.uri: e.size for e in storage.list_entries(storage.join(self.output_uri, DATA_DIR))}
+        for f, uri in zip(self.files, self.data_uris()):
+            size = listed.get(uri) if f.path.startswith(f"{DATA_DIR}/") else storage.size(uri)
+            if size != f.bytes:
+                found = "is missing" if size is None else f"holds {size} bytes"
+                raise InputError(
+                    f"{uri} {found}, its manifest {f.bytes}: the output changed after it was committed; "
+                    "rebuild it"
+                )
+
+    def verify(self, split: str | None = None) -> None:
+        """Read every data file (of ``split``) and check it against its manifest entry, a few at a
+        time: for inputs that a reader without checks (Ray Data) consumes next."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = self.data_files(split)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda f: read_verified(storage.join(self.output_uri, f.path), f), files))
+
 
 def read_manifest(output_uri: str) -> Manifest:
     """The committed manifest at ``output_uri``; :class:`NotCommittedError` when there is none."""
+    import json
+
     output_uri = storage.normalize(output_uri)
     uri = storage.join(output_uri, MANIFEST_NAME)
-    if not storage.exists(uri):
+    try:
+        data = storage.read_json(uri)
+    except FileNotFoundError:
         raise NotCommittedError(
             f"{output_uri} holds no committed stage output (no {MANIFEST_NAME}); "
             "run the stage that writes it first (or check the URI)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(
+            f"{uri} is not a readable manifest ({e}): the output is damaged; rebuild it"
+        ) from None
+    if not isinstance(data, dict) or "stage" not in data:
+        raise InputError(f"{uri} is not a manifest taming-pipeline wrote; rebuild the output")
+    return Manifest.from_json(data, output_uri)
+
+
+def read_verified(uri: str, entry: FileEntry) -> bytes:
+    """The bytes of a committed file, checked against its manifest entry (size, then sha256):
+    :class:`InputError` naming the file and both digests when they differ."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise InputError(f"{uri} is missing: the output changed after it was committed; rebuild it") from None
+    if len(data) != entry.bytes:
+        raise InputError(
+            f"{uri} holds {len(data)} bytes, its manifest {entry.bytes} (sha256 {entry.sha256}): the file "
+            "changed after it was committed; rebuild the output"
         )
-    return Manifest.from_json(storage.read_json(uri), output_uri)
+    if (found := storage.sha256(data)) != entry.sha256:
+        raise InputError(
+            f"{uri} has sha256 {found}, its manifest {entry.sha256}: the file changed after it was "
+            "committed; rebuild the output"
+        )
+    return data
+
+
+def read_file(uri: str, entry: FileEntry, columns: list[str] | None = None) -> pa.Table:
+    """A committed Parquet file, verified (:func:`read_verified`), as a table."""
+    data = read_verified(uri, entry)
+    try:
+        return pq.read_table(_io.BytesIO(data), columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{uri} is not a readable Parquet file ({e})") from None
 
 
 def is_committed(uri: str) -> bool:
@@ -309,24 +386,22 @@ def uncommit(output_uri: str) -> str:
 
 
 def read_committed_table(
-    output_uri: str, columns: list[str] | None = None, split: str | None = None, verify: bool = False
+    output_uri: str, columns: list[str] | None = None, split: str | None = None, verify: bool = True
 ) -> pa.Table:
     """The data rows of a committed output (only the files its manifest lists; those of ``split``
-    when given), in the order of its files."""
+    when given), in the order of its files, each verified against its manifest entry (``verify``
+    false: only the columns are read, the files' sizes checked; for a plan's look at a few columns
+    of data that is verified before the work reads it)."""
     m = read_manifest(output_uri)
-    tables = []
-    for entry in m.data_files(split):
-        uri = storage.join(m.output_uri, entry.path)
-        if verify:
-            data = storage.read_bytes(uri)
-            if storage.sha256(data) != entry.sha256:
-                raise OSError(f"{uri}: sha256 does not match the manifest (file changed after commit)")
-            tables.append(pq.read_table(_io.BytesIO(data), columns=columns))
-        else:
-            tables.append(storage.read_parquet(uri, columns))
-    if not tables:
-        return pa.table({})
-    return pa.concat_tables(tables)
+    if not verify:
+        m.check_sizes()
+    tables = [
+        read_file(storage.join(m.output_uri, f.path), f, columns)
+        if verify
+        else storage.read_parquet(storage.join(m.output_uri, f.path), columns)
+        for f in m.data_files(split)
+    ]
+    return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def held_out_split(m: Manifest) -> str:
@@ -363,6 +438,9 @@ class StageOutput:
         self.identity = identity
         self.work_uri = storage.join(self.output_uri, ATTEMPTS_DIR, identity)
         self._claim_uri = storage.join(self.output_uri, CLAIM_NAME)
+        self.token = uuid.uuid4().hex[:12]  # this run's: twins of one identity are told apart
+        self.inherited: dict[str, Any] | None = None  # what a dead claimant had registered (taken over)
+        self._held_since: float | None = None  # when this run took the claim (None: it does not hold it)
 
     def committed(self) -> Manifest | None:
         """The manifest if this identity already committed here; raise if another identity did, or
@@ -406,13 +484,24 @@ class StageOutput:
         return self._shard_uri("_shards", f"part-{index:05d}.json")
 
     def done_shards(self) -> dict[int, ShardMarker]:
-        """Markers of the shards this identity's attempt already finished (for resume)."""
+        """Markers of the shards this identity's attempt already finished (for resume), of those
+        whose files are all there at their recorded size; the others are done again."""
         done = {}
-        for uri in storage.list_files(storage.join(self.work_uri, "_shards")):
+        sizes = {e.uri: e.size for e in storage.list_entries(self.work_uri)}
+        for uri in sorted(sizes):
             name = uri.rsplit("/", 1)[-1]
-            if name.startswith("part-") and name.endswith(".json"):
-                marker = ShardMarker.from_json(storage.read_json(uri))
-                done[marker.index] = marker
+            if "/_shards/" not in uri or not (name.startswith("part-") and name.endswith(".json")):
+                continue
+            marker = ShardMarker.from_json(storage.read_json(uri))
+            changed = [
+                f.path for f in (*marker.data, marker.errors) if f and sizes.get(self.file_uri(f)) != f.bytes
+            ]
+            if changed:
+                log.warning(
+                    "%s: shard %d is done again: %s changed since", self.stage, marker.index, changed[0]
+                )
+                continue
+            done[marker.index] = marker
         return done
 
     def file_uri(self, entry: FileEntry) -> str:
@@ -469,29 +558,76 @@ class StageOutput:
 
     # ----------------------------------------------------------------------- the commit
 
-    def _claim(self) -> Manifest | None:
-        """Take the claim (or find it ours: a resumed or concurrent run of this identity); None when
-        this run may publish, the manifest when one was committed meanwhile."""
-        blob = storage.to_json_bytes(
+    def _read_claim(self) -> dict[str, Any] | None:
+        try:
+            return storage.read_json(self._claim_uri)
+        except FileNotFoundError:
+            return None
+
+    def _write_claim(self, registered: dict[str, Any] | None = None) -> bytes:
+        return storage.to_json_bytes(
             {
                 "stage": self.stage,
                 "identity": self.identity,
+                "token": self.token,
+                "heartbeat": time.time(),
+                "registered": registered,
                 "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             }
         )
-        created = storage.create_bytes(self._claim_uri, blob)
-        if not created:
-            self._check_claim()  # another identity's: the conflict
-        # The committer writes the manifest before it drops the claim, so a claim taken after that
-        # finds the manifest here, before publishing anything over the committed files.
+
+    def _committed_or_none(self) -> Manifest | None:
         try:
             m = read_manifest(self.output_uri)
         except NotCommittedError:
             return None
-        if created:
-            storage.remove(self._claim_uri)
         self._check_same(m)
         return m
+
+    def claim(self) -> Manifest | None:
+        """Hold the commit of this location before writing anything visible or registering a model.
+
+        None: this run holds the claim and may publish and commit. The manifest: a run of this
+        identity committed first (this run's work is not needed; write nothing). Another identity's
+        manifest or claim: the :class:`OutputConflictError`. A twin of this identity (same config
+        and inputs, another run) that holds the claim is waited for; a claim whose heartbeat stopped
+        (its run died while committing) is taken over, with the model it had registered
+        (:attr:`inherited`), so a commit that stopped half-way is finished, not repeated."""
+        while self._held_since is None:
+            if (m := self._committed_or_none()) is not None:
+                return m
+            if storage.create_bytes(self._claim_uri, self._write_claim()):
+                # The committer writes the manifest before it drops the claim, so a claim taken after
+                # that finds the manifest here, before publishing anything over the committed files.
+                if (m := self._committed_or_none()) is not None:
+                    storage.remove(self._claim_uri)
+                    return m
+                self._held_since = time.time()
+                break
+            held = self._read_claim()
+            if held is None:  # dropped meanwhile: its manifest is there now, or it gave up
+                continue
+            self._check_claim()  # another identity's: the conflict
+            if time.time() - float(held.get("heartbeat", 0)) > CLAIM_STALE_S:
+                log.warning(
+                    "%s: taking over the commit a run of this identity left half-way at %s (claimed %s)",
+                    self.stage,
+                    self.output_uri,
+                    held.get("created_at"),
+                )
+                self.inherited = held.get("registered")
+                storage.write_bytes(self._claim_uri, self._write_claim(self.inherited))
+                self._held_since = time.time()
+                break
+            time.sleep(0.5)  # a twin is committing: its manifest comes within seconds
+        return None
+
+    def renew_claim(self, registered: dict[str, Any] | None = None) -> None:
+        """Renew the held claim's heartbeat (and record a model registered from it, so that a run
+        taking over after a crash does not register it twice)."""
+        if self._held_since is not None:
+            self.inherited = registered if registered is not None else self.inherited
+            storage.write_bytes(self._claim_uri, self._write_claim(self.inherited))
 
     def _visible(self, entry: FileEntry) -> FileEntry:
         return dataclasses.replace(entry, path=storage.relative(self.file_uri(entry), self.work_uri))
@@ -505,7 +641,11 @@ class StageOutput:
             for uri in storage.list_files(storage.join(self.output_uri, folder)):
                 if uri not in keep:
                     storage.remove(uri)
+        renewed = time.time()
         for entry, v in zip(entries, visible):
+            if time.time() - renewed > CLAIM_HEARTBEAT_S:  # a long publication (S3 copies): still alive
+                self.renew_claim()
+                renewed = time.time()
             src, dst = self.file_uri(entry), storage.join(self.output_uri, v.path)
             try:
                 storage.move(src, dst)
@@ -536,10 +676,8 @@ class StageOutput:
         run of the same identity committed first; a different identity first is an
         :class:`OutputConflictError`.
         """
-        if (existing := self.committed()) is not None:
-            return existing, False
         markers = sorted(markers, key=lambda m: m.index)
-        if (existing := self._claim()) is not None:
+        if (existing := self.claim()) is not None:
             return existing, False
         data = [f for m in markers for f in m.data]
         published = self._publish(data + [m.errors for m in markers if m.errors is not None])
@@ -569,6 +707,7 @@ class StageOutput:
             self._check_same(winner)  # another identity committed first: the conflict error
             return winner, False
         storage.remove(self._claim_uri)
+        self._held_since = None
         storage.remove(storage.join(self.output_uri, ATTEMPTS_DIR))  # every attempt is garbage now
         storage.remove(storage.join(self.output_uri, "_attempts"))  # and those of layout 1
         return manifest, True
@@ -669,6 +808,11 @@ class StageRun:
         )
         self.run_id = self._ctx.__enter__()
         tracking.set_tags({"identity": self.identity})
+        # the MLflow run of an earlier attempt that was killed stays RUNNING: mark it failed
+        runs = storage.join(self.out.work_uri, "_mlflow_run.json")
+        if storage.exists(runs):
+            tracking.fail_if_running(storage.read_json(runs)["run_id"])
+        storage.write_json(runs, {"run_id": self.run_id})
         self._t0 = time.perf_counter()
         return self
 
@@ -677,11 +821,21 @@ class StageRun:
             try:  # a concurrent run of another identity committed here: that is the error to report
                 self.out.committed()
             except OutputConflictError as conflict:
+                self._drop_attempt()
                 self._ctx.__exit__(type(conflict), conflict, None)
                 raise conflict from exc
             except Exception:  # noqa: BLE001 - the original error stays the one reported
                 pass
+        if isinstance(exc, OutputConflictError):
+            self._drop_attempt()
         return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+    def _drop_attempt(self) -> None:
+        """Another identity owns the location now: this run's attempt can never commit there."""
+        try:
+            storage.remove(self.out.work_uri)
+        except OSError as e:
+            log.warning("%s: could not remove %s: %s", self.stage, self.out.work_uri, e)
 
     def commit(
         self,
@@ -715,5 +869,19 @@ class StageRun:
             extra=extra,
             nodes=self.nodes,
         )
-        log.info("%s: committed %s in %.1f s %s", self.stage, manifest.output_uri, self.seconds, counts)
+        if ours:
+            log.info("%s: committed %s in %.1f s %s", self.stage, manifest.output_uri, self.seconds, counts)
+        else:
+            self.lost_to(manifest)
         return StageResult.of(manifest, cached=not ours)
+
+    def lost_to(self, winner: Manifest) -> StageResult:
+        """A run of this identity committed first: its result stands, this run's work is dropped."""
+        log.info(
+            "%s: %s was committed by another run of this config and inputs meanwhile (MLflow run %s); "
+            "its result stands and this run's is dropped",
+            self.stage,
+            winner.output_uri,
+            winner.mlflow_run_id,
+        )
+        return StageResult.of(winner, cached=True)

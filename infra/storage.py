@@ -17,6 +17,7 @@ import hashlib
 import io as _io
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,15 @@ def normalize(uri: str) -> str:
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return str(Path(uri).expanduser().resolve())
+
+
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the userinfo (``user:password@``) of every URI in it replaced by ``***@``:
+    what any URI we print, log or record goes through."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def join(uri: str, *parts: str) -> str:

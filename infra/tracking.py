@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from infra import config as config_lib
+from infra.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ QUIET_MLFLOW_ENV = {
 }
 
 
+_READY: set[str] = set()  # sqlite databases this process has seen created
+
+
 def _mlflow():
     for k, v in QUIET_MLFLOW_ENV.items():
         os.environ.setdefault(k, v)
@@ -66,10 +70,41 @@ def _mlflow():
 
     uri = tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # subprocesses MLflow starts (model validation) too
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        _create_sqlite(uri)
+        _READY.add(uri)
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
     return mlflow
+
+
+def _create_sqlite(uri: str) -> None:
+    """MLflow creates and migrates a new sqlite database on first use; two processes doing it at
+    once collide (sqlalchemy's "duplicate column name"). One at a time, under a file lock."""
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates it, or reads it
+
+
+def fail_if_running(run_id: str) -> None:
+    """Mark an MLflow run that is still ``RUNNING`` as ``FAILED`` (its process was killed)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    try:
+        status = client.get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - deleted, or another tracking server: nothing to mark
+        return
+    if status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
+        log.info("MLflow run %s was left running by a run that stopped: marked failed", run_id)
 
 
 @functools.cache
@@ -121,8 +156,8 @@ def set_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
 
 def _log_config(mlflow, cfg: Any) -> None:
     params = config_lib.flatten(config_lib.to_dict(cfg))
-    mlflow.log_params({k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()})
-    mlflow.log_text(config_lib.to_yaml(cfg), "config.yaml")
+    mlflow.log_params({k: redact(str(v))[:_MAX_PARAM_LEN] for k, v in params.items()})
+    mlflow.log_text(redact(config_lib.to_yaml(cfg)), "config.yaml")
 
 
 @contextlib.contextmanager
@@ -133,7 +168,7 @@ def pipeline_run(name: str, cfg: Any, experiment: str = DEFAULT_EXPERIMENT) -> I
     with mlflow.start_run(run_name=name) as run:
         mlflow.set_tags({"kind": "pipeline", "code_version": code_version()})
         _log_config(mlflow, cfg)
-        log.info("MLflow run %s (experiment %r) at %s", run.info.run_id, experiment, tracking_uri())
+        log.info("MLflow run %s (experiment %r) at %s", run.info.run_id, experiment, redact(tracking_uri()))
         yield run.info.run_id
 
 
@@ -147,8 +182,13 @@ def stage_run(
     if parent is None:
         set_experiment(experiment)
     with mlflow.start_run(run_name=stage, nested=parent is not None) as run:
-        tags = {"kind": "stage", "stage": stage, "output_uri": output_uri, "code_version": code_version()}
-        tags.update({f"input_uri.{i}": u for i, u in enumerate(input_uris)})
+        tags = {
+            "kind": "stage",
+            "stage": stage,
+            "output_uri": redact(output_uri),
+            "code_version": code_version(),
+        }
+        tags.update({f"input_uri.{i}": redact(u) for i, u in enumerate(input_uris)})
         mlflow.set_tags(tags)
         _log_config(mlflow, cfg)
         yield run.info.run_id
@@ -256,7 +296,7 @@ def model_version_info(uri: str) -> dict[str, Any]:
         return {"name": name, "version": int(mv.version), "run_id": mv.run_id}
     except Exception as e:  # noqa: BLE001 - MlflowException, RestException, ValueError
         raise FileNotFoundError(
-            f"cannot resolve {uri} in the MLflow registry at {tracking_uri()}: "
+            f"cannot resolve {uri} in the MLflow registry at {redact(tracking_uri())}: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__} "
             "(check the name and alias, and MLFLOW_TRACKING_URI)"
         ) from None

@@ -319,7 +319,7 @@ def run(cfg: FullConfig) -> dict:
         tracking.log_metrics({f"{r['stage']}/pipeline_seconds": r["seconds"] for r in rows})
     summary["stages"] = rows
     summary["table"] = table
-    summary["tracking_uri"] = tracking.tracking_uri()
+    summary["tracking_uri"] = storage.redact(tracking.tracking_uri())
     return summary
 
 

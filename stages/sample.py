@@ -101,7 +101,7 @@ class Conditions:
     """Spatial conditions: the code-shard rows (file, row) whose condition codes the samples take."""
 
     uri: str
-    files: tuple[str, ...]
+    files: tuple[stage.FileEntry, ...]
     column: str
     length: int
     rows: tuple[tuple[int, int], ...]
@@ -201,8 +201,9 @@ def _conditions(cfg: SampleConfig, spec: GeneratorSpec, grid: tuple[int, int]) -
             f"sample.conditions_uri: `{column}` rows hold {cc.length} codes, the generator needs {want} "
             f"(for a {grid[0]}x{grid[1]} grid{'' if want == spec.prefix_length else ', sliding window'})"
         )
-    files = m.data_uris(cfg.conditions_split)
-    rows = code_shards.unaugmented_rows(files)
+    m.check_sizes()
+    files = m.data_files(cfg.conditions_split)
+    rows = code_shards.unaugmented_rows(m.output_uri, files)
     if not rows:
         raise InputError(
             f"sample.conditions_uri: {cfg.conditions_uri} has no condition rows"
@@ -393,7 +394,7 @@ class SampleShards(pool.Worker):
         if c is None:
             return torch.zeros(hi - lo, dtype=torch.long), None
         rows = [tuple(r) for r in item["cond_rows"]]
-        got = code_shards.read_rows(c.files, rows, c.column, c.length)
+        got = code_shards.read_rows(c.uri, c.files, rows, c.column, c.length)
         spc = self.cfg.samples_per_condition
         ordered = [got[rows[i // spc - item["cond_lo"]]] for i in range(lo, hi)]
         return torch.from_numpy(np.stack([o[1] for o in ordered])), [o[0] for o in ordered]
@@ -494,7 +495,7 @@ def _decoded_conditions(p: SamplePlan, image_ids: list[str]) -> list[np.ndarray]
         log.warning("sample: conditions not shown beside the samples: %s", e)
         return None
     # the grid shows the first conditions: read only those rows
-    first = code_shards.read_rows(c.files, c.rows[: 4 * previews.MAX_GRID_ROWS], c.column, c.length)
+    first = code_shards.read_rows(c.uri, c.files, c.rows[: 4 * previews.MAX_GRID_ROWS], c.column, c.length)
     found = dict(first.values())
     if not all(i in found for i in image_ids):
         log.warning("sample: conditions not shown beside the samples: rows not among the first conditions")

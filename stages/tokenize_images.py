@@ -30,7 +30,7 @@ from infra.code_shards import CodeShards, ConditionCodes
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Precision, Resources, placement
 from infra.imaging import decode_column
-from infra.stage import InputError, InputRef, ShardMarker, StageResult, StageRun
+from infra.stage import FileEntry, InputError, InputRef, ShardMarker, StageResult, StageRun
 
 log = logging.getLogger(__name__)
 STAGE = "tokenize_images"
@@ -84,7 +84,8 @@ class TokenizePlan:
     """What tokenize will read and write, from the image shards' manifest and the tokenizers' headers."""
 
     inputs: tuple[InputRef, ...]  # the image shards (by identity) and every tokenizer (by sha256)
-    files: tuple[str, ...]  # the image data files to tokenize (of the chosen splits): one output shard each
+    images: stage.Manifest  # the image shards read
+    files: tuple[FileEntry, ...]  # their data files to tokenize (of the chosen splits): one output shard each
     images: int
     dataset: CodeShards
     conditions: tuple[tuple[str, str], ...]  # (code column, the image-shard column it tokenizes)
@@ -167,8 +168,10 @@ def plan(cfg: TokenizeConfig) -> TokenizePlan:
         image_size=described.size,
         conditions=conditions,
     )
-    files = tuple(storage.join(images.output_uri, f.path) for f in chosen)
-    return TokenizePlan(tuple(inputs), files, sum(f.rows for f in chosen), dataset, tuple(columns))
+    images.check_sizes()
+    return TokenizePlan(
+        tuple(inputs), images, tuple(chosen), sum(f.rows for f in chosen), dataset, tuple(columns)
+    )
 
 
 class TokenizeShards(pool.Worker):
@@ -231,7 +234,7 @@ class TokenizeShards(pool.Worker):
     def process(self, shard: int, item: dict[str, Any]) -> ShardMarker:
         columns = ["image_id", "image", "label", "split", *(source for _, source in self.p.conditions)]
         t_start = time.perf_counter()
-        t = storage.read_parquet(item["uri"], columns)
+        t = pool.read_item(item, columns)
         ids = t["image_id"].to_pylist()
         pngs = schemas.image_bytes(t["image"])
         inputs = {"codes": (self.model, decode_column("image", pngs, self.model.config.in_channels), None)}
@@ -302,7 +305,11 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
     with job:
         tracking.set_tags({"tokenizer_sha256": p.dataset.tokenizer_sha256})
         markers, reused = pool.map_items(
-            TokenizeShards, (cfg, p, job.out), pool.shard_items(list(p.files)), job.out, cfg.resources
+            TokenizeShards,
+            (cfg, p, job.out),
+            pool.file_items(p.images, list(p.files)),
+            job.out,
+            cfg.resources,
         )
         n_images = sum(m.counts["images"] for m in markers)
         rows = sum(m.rows for m in markers)

@@ -156,11 +156,15 @@ def plan(cfg: TrainGPTConfig) -> TrainGPTPlan:
     if not cfg.codes_uri:
         raise config_lib.ConfigError("train_gpt.codes_uri is not set")
     m = stage.read_manifest(cfg.codes_uri)  # NotCommittedError names the problem
+    m.check_sizes()
     codes = code_shards.describe(m)  # InputError for outputs that are not code shards
     k, grid = codes.codebook_size, codes.grid
     n_train, keep, fields, raw, columns, prefix = m.rows("train"), None, {}, "codes", (), 1
     if cfg.condition == "class":
-        labels = code_shards.labels_of(stage.read_committed_table(cfg.codes_uri, ["label"], "train"))
+        labels = stage.read_committed_table(
+            cfg.codes_uri, ["label"], "train", verify=False
+        )  # verified in run
+        labels = code_shards.labels_of(labels)
         if not (labels >= 0).any():
             raise InputError(f"train_gpt.condition=class: {cfg.codes_uri} has no labels in its train split")
         n_classes = len(codes.label_names) if codes.label_names else int(labels.max()) + 1
@@ -347,6 +351,7 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
     if (done := job.cached()) is not None:
         return done
     log.info("train_gpt: %s", p.summary(cfg))
+    stage.read_manifest(cfg.codes_uri).verify("train")  # what Ray Data reads next, checked first
     with job:
         tracking.set_tags({"condition": cfg.condition, "tokenizer_sha256": p.spec.tokenizer_sha256 or ""})
         train = code_shards.ray_dataset(

@@ -112,6 +112,7 @@ def plan(cfg: TrainVQGANConfig) -> TrainVQGANPlan:
         raise config_lib.ConfigError("train_vqgan.images_uri is not set")
     images = stage.read_manifest(cfg.images_uri)
     described = image_shards.describe(images)
+    images.check_sizes()
     if cfg.input != "image" and cfg.input not in described.annotations:
         raise InputError(
             f"train_vqgan.input={cfg.input}: {cfg.images_uri} has no `{cfg.input}` column "
@@ -260,6 +261,7 @@ def run(cfg: TrainVQGANConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) ->
     if (done := job.cached()) is not None:
         return done
     log.info("train_vqgan: %s", p.summary(cfg))
+    stage.read_manifest(cfg.images_uri).verify("train")  # what Ray Data reads next, checked first
     with job:
         objective = "bce+codebook" if cfg.input == "segmentation" else "l1+perceptual+gan+codebook"
         tracking.set_tags({"perceptual": p.perceptual, "objective": objective})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 BENCHES = [
     *("ingest", "vqgan", "gpt", "tokenize", "preprocess", "train", "quality"),
-    *("gpt_train", "gpt_quality", "sample", "evaluate", "local_attention"),
+    *("gpt_train", "gpt_quality", "sample", "evaluate", "local_attention", "verify"),
 ]
 OUT = Path(__file__).resolve().parents[2] / ".local" / "bench"
 

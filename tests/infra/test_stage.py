@@ -179,11 +179,35 @@ def test_create_bytes_is_exclusive(base_uri):
 
 
 def test_verify_detects_changed_file(tmp_path):
+    """A committed file that changed: refused on read, naming the file and both digests; by size
+    alone where the size differs (a plan's check, before any work)."""
     out = stage.StageOutput(str(tmp_path), "demo", "h")
     manifest, _ = _commit(out, [out.write_shard(0, _table(4), {})])
-    storage.write_parquet(manifest.data_uris()[0], _table(4, 100), rel_to=str(tmp_path))
-    with pytest.raises(OSError, match="sha256"):
-        stage.read_committed_table(str(tmp_path), verify=True)
+    uri, entry = manifest.data_uris()[0], manifest.files[0]
+    changed = bytearray(storage.read_bytes(uri))
+    changed[len(changed) // 2] ^= 0xFF  # one flipped byte: the same size
+    storage.write_bytes(uri, bytes(changed))
+    manifest.check_sizes()  # sizes alone cannot see it
+    with pytest.raises(stage.InputError, match=f"{uri} has sha256 .*, its manifest {entry.sha256}"):
+        stage.read_committed_table(str(tmp_path))
+    storage.write_bytes(uri, bytes(changed[:-10]))  # truncated
+    with pytest.raises(
+        stage.InputError, match=f"{uri} holds {len(changed) - 10} bytes, its manifest {entry.bytes}"
+    ):
+        manifest.check_sizes()
+
+
+def test_a_manifest_names_no_path_outside_its_output(tmp_path):
+    out = stage.StageOutput(str(tmp_path / "o"), "demo", "h")
+    manifest, _ = _commit(out, [out.write_shard(0, _table(2), {})])
+    data = manifest.to_json()
+    data["files"][0]["path"] = "../../elsewhere/model.safetensors"
+    storage.write_json(str(tmp_path / "o" / stage.MANIFEST_NAME), data)
+    with pytest.raises(stage.InputError, match="a path outside the output folder"):
+        stage.read_manifest(str(tmp_path / "o"))
+    (tmp_path / "o" / stage.MANIFEST_NAME).write_text('{"stage": "demo", "identi')  # cut short
+    with pytest.raises(stage.InputError, match="not a readable manifest"):
+        stage.read_manifest(str(tmp_path / "o"))
 
 
 def test_atomic_local_write_leaves_no_partial(tmp_path, monkeypatch):
