@@ -23,7 +23,8 @@ e.g. a model) at a time: the data first, then a small marker ``_shards/part-NNNN
 
 1. **claim** ``.commit.json`` with a conditional write (created only if absent): of two runs of
    different identities racing for one location exactly one goes on, the other gets an
-   :class:`OutputConflictError` (a run of the same identity may finish the claimed commit);
+   :class:`OutputConflictError` (a run of the same identity may finish a commit whose holder is
+   gone);
 2. **publish**: the data files move from the attempt to their visible names (locally a rename, on
    S3 a server-side copy), stale visible files of an earlier, withdrawn output are removed;
 3. **manifest**: ``_SUCCESS.json`` (the :class:`Manifest`: files, counts, figures, the inputs, the
@@ -46,7 +47,12 @@ listing's digest. Moving an input to another location changes nothing; changing 
 
 One run
 -------
-:class:`StageRun` ties these to MLflow: ``cached()`` returns the committed result, ``with run:``
+The attempt folder and the claim are each held by a :class:`Lease` (a small JSON file with the
+holder's host, pid and a heartbeat): a second run of the same identity started meanwhile (a twin)
+waits for the holder instead of writing beside it, and takes over only when the holder is gone.
+
+:class:`StageRun` ties these to MLflow: ``cached()`` returns the committed result (waiting for a
+twin first), ``with run:``
 opens the stage's child run, ``commit(...)`` writes the manifest, logs the counts and figures, and
 returns the :class:`StageResult` that every stage returns and every caller reads the same way.
 """
@@ -58,6 +64,9 @@ import datetime as _dt
 import hashlib
 import io as _io
 import logging
+import os
+import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -80,8 +89,9 @@ ATTEMPTS_DIR = ".attempts"
 DATA_DIR = "data"
 ERRORS_DIR = "_errors"
 LAYOUT = 2  # the output layout this version writes and reads (1: files under _attempts/, no splits)
-CLAIM_STALE_S = 120.0  # a claim whose heartbeat is older than this was left by a run that died
-CLAIM_HEARTBEAT_S = 30.0  # how often a run that holds the claim renews it while it publishes
+LEASE_NAME = "_lease.json"  # in an attempt folder: the live run working on it
+LEASE_STALE_S = 120.0  # a lease (or claim) whose heartbeat is older than this was left by a run that died
+LEASE_HEARTBEAT_S = 30.0  # how often the run holding one renews it
 SPLITS = ("train", "val", "test")  # file names per split: datasets maps val-* to its validation split
 
 
@@ -398,10 +408,20 @@ def read_committed_table(
     tables = [
         read_file(storage.join(m.output_uri, f.path), f, columns)
         if verify
-        else storage.read_parquet(storage.join(m.output_uri, f.path), columns)
+        else _read_columns(storage.join(m.output_uri, f.path), f, columns)
         for f in m.data_files(split)
     ]
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _read_columns(uri: str, entry: FileEntry, columns: list[str] | None) -> pa.Table:
+    """Some columns of a committed file, unverified; a file that does not parse is verified to say
+    why (its digest differs from the manifest's), else named as unreadable."""
+    try:
+        return storage.read_parquet(uri, columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        read_verified(uri, entry)
+        raise InputError(f"{uri} is not a readable Parquet file ({e})") from None
 
 
 def held_out_split(m: Manifest) -> str:
@@ -428,6 +448,104 @@ def _split_order(split: str) -> tuple[int, str]:
     return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)
 
 
+class Lease:
+    """A small file saying that a live run holds something (an attempt, a commit): created only if
+    absent, renewed by a heartbeat thread while held, and taken over once its holder is gone: its
+    process has ended (same host), or its heartbeat is older than :data:`LEASE_STALE_S` (a run
+    on another machine that died). ``fields`` are recorded with it; a holder whose ``match`` fields
+    differ is never taken over (another identity's claim is a conflict, not a leftover)."""
+
+    def __init__(self, uri: str, match: Sequence[str] = (), **fields: Any):
+        self.uri, self.match = uri, tuple(match)
+        self.fields = {**fields, "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+        self.token = uuid.uuid4().hex[:12]
+        self.taken_from: dict[str, Any] | None = None  # the record of a gone holder this run took over
+        self._stop: threading.Event | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._stop is not None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_stop": None}  # a copy sent to a worker holds nothing
+
+    def _blob(self, heartbeat: float | None = None) -> bytes:
+        return storage.to_json_bytes(
+            {
+                **self.fields,
+                "token": self.token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "heartbeat": time.time() if heartbeat is None else heartbeat,
+            }
+        )
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            return storage.read_json(self.uri)
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def gone(record: dict[str, Any]) -> bool:
+        """Whether the run that wrote ``record`` no longer holds it."""
+        if record.get("host") == socket.gethostname() and record.get("pid") != os.getpid():
+            try:
+                os.kill(int(record["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (OSError, KeyError, TypeError, ValueError):
+                pass
+        return time.time() - float(record.get("heartbeat", 0)) > LEASE_STALE_S
+
+    def try_acquire(self) -> dict[str, Any] | None:
+        """Hold the lease if it is free or its holder is gone: None. Else the live holder's record."""
+        while True:
+            if storage.create_bytes(self.uri, self._blob()):
+                break
+            held = self.holder()
+            if held is None:  # released meanwhile
+                continue
+            if not self.gone(held) or any(held.get(k) != self.fields.get(k) for k in self.match):
+                return held
+            storage.write_bytes(self.uri, self._blob())  # take over; of two takers the last write wins
+            time.sleep(1.0)
+            if (self.holder() or {}).get("token") != self.token:
+                continue
+            self.taken_from = held
+            break
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="lease").start()
+        return None
+
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.wait(LEASE_HEARTBEAT_S):
+            try:
+                self.renew()
+            except Exception as e:  # noqa: BLE001 - a missed beat is retried; the work goes on
+                log.warning("could not renew %s: %s", storage.redact(self.uri), e)
+
+    def renew(self, **fields: Any) -> None:
+        """Rewrite the record (fresh heartbeat, ``fields`` updated) while held."""
+        self.fields.update(fields)
+        if self.held:
+            storage.write_bytes(self.uri, self._blob())
+
+    def release(self, *, remove: bool = True) -> None:
+        """Stop holding: the file goes (``remove``) or stays marked as left, so that the next run of
+        the same ``match`` takes it over at once (a commit that failed half-way is finished by it)."""
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        if (self.holder() or {}).get("token") != self.token:
+            return
+        if remove:
+            storage.remove(self.uri)
+        else:
+            storage.write_bytes(self.uri, self._blob(heartbeat=0.0))
+
+
 class StageOutput:
     """The output location of one stage identity (see the module docstring for the layout and the
     contract)."""
@@ -438,9 +556,11 @@ class StageOutput:
         self.identity = identity
         self.work_uri = storage.join(self.output_uri, ATTEMPTS_DIR, identity)
         self._claim_uri = storage.join(self.output_uri, CLAIM_NAME)
-        self.token = uuid.uuid4().hex[:12]  # this run's: twins of one identity are told apart
+        self._claim = Lease(
+            self._claim_uri, ("stage", "identity"), stage=stage, identity=identity, registered=None
+        )
+        self._attempt = Lease(storage.join(self.work_uri, LEASE_NAME), stage=stage)
         self.inherited: dict[str, Any] | None = None  # what a dead claimant had registered (taken over)
-        self._held_since: float | None = None  # when this run took the claim (None: it does not hold it)
 
     def committed(self) -> Manifest | None:
         """The manifest if this identity already committed here; raise if another identity did, or
@@ -464,11 +584,8 @@ class StageOutput:
 
     def _check_claim(self) -> None:
         """A commit of another identity under way here (or one that stopped half-way): the conflict."""
-        try:
-            claim = storage.read_json(self._claim_uri)
-        except FileNotFoundError:
-            return
-        if claim.get("identity") != self.identity:
+        claim = self._claim.holder()
+        if claim is not None and claim.get("identity") != self.identity:
             raise OutputConflictError(
                 f"{self.output_uri} is being committed by another run (stage {claim.get('stage')!r}, "
                 f"identity {claim.get('identity')}, since {claim.get('created_at')}; this run's identity is "
@@ -558,24 +675,6 @@ class StageOutput:
 
     # ----------------------------------------------------------------------- the commit
 
-    def _read_claim(self) -> dict[str, Any] | None:
-        try:
-            return storage.read_json(self._claim_uri)
-        except FileNotFoundError:
-            return None
-
-    def _write_claim(self, registered: dict[str, Any] | None = None) -> bytes:
-        return storage.to_json_bytes(
-            {
-                "stage": self.stage,
-                "identity": self.identity,
-                "token": self.token,
-                "heartbeat": time.time(),
-                "registered": registered,
-                "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            }
-        )
-
     def _committed_or_none(self) -> Manifest | None:
         try:
             m = read_manifest(self.output_uri)
@@ -590,44 +689,78 @@ class StageOutput:
         None: this run holds the claim and may publish and commit. The manifest: a run of this
         identity committed first (this run's work is not needed; write nothing). Another identity's
         manifest or claim: the :class:`OutputConflictError`. A twin of this identity (same config
-        and inputs, another run) that holds the claim is waited for; a claim whose heartbeat stopped
-        (its run died while committing) is taken over, with the model it had registered
+        and inputs, another run) that holds the claim is waited for; a claim whose run is gone (it
+        died or failed while committing) is taken over, with the model it had registered
         (:attr:`inherited`), so a commit that stopped half-way is finished, not repeated."""
-        while self._held_since is None:
+        while not self._claim.held:
             if (m := self._committed_or_none()) is not None:
                 return m
-            if storage.create_bytes(self._claim_uri, self._write_claim()):
+            held = self._claim.try_acquire()
+            if held is None:
                 # The committer writes the manifest before it drops the claim, so a claim taken after
                 # that finds the manifest here, before publishing anything over the committed files.
                 if (m := self._committed_or_none()) is not None:
-                    storage.remove(self._claim_uri)
+                    self._claim.release()
                     return m
-                self._held_since = time.time()
+                if (left := self._claim.taken_from) is not None:
+                    log.warning(
+                        "%s: finishing the commit a run of this identity left half-way at %s (claimed %s)",
+                        self.stage,
+                        self.output_uri,
+                        left.get("created_at"),
+                    )
+                    self.inherited = left.get("registered")
+                    self._claim.renew(registered=self.inherited)
                 break
-            held = self._read_claim()
-            if held is None:  # dropped meanwhile: its manifest is there now, or it gave up
-                continue
             self._check_claim()  # another identity's: the conflict
-            if time.time() - float(held.get("heartbeat", 0)) > CLAIM_STALE_S:
-                log.warning(
-                    "%s: taking over the commit a run of this identity left half-way at %s (claimed %s)",
-                    self.stage,
-                    self.output_uri,
-                    held.get("created_at"),
-                )
-                self.inherited = held.get("registered")
-                storage.write_bytes(self._claim_uri, self._write_claim(self.inherited))
-                self._held_since = time.time()
-                break
             time.sleep(0.5)  # a twin is committing: its manifest comes within seconds
         return None
 
     def renew_claim(self, registered: dict[str, Any] | None = None) -> None:
-        """Renew the held claim's heartbeat (and record a model registered from it, so that a run
-        taking over after a crash does not register it twice)."""
-        if self._held_since is not None:
-            self.inherited = registered if registered is not None else self.inherited
-            storage.write_bytes(self._claim_uri, self._write_claim(self.inherited))
+        """Record a model registered under the held claim, so that a run taking over after a crash
+        does not register it twice."""
+        self.inherited = registered if registered is not None else self.inherited
+        self._claim.renew(registered=self.inherited)
+
+    def abandon(self) -> None:
+        """After a failure: leave a held claim marked as left (the next run of this identity
+        finishes the commit at once), and let go of the attempt."""
+        self._claim.release(remove=False)
+        self._attempt.release()
+
+    def hold_attempt(self) -> Manifest | None:
+        """Become the one run working on this identity's attempt. A live twin (same config and
+        inputs, another run) working on it is waited for: its manifest, when it commits, is
+        returned; when it stops without committing, this run takes the attempt over and resumes it."""
+        waiting = False
+        while True:
+            if (m := self.committed()) is not None:
+                return m
+            held = self._attempt.try_acquire()
+            if held is None:
+                if (m := self.committed()) is not None:  # committed just before we took it
+                    self._attempt.release()
+                    return m
+                if self._attempt.taken_from is not None:
+                    log.info(
+                        "%s: resuming the attempt a run that stopped left in %s", self.stage, self.work_uri
+                    )
+                return None
+            if not waiting:
+                log.info(
+                    "%s: another run of this config and inputs is working on %s (pid %s on %s, since %s): "
+                    "waiting for it",
+                    self.stage,
+                    self.output_uri,
+                    held.get("pid"),
+                    held.get("host"),
+                    held.get("created_at"),
+                )
+                waiting = True
+            time.sleep(1.0)
+
+    def release_attempt(self) -> None:
+        self._attempt.release()
 
     def _visible(self, entry: FileEntry) -> FileEntry:
         return dataclasses.replace(entry, path=storage.relative(self.file_uri(entry), self.work_uri))
@@ -641,11 +774,7 @@ class StageOutput:
             for uri in storage.list_files(storage.join(self.output_uri, folder)):
                 if uri not in keep:
                     storage.remove(uri)
-        renewed = time.time()
         for entry, v in zip(entries, visible):
-            if time.time() - renewed > CLAIM_HEARTBEAT_S:  # a long publication (S3 copies): still alive
-                self.renew_claim()
-                renewed = time.time()
             src, dst = self.file_uri(entry), storage.join(self.output_uri, v.path)
             try:
                 storage.move(src, dst)
@@ -679,38 +808,56 @@ class StageOutput:
         markers = sorted(markers, key=lambda m: m.index)
         if (existing := self.claim()) is not None:
             return existing, False
+        try:
+            return self._commit_claimed(markers, dict(
+                config=config, config_hash=config_hash, inputs=list(inputs), counts=dict(counts),
+                figures=dict(figures or {}), registered=registered, mlflow_run_id=mlflow_run_id,
+                dataset=dataset, extra=extra or {},
+            ), nodes)  # fmt: skip
+        except BaseException:
+            self._claim.release(remove=False)
+            raise
+
+    def _commit_claimed(
+        self, markers: list[ShardMarker], fields: dict[str, Any], nodes: dict[str, int] | None
+    ) -> tuple[Manifest, bool]:
         data = [f for m in markers for f in m.data]
         published = self._publish(data + [m.errors for m in markers if m.errors is not None])
         files, error_files = published[: len(data)], published[len(data) :]
         manifest = Manifest(
             stage=self.stage,
             identity=self.identity,
-            config_hash=config_hash,
-            config=config,
-            inputs=list(inputs),
             files=files,
             error_files=error_files,
-            counts=dict(counts),
-            figures=dict(figures or {}),
-            registered=registered,
-            mlflow_run_id=mlflow_run_id,
             code_version=tracking.code_version(),
             created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            dataset=dataset,
-            extra=extra or {},
             nodes=dict(nodes) if nodes is not None else dict(Counter(m.node for m in markers if m.node)),
             output_uri=self.output_uri,
+            **fields,
         )
         blob = storage.to_json_bytes(manifest.to_json())
         if not storage.create_bytes(storage.join(self.output_uri, MANIFEST_NAME), blob):
+            self._claim.release()
             winner = read_manifest(self.output_uri)
             self._check_same(winner)  # another identity committed first: the conflict error
             return winner, False
-        storage.remove(self._claim_uri)
-        self._held_since = None
-        storage.remove(storage.join(self.output_uri, ATTEMPTS_DIR))  # every attempt is garbage now
-        storage.remove(storage.join(self.output_uri, "_attempts"))  # and those of layout 1
+        self._claim.release()
+        self._attempt.release()
+        self._remove_attempts()
         return manifest, True
+
+    def _remove_attempts(self) -> None:
+        """After the commit every attempt is garbage, except those a live run of another identity
+        still works in (it learns of the conflict at its next shard and removes its own)."""
+        for folder in storage.list_dirs(storage.join(self.output_uri, ATTEMPTS_DIR)):
+            record = Lease(storage.join(folder, LEASE_NAME)).holder()
+            if folder != self.work_uri and record is not None and not Lease.gone(record):
+                continue
+            storage.remove(folder)
+        attempts = storage.join(self.output_uri, ATTEMPTS_DIR)
+        if not storage.list_files(attempts):
+            storage.remove(attempts)
+        storage.remove(storage.join(self.output_uri, "_attempts"))  # those of layout 1
 
 
 # --------------------------------------------------------------------------- results and runs
@@ -789,8 +936,13 @@ class StageRun:
         self._t0 = 0.0
 
     def cached(self) -> StageResult | None:
-        """The committed result of this identity (a no-op rerun), None if not committed yet."""
+        """The committed result of this identity (a no-op rerun). None: not committed yet, and this
+        run now holds the identity's attempt (a twin run working on it is waited for first: its
+        result is returned when it commits, its attempt resumed when it stops without), so that
+        ``with run:`` follows at once."""
         m = self.out.committed()
+        if m is None and (m := self.out.hold_attempt()) is not None:
+            return self.lost_to(m)
         if m is None:
             return None
         log.info(
@@ -821,13 +973,17 @@ class StageRun:
             try:  # a concurrent run of another identity committed here: that is the error to report
                 self.out.committed()
             except OutputConflictError as conflict:
+                self.out.abandon()
                 self._drop_attempt()
                 self._ctx.__exit__(type(conflict), conflict, None)
                 raise conflict from exc
             except Exception:  # noqa: BLE001 - the original error stays the one reported
                 pass
+        if exc is not None:
+            self.out.abandon()
         if isinstance(exc, OutputConflictError):
             self._drop_attempt()
+        self.out.release_attempt()
         return bool(self._ctx.__exit__(exc_type, exc, tb))
 
     def _drop_attempt(self) -> None:

@@ -84,7 +84,7 @@ class TokenizePlan:
     """What tokenize will read and write, from the image shards' manifest and the tokenizers' headers."""
 
     inputs: tuple[InputRef, ...]  # the image shards (by identity) and every tokenizer (by sha256)
-    images: stage.Manifest  # the image shards read
+    source: stage.Manifest  # the image shards read
     files: tuple[FileEntry, ...]  # their data files to tokenize (of the chosen splits): one output shard each
     images: int
     dataset: CodeShards
@@ -307,7 +307,7 @@ def run(cfg: TokenizeConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
         markers, reused = pool.map_items(
             TokenizeShards,
             (cfg, p, job.out),
-            pool.file_items(p.images, list(p.files)),
+            pool.file_items(p.source, list(p.files)),
             job.out,
             cfg.resources,
         )

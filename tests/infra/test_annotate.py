@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 from PIL import Image
@@ -48,11 +50,12 @@ def test_failing_images_are_recorded_and_counts_add_up(tmp_path):
             }
         )
     src = tmp_path / "in.parquet"
-    storage.write_parquet(str(src), pa.Table.from_pylist(rows, DATASET.schema()), rel_to=str(tmp_path))
+    table = pa.Table.from_pylist(rows, DATASET.schema())
+    entry = storage.write_parquet(str(src), table, rel_to=str(tmp_path))
     annotated = DATASET.annotated("depth", Annotation(model="test", weights_sha256="0", encoding="f16"))
-    p = AnnotatePlan("depth", "depth", (), (str(src),), 7, "", annotated)
+    p = AnnotatePlan("depth", "depth", (), None, (entry,), 7, "", annotated)
     out = stage.StageOutput(str(tmp_path / "out"), "depth", "h")
-    marker = BrightnessDepth(out, p).process(0, {"uri": str(src)})
+    marker = BrightnessDepth(out, p).process(0, {"uri": str(src), "entry": dataclasses.asdict(entry)})
     assert marker.counts["read"] == 7 and marker.rows == 5 and marker.rejected == 2
     data = storage.read_parquet(out.file_uri(marker.data[0]))
     errors = storage.read_parquet(out.file_uri(marker.errors))

@@ -170,7 +170,7 @@ def test_fashion_mnist_idx_layout(stack, tmp_path):
 def test_real_fashion_mnist_listing():
     listing = sources.list_items(sources.FASHION_MNIST_URI)
     assert listing.format == "fashion_mnist" and len(listing.items) == 70_000
-    assert sum(it["split"] == "test" for it in listing.items) == 10_000
+    assert sum(it.split == "test" for it in listing.items) == 10_000
 
 
 def test_killed_run_leaves_nothing_visible_and_rerun_completes(stack, tmp_path):
