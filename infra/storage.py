@@ -65,8 +65,11 @@ def relative(uri: str, root: str) -> str:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path within it."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    """The fsspec filesystem for ``uri`` and the path within it. S3 listings are never cached:
+    other processes (actors, training workers, other runs) write and remove files under the same
+    prefixes, and s3fs answers ``info``/``exists`` from a cached listing of the parent folder."""
+    opts = {"use_listings_cache": False} if fsspec.utils.get_protocol(uri) in ("s3", "s3a") else {}
+    fs, path = fsspec.core.url_to_fs(uri, **opts)
     return fs, path
 
 
@@ -196,7 +199,7 @@ def list_entries(uri: str) -> list[Entry]:
         (
             Entry(_with_protocol(fs, p), int(i.get("size") or 0), _version(i))
             for p, i in found.items()
-            if i.get("type") != "directory"
+            if i.get("type") != "directory" and not p.endswith("/")  # S3 folder markers are no files
         ),
         key=lambda e: e.uri,
     )

@@ -3,9 +3,6 @@ conditional commits of concurrent runs, the layout folder readers see, and the o
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from infra import config as C
-from infra import stage, storage
+from infra import lease, stage, storage
 from infra.config import execution_field, input_field, output_field
 from infra.stage import InputRef
 
@@ -106,34 +103,11 @@ def test_a_commit_claimed_by_another_identity_is_a_conflict(base_uri, monkeypatc
     a._claim._stop.set()  # its heartbeat stops with it
     with pytest.raises(stage.OutputConflictError, match="being committed by another run"):
         stage.StageOutput(uri, "demo", "b").committed()
-    monkeypatch.setattr(stage, "LEASE_STALE_S", 0.5)
+    monkeypatch.setattr(lease, "STALE_S", 0.5)
     time.sleep(0.6)  # no heartbeat since: the claimant is gone
     manifest, ours = _commit(stage.StageOutput(uri, "demo", "a"), [marker])
     assert ours and stage.read_committed_table(uri).num_rows == 3
     assert not storage.exists(storage.join(uri, stage.CLAIM_NAME))
-
-
-def test_a_lease_is_taken_over_only_when_its_holder_is_gone(tmp_path):
-    """A live holder's lease is refused to others; a holder whose process ended is replaced at once
-    (same host), and the record it left is handed over."""
-    uri = str(tmp_path / "lease.json")
-    first = stage.Lease(uri, stage="demo", registered={"version": 3})
-    assert first.try_acquire() is None and first.held
-    assert stage.Lease(uri, stage="demo").try_acquire()["token"] == first.token  # alive: refused
-    first.release()
-    assert not storage.exists(uri)  # released: the file is gone
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    left = {"stage": "demo", "token": "x", "host": socket.gethostname(), "pid": int(dead.stdout)}
-    storage.write_json(uri, {**left, "heartbeat": time.time(), "registered": {"version": 3}})
-    taker = stage.Lease(uri, ("stage",), stage="demo")
-    assert taker.try_acquire() is None and taker.taken_from["registered"] == {"version": 3}
-    assert storage.read_json(uri)["token"] == taker.token
-    taker.release(remove=False)  # left after a failure: the next run takes it over at once
-    assert stage.Lease.gone(storage.read_json(uri))
-    other = stage.Lease(uri, ("stage",), stage="another")
-    assert other.try_acquire()["stage"] == "demo"  # a gone holder of another stage: not taken over
 
 
 def test_concurrent_commits_one_wins(base_uri):

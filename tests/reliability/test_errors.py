@@ -15,7 +15,7 @@ import pytest
 from infra import config as C
 from infra import stage
 from stages import ingest, train_gpt, train_vqgan
-from tests import images
+from tests import codes, images
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,3 +126,29 @@ def test_credentials_in_a_tracking_uri_are_never_printed(tmp_path):
     assert "s3cret-sentinel" not in out.stderr + out.stdout, line
     logs = list((tmp_path / "local" / "logs").glob("*.log"))
     assert logs and all("s3cret-sentinel" not in p.read_text() for p in logs)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "workers"),
+    [(9, 1), (2, 4)],  # more than the 8 training rows; fewer rows per batch than workers
+)
+def test_a_batch_that_does_not_fit_the_data_is_refused_in_the_plan(tmp_path, batch_size, workers):
+    """train_gpt on 8 training rows: a batch above the rows, or below the workers, is an input
+    error from the plan (before Ray starts), naming the rows and the batch."""
+    tok_uri, tok_sha = codes.tokenizer_file(tmp_path, 16)
+    codes.write_code_shards(
+        str(tmp_path / "codes"), n_train=8, n_val=2, k=16, grid=(2, 2), classes=2,
+        tokenizer_uri=tok_uri, tokenizer_sha256=tok_sha,
+    )  # fmt: skip
+    cfg = C.from_dict(
+        train_gpt.TrainGPTConfig,
+        {
+            "codes_uri": str(tmp_path / "codes"),
+            "output_uri": str(tmp_path / "gpt"),
+            "batch_size": batch_size,
+            "resources": {"workers": workers},
+            "sample_every": 0,
+        },
+    )
+    with pytest.raises(stage.InputError, match=f"8 training rows and train_gpt.batch_size={batch_size}"):
+        train_gpt.plan(cfg)
