@@ -86,6 +86,18 @@ def read_parquet(uris: list[str], columns: list[str], seed: int):
     return ray.data.read_parquet([uris[i] for i in order]).select_columns(columns)
 
 
+def check_batch(
+    stage: str, uri: str, rows: int, noun: str, batch_size: int, workers: int, hint: str = ""
+) -> None:
+    """A global batch of ``batch_size`` split over ``workers`` on ``rows`` training ``noun``: at
+    least one row per worker and no more than the rows, else an :class:`InputError` from the plan."""
+    if rows < batch_size or batch_size < workers:
+        raise InputError(
+            f"{uri} holds {rows} training {noun} and {stage}.batch_size={batch_size} is split over "
+            f"{workers} workers: the batch must be at least the workers and at most the training {noun}{hint}"
+        )
+
+
 def fit(
     job: StageRun,
     loop: Callable[[dict[str, Any]], None],

@@ -238,13 +238,7 @@ def plan(cfg: TrainGPTConfig) -> TrainGPTPlan:
         raise config_lib.ConfigError(
             f"train_gpt: n_embd={gpt.n_embd} is not a multiple of n_head={gpt.n_head}"
         )
-    workers = cfg.resources.workers or 1
-    if n_train < cfg.batch_size or cfg.batch_size < workers:
-        raise InputError(
-            f"{cfg.codes_uri} holds {n_train} training rows and train_gpt.batch_size={cfg.batch_size} is "
-            f"split over {workers} workers: the batch must be at least the workers and at most the "
-            "training rows"
-        )
+    ray_train.check_batch(STAGE, cfg.codes_uri, n_train, "rows", cfg.batch_size, cfg.resources.workers or 1)
     if cfg.sample_every:  # sample grids: the tokenizer the codes name, its sha256 checked (not loaded)
         model_store.describe_tokenizer(
             spec.tokenizer_uri, spec.tokenizer_sha256, f"the code shards {cfg.codes_uri}"

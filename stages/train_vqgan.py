@@ -119,13 +119,10 @@ def plan(cfg: TrainVQGANConfig) -> TrainVQGANPlan:
             f"(run the {cfg.input} stage first and train on its output)"
         )
     n_train = images.rows("train")
-    workers = cfg.resources.workers or 1
-    if n_train < cfg.batch_size or cfg.batch_size < workers:
-        raise InputError(
-            f"{cfg.images_uri} holds {n_train} training images and train_vqgan.batch_size={cfg.batch_size} "
-            f"is split over {workers} workers: the batch must be at least the workers and at most the "
-            "training images (lower the batch size or ingest more images)"
-        )
+    ray_train.check_batch(
+        STAGE, cfg.images_uri, n_train, "images", cfg.batch_size, cfg.resources.workers or 1,
+        " (lower the batch size or ingest more images)",
+    )  # fmt: skip
     classes = cfg.segmentation_classes
     if cfg.input == "segmentation" and classes is None:
         classes = len(described.annotations["segmentation"].labels or [])

@@ -25,30 +25,11 @@ from stages import sample, tokenize_images, train_gpt
 from tests import images
 from tests.codes import tokenizer_file, write_code_shards
 from tests.generators import generator_file
-from tests.killing import kill_stage_when
+from tests.killing import kill_stage_when, start_driver
 
 ROOT = Path(__file__).resolve().parents[2]
 EXP = "test-reliability"
 SECRET = "sentinel-secret-8c1f"  # an AWS secret and an MLflow password nothing may write down
-
-
-def _driver(module: str, cfg_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``python -m <module> --config <cfg>`` as its own driver on the session's Ray cluster."""
-    full = {
-        **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "PYTHONPATH": str(ROOT),
-        **(env or {}),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", module, "--config", str(cfg_path)],
-        cwd=ROOT,
-        env=full,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def _yaml(path: Path, section: str, cfg) -> Path:
@@ -82,7 +63,7 @@ def test_twin_training_runs_commit_and_register_once(codes, tmp_path, mlflow_cli
     the run that lost says so and wrote and registered nothing."""
     cfg = _gpt_cfg(codes, str(tmp_path / "gpt"), register_name="twin-gpt")
     path = _yaml(tmp_path / "cfg.yaml", "train_gpt", cfg)
-    runs = [_driver("stages.train_gpt", path) for _ in range(2)]
+    runs = [start_driver("stages.train_gpt", path) for _ in range(2)]
     results = [(p.wait(timeout=600), *p.communicate()) for p in runs]
     assert [code for code, _, _ in results] == [0, 0], [err.splitlines()[-8:] for c, _, err in results if c]
     m = stage.read_manifest(str(tmp_path / "gpt"))
@@ -116,7 +97,7 @@ def test_a_run_that_loses_to_another_identity_stops_early_and_cleans_up(codes, t
             "batch_size": 1,
         },
     )
-    proc = _driver("stages.sample", _yaml(tmp_path / "cfg.yaml", "sample", cfg))
+    proc = start_driver("stages.sample", _yaml(tmp_path / "cfg.yaml", "sample", cfg))
     deadline = time.monotonic() + 300
     while not list(out.glob(".attempts/*/_shards/part-*.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -208,7 +189,7 @@ def test_no_secret_is_written(codes, s3_bucket, stack, tmp_path):
     local = tmp_path / "local"
     mlflow_uri = stack["mlflow"].uri.replace("http://", f"http://alice:{SECRET}@")
     env = {"AWS_SECRET_ACCESS_KEY": SECRET, "MLFLOW_TRACKING_URI": mlflow_uri, "TAMING_LOCAL_DIR": str(local)}
-    proc = _driver("stages.sample", _yaml(tmp_path / "cfg.yaml", "sample", cfg), env)
+    proc = start_driver("stages.sample", _yaml(tmp_path / "cfg.yaml", "sample", cfg), env)
     code, (out, err) = proc.wait(timeout=600), proc.communicate()
     assert code == 0, err[-3000:]
     assert SECRET not in out + err
