@@ -57,7 +57,7 @@ def plan(
     described = image_shards.describe(images)
     if column in described.annotations:
         raise stage.InputError(f"{name}: {images_uri} already has a `{column}` column")
-    weights = model_store.resolve_weights(weights_uri, weights_file)
+    weights = model_store.resolve_weights(weights_uri, weights_file, key=f"{name}.weights_uri")
     sha = model_store.file_sha256(weights)
     inputs = (
         InputRef.output("images", images),

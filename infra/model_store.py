@@ -117,16 +117,20 @@ def pin(uri: str) -> tuple[str, str | None, int | None, str | None]:
     return uri, None, None, run
 
 
-def resolve_weights(uri: str, filename: str) -> Path:
-    """A local path of the weights: ``uri`` (local / s3), else the torch hub cache; clear error if absent."""
+def resolve_weights(uri: str, filename: str, key: str = "weights_uri") -> Path:
+    """A local path of the weights: ``uri`` (local / s3), else the torch hub cache; a missing file's
+    error names it and the config ``key`` that sets it."""
     import torch
 
     if uri:
-        return local_path(uri)
+        try:
+            return local_path(uri)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{key}={uri}: {e}") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not cached.is_file():
         raise FileNotFoundError(
-            f"weights {filename} not found: set weights_uri (a local path or s3:// URI of the official file) "
+            f"weights {filename} not found: set {key} (a local path or s3:// URI of the official file) "
             f"or put the file at {cached}"
         )
     return cached

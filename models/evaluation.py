@@ -8,8 +8,7 @@
 - Memorisation: nearest-neighbour pixel distances of generated and of real test images to the
   training images; the duplicate rate within a set; class balance.
 
-Inception-based FID / KID / IS / precision-recall: :func:`inception_metrics`, torch-fidelity's, with
-the weights file the stage passes.
+Inception-based FID / KID / IS / precision-recall need a weights file: ``infra.inception``.
 """
 
 from __future__ import annotations
@@ -116,53 +115,6 @@ def normalised_entropy(labels: torch.Tensor, classes: int) -> float:
     p = torch.bincount(labels, minlength=classes).double() / len(labels)
     p = p[p > 0]
     return float(-(p * p.log()).sum() / math.log(classes))
-
-
-def inception_metrics(x_a, x_b, weights: str, batch: int, cuda: bool) -> dict[str, float]:
-    """torch-fidelity's FID, KID, IS (of ``x_a``) and precision/recall between two uint8 sets
-    (N, C, H, W), with the Inception weights file ``weights``. Precision/recall run on the Inception
-    pool features (as ADM's evaluator), not torch-fidelity's default VGG16, so one weights file
-    serves all four; grayscale is repeated to RGB."""
-    import torch_fidelity
-
-    class Images(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = x if x.shape[1] == 3 else x.repeat(1, 3, 1, 1)
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
-
-    n = min(len(x_a), len(x_b))
-    m = torch_fidelity.calculate_metrics(
-        input1=Images(x_a),
-        input2=Images(x_b),
-        fid=True,
-        kid=True,
-        isc=True,
-        prc=True,
-        feature_extractor="inception-v3-compat",
-        feature_layer_prc="2048",
-        feature_extractor_weights_path=weights,
-        batch_size=batch,
-        cuda=cuda,
-        kid_subset_size=min(1000, n),
-        isc_splits=min(10, len(x_a)),
-        verbose=False,
-        cache=False,
-    )
-    keys = {
-        "frechet_inception_distance": "fid",
-        "kernel_inception_distance_mean": "kid",
-        "kernel_inception_distance_std": "kid_std",
-        "inception_score_mean": "is",
-        "inception_score_std": "is_std",
-        "precision": "precision",
-        "recall": "recall",
-    }
-    return {ours: float(m[theirs]) for theirs, ours in keys.items() if theirs in m}
 
 
 def memorization(x_gen: torch.Tensor, x_ref: torch.Tensor, x_train: torch.Tensor, quantile: float) -> dict:

