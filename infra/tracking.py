@@ -312,6 +312,22 @@ def tag_model_version(name: str, version: int, tags: dict[str, Any]) -> None:
         client.set_model_version_tag(name, str(version), k, str(v))
 
 
+def model_version_tags(name: str, version: int) -> dict[str, str]:
+    """The tags of a registered model version."""
+    from mlflow.tracking import MlflowClient
+
+    _mlflow()
+    return dict(MlflowClient(tracking_uri()).get_model_version(name, str(version)).tags)
+
+
+def set_model_alias(name: str, alias: str, version: int) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version``."""
+    from mlflow.tracking import MlflowClient
+
+    _mlflow()
+    MlflowClient(tracking_uri()).set_registered_model_alias(name, alias, str(version))
+
+
 def download_model(name: str, version: int, dest: Path) -> Path:
     """The artifacts of a registered model version, downloaded into ``dest``."""
     mlflow = _mlflow()

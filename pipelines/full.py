@@ -42,7 +42,17 @@ from infra import config as config_lib  # noqa: E402
 from infra import stage, storage, tracking  # noqa: E402
 from infra.cli import OVERRIDES_HELP, run_guarded, setup_logging, user_error  # noqa: E402
 from infra.cluster import ray_logs_dir  # noqa: E402
-from stages import depth, evaluate, ingest, sample, segmentation, tokenize_images, train_gpt, train_vqgan  # noqa: E402
+from stages import (  # noqa: E402
+    depth,
+    evaluate,
+    ingest,
+    promote,
+    sample,
+    segmentation,
+    tokenize_images,
+    train_gpt,
+    train_vqgan,
+)
 
 log = logging.getLogger("pipelines.full")
 
@@ -67,6 +77,7 @@ class FullConfig:
     train_gpt: train_gpt.TrainGPTConfig | None = None  # the transformer on the code shards
     sample: sample.SampleConfig | None = None  # a generated dataset from the transformer
     evaluate: evaluate.EvaluateConfig | None = None  # how good that dataset is, against the real images
+    promote: promote.PromoteConfig | None = None  # @champion moves to the generator only when it beats it
 
 
 def resolve(cfg: FullConfig) -> FullConfig:
@@ -137,12 +148,22 @@ def resolve(cfg: FullConfig) -> FullConfig:
         )
         if not ev.generated_uri and not ev.tokenizer_uri:
             raise config_lib.ConfigError("evaluate.generated_uri: not set, and no sample stage")
+    pro = cfg.promote
+    if pro is not None:  # evaluation_uri "" = this pipeline's evaluation
+        if not pro.evaluation_uri and (ev is None or not ev.generated_uri):
+            raise config_lib.ConfigError("promote.evaluation_uri: not set, and no evaluate stage of samples")
+        pro = dataclasses.replace(
+            pro,
+            evaluation_uri=pro.evaluation_uri or ev.output_uri,
+            output_uri=pro.output_uri or storage.join(root, "promote"),
+        )
     return dataclasses.replace(
         cfg,
         run=dataclasses.replace(cfg.run, root_uri=root),
         train_gpt=gpt,
         sample=smp,
         evaluate=ev,
+        promote=pro,
         ingest=ing,
         depth=dep,
         train_vqgan=trn,
@@ -161,6 +182,7 @@ STAGES = (
     ("train_gpt", train_gpt),
     ("sample", sample),
     ("evaluate", evaluate),
+    ("promote", promote),
 )
 
 
@@ -312,6 +334,8 @@ def run(cfg: FullConfig) -> dict:
                 summary["sample_grid_run"] = res.manifest.mlflow_run_id
             if name == "evaluate":
                 summary["metrics_uri"] = res.manifest.data_uris()[0]
+            if name == "promote":
+                summary["decision"] = res.manifest.extra["decision"]
             log.info("== %s %s in %.0f s: %s", name, status, seconds, _figures_text(row["figures"]))
         table = summary_table(rows)
         tracking.log_dict({"stages": rows}, "pipeline_summary.json")
@@ -363,6 +387,11 @@ def where_to_look(summary: dict[str, Any], log_file: Path) -> str:
         lines.append(f"samples:  {summary['sample']['output_uri']}   ({grid})")
     if "evaluate" in summary:
         lines.append(f"metrics:  {summary['metrics_uri']}")
+    if "decision" in summary:
+        d = summary["decision"]
+        model = f"models:/{d['model']}/{d['candidate_version']}"
+        verdict = "is @champion" if d["promoted"] else f"stays a candidate ({'; '.join(d['failed'])[:200]})"
+        lines.append(f"registry: {model} {verdict}")
     lines.append(f"log:      {log_file}")
     if (ray_logs := ray_logs_dir()) is not None:
         lines.append(f"Ray logs: {ray_logs}   (every worker's full output, on the head node)")

@@ -120,6 +120,7 @@ class EvaluatePlan:
     tokenizer: tuple[str, str] | None  # (URI, sha256) of the tokenizer to evaluate
     vgg16_path: str | None
     registry: tuple[str, int] | None  # the generator's registry name and version, from the samples' lineage
+    protocol: str  # what the figures are comparable by: the config and every input but the generated set
 
     def summary(self, cfg: EvaluateConfig) -> str:
         parts = [f"{self.generated or 'no generated set'} vs {self.reference[0]} ({self.reference[1]})"]
@@ -216,7 +217,18 @@ def plan(cfg: EvaluateConfig) -> EvaluatePlan:
         tokenizer,
         vgg,
         registry,
+        protocol(cfg, inputs),
     )
+
+
+def protocol(cfg: EvaluateConfig, inputs: list[InputRef]) -> str:
+    """Two evaluations with the same protocol compare their generated sets on equal terms: the same
+    config (sample sizes, seed, classifier recipe, ...), reference and training images, Inception
+    network and tokenizer; only the generated set differs (``promote`` relies on it)."""
+    parts = [config_lib.config_hash(cfg)] + sorted(
+        f"{i.name}={i.digest}" for i in inputs if i.name != "generated"
+    )
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _read(uri: str, split: str | None, n: int, seed: int, channels: int):
@@ -343,6 +355,7 @@ def run(cfg: EvaluateConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
             "seed": cfg.seed,
             "classifier": dataclasses.asdict(cfg.classifier) if p.classes else None,
             "generator_registry": registry,
+            "protocol": p.protocol,
         }
         marker = job.out.write_file(0, "metrics.json", json.dumps(report, indent=2, default=float).encode())
         if result.get("grid") is not None:
@@ -352,6 +365,7 @@ def run(cfg: EvaluateConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
             tracking.log_image(previews.class_scores(result["per_class"]), "evaluation/per_class_scores.png")
         if p.registry:
             tags = {f"eval/{k}": f"{v:.6g}" for k, v in figures.items()}
+            tags.update({"eval/protocol": p.protocol, "eval/output_uri": cfg.output_uri})
             tracking.tag_model_version(p.registry[0], p.registry[1], tags)
         return job.commit(
             [marker],
@@ -360,6 +374,7 @@ def run(cfg: EvaluateConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
             extra={
                 "inception": p.inception_note,
                 "generator_registry": registry,
+                "protocol": p.protocol,
                 "per_class": result["per_class"],
             },
         )
