@@ -90,6 +90,8 @@ class Generation:
     samples_per_condition: int = 1
     condition_rows: int = 0
     label_counts: dict[str, int] | None = None  # class: samples per label id
+    acceptance_rate: float = 1.0  # rejection sampling: each sample the best of 1 / rate candidates
+    classifier_sha256: str | None = None  # the classifier that ranked them
 
 
 @dataclass(frozen=True, kw_only=True)

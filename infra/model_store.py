@@ -150,7 +150,7 @@ class ModelHeader:
     path: Path  # the local weights file (native) or release folder/ckpt (taming)
     sha256: str  # of the weights file
     format: Format
-    kind: Literal["vqgan", "gpt", "net2net"]
+    kind: Literal["vqgan", "gpt", "net2net", "classifier"]
     config: Any  # VQGANConfig (vqgan), GPTConfig (gpt), models.taming_release.TransformerSpec (net2net)
     extra: dict[str, Any]  # native checkpoints: the facts the stage that wrote it recorded
 

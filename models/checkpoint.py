@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.evaluation import Classifier, ClassifierConfig
 from models.gpt import GPT, GPTConfig
 from models.vqgan import VQGAN, VQGANConfig, config_from_dict
 
@@ -43,6 +44,7 @@ class CheckpointError(ValueError):
 _KINDS: dict[str, tuple[type[nn.Module], Any]] = {
     "vqgan": (VQGAN, config_from_dict),
     "gpt": (GPT, lambda d: GPTConfig(**d)),
+    "classifier": (Classifier, ClassifierConfig.from_dict),
 }
 
 
@@ -50,8 +52,8 @@ _KINDS: dict[str, tuple[type[nn.Module], Any]] = {
 class NativeHeader:
     """What a native checkpoint declares about itself: the model kind, its config, the extra facts."""
 
-    kind: str  # "vqgan" | "gpt"
-    config: VQGANConfig | GPTConfig
+    kind: str  # "vqgan" | "gpt" | "classifier"
+    config: VQGANConfig | GPTConfig | ClassifierConfig
     extra: dict[str, Any]
 
 

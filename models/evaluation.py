@@ -32,6 +32,48 @@ class ClassifierRecipe:
     seed: int = 0  # initialisation and order
 
 
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """A trained image classifier as a native checkpoint declares it (``models.checkpoint``)."""
+
+    model: str  # the timm architecture
+    classes: int
+    in_chans: int
+    size: tuple[int, int]  # the image size it was trained at
+    label_names: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassifierConfig:
+        names = d.get("label_names")
+        return cls(d["model"], d["classes"], d["in_chans"], tuple(d["size"]), tuple(names) if names else None)
+
+
+class Classifier(nn.Module):
+    """A timm classifier of uint8 images with its config: what evaluate trains on the real images
+    and commits, and what ``sample``'s rejection sampling ranks candidates by."""
+
+    def __init__(self, config: ClassifierConfig):
+        import timm
+
+        super().__init__()
+        self.config = config
+        self.net = timm.create_model(
+            config.model, pretrained=False, num_classes=config.classes, in_chans=config.in_chans
+        )
+
+    @classmethod
+    def wrap(cls, net: nn.Module, config: ClassifierConfig) -> Classifier:
+        out = cls(config)
+        out.net.load_state_dict(net.state_dict())
+        return out.eval()
+
+    @torch.no_grad()
+    def probability(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The probability of ``labels`` (N,) for uint8 images ``x`` (N, C, H, W)."""
+        p = self.net(_as_input(x).to(next(self.parameters()).device)).float().softmax(-1)
+        return p.gather(1, labels.to(p.device)[:, None])[:, 0]
+
+
 def _as_input(x: torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float in [-1, 1]."""
     return x.float() / 127.5 - 1.0
@@ -138,6 +180,7 @@ class ClassifierScores:
     figures: dict[str, float]
     per_class: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     real_train_images: int = 0
+    real_classifier: nn.Module | None = None  # the timm net trained on the real images
 
 
 def classifier_scores(
@@ -172,4 +215,4 @@ def classifier_scores(
             "label_consistency": float((p_gen[g] == cls).float().mean()) if g.any() else None,
             "domain_fid": frechet_distance(f_gen[g], f_ref[r]) if g.sum() >= 50 and r.sum() >= 50 else None,
         }
-    return ClassifierScores(fig, per, len(real_idx))
+    return ClassifierScores(fig, per, len(real_idx), real_clf)

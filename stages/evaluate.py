@@ -61,6 +61,7 @@ from models.evaluation import ClassifierRecipe
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
+CLASSIFIER_FILE = "classifier.safetensors"  # the real-data classifier, committed (sample's rejection)
 HEADLINE = (
     "classifier_score",
     "classifier_score_real",
@@ -88,6 +89,9 @@ class EvaluateConfig:
     classifier: ClassifierRecipe | None = field(
         default_factory=lambda: ClassifierRecipe(epochs=15, batch_size=64, lr=3e-3)
     )
+    # register the real-data classifier as models:/<this>@candidate (None: only committed, as
+    # <output_uri>/classifier.safetensors; either names it for sample.classifier_uri)
+    register_classifier: str | None = None
     memorization_quantile: float = 0.01
     memorization_images: int | None = None  # training images searched for neighbours (None: all)
     tokenizer_uri: str | None = input_field(None)  # also evaluate this tokenizer's reconstructions
@@ -225,7 +229,8 @@ def protocol(cfg: EvaluateConfig, inputs: list[InputRef]) -> str:
     """Two evaluations with the same protocol compare their generated sets on equal terms: the same
     config (sample sizes, seed, classifier recipe, ...), reference and training images, Inception
     network and tokenizer; only the generated set differs (``promote`` relies on it)."""
-    parts = [config_lib.config_hash(cfg)] + sorted(
+    same = dataclasses.replace(cfg, register_classifier=None)  # a side effect, not how figures are made
+    parts = [config_lib.config_hash(same)] + sorted(
         f"{i.name}={i.digest}" for i in inputs if i.name != "generated"
     )
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -284,6 +289,7 @@ def compute(cfg: EvaluateConfig, p: EvaluatePlan) -> dict[str, Any]:
             out["per_class"] = scores.per_class
             counts["classifier_real_train_images"] = scores.real_train_images
             out["grid"] = previews.real_beside_generated(x_ref, y_ref, x_gen, y_gen, p.classes)
+            out["classifier"] = _classifier_bytes(cfg, p, scores.real_classifier, tuple(x_ref.shape[2:]))
         if p.inception is not None:
             t = time.perf_counter()
             key = f"{p.reference_key}|{cfg.seed}|{cfg.max_images}|{p.inception.sha256}"
@@ -296,6 +302,16 @@ def compute(cfg: EvaluateConfig, p: EvaluatePlan) -> dict[str, Any]:
         fig.update({f"tokenizer/{k}": v for k, v in out["tokenizer"].items()})
         times["tokenizer"] = time.perf_counter() - t
     return out
+
+
+def _classifier_bytes(cfg: EvaluateConfig, p: EvaluatePlan, net, size: tuple[int, int]) -> bytes:
+    """The classifier trained on the real images as a native checkpoint (``sample`` ranks
+    rejection-sampling candidates by it)."""
+    from models import checkpoint
+    from models.evaluation import Classifier, ClassifierConfig
+
+    config = ClassifierConfig(cfg.classifier.model, p.classes, p.channels, size, p.label_names)
+    return checkpoint.to_bytes(Classifier.wrap(net, config), {"trained_on": p.train[0], "split": p.train[1]})
 
 
 def _tokenizer_figures(cfg: EvaluateConfig, p: EvaluatePlan, x_ref, cuda: bool) -> dict[str, float]:
@@ -357,7 +373,14 @@ def run(cfg: EvaluateConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
             "generator_registry": registry,
             "protocol": p.protocol,
         }
-        marker = job.out.write_file(0, "metrics.json", json.dumps(report, indent=2, default=float).encode())
+        markers = [
+            job.out.write_file(0, "metrics.json", json.dumps(report, indent=2, default=float).encode())
+        ]
+        registered = None
+        if result.get("classifier") is not None:
+            markers.append(job.out.write_file(1, CLASSIFIER_FILE, result["classifier"]))
+            if cfg.register_classifier:
+                registered = model_store.register(result["classifier"], cfg.register_classifier, "candidate")
         if result.get("grid") is not None:
             tracking.log_image(result["grid"], "evaluation/real_vs_generated.png")
         if result["per_class"]:
@@ -368,8 +391,9 @@ def run(cfg: EvaluateConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
             tags.update({"eval/protocol": p.protocol, "eval/output_uri": cfg.output_uri})
             tracking.tag_model_version(p.registry[0], p.registry[1], tags)
         return job.commit(
-            [marker],
+            markers,
             counts=result["counts"],
+            registered=registered,
             figures=figures,
             extra={
                 "inception": p.inception_note,

@@ -34,6 +34,7 @@ grid of samples per class (per condition, beside it decoded) goes to the stage's
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -78,6 +79,10 @@ class SampleConfig:
     samples_per_shard: int = 1000
     precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     tokenizer_uri: str | None = input_field(None)  # decode with this copy (its sha256 must match)
+    # rejection sampling (class-conditional): each sample keeps the best of round(1 / acceptance_rate)
+    # candidates by the probability classifier_uri gives its class (taming's acceptance rate)
+    acceptance_rate: float = 1.0
+    classifier_uri: str | None = input_field(None)  # a committed evaluate output, a file or models:/...
     # execution only (not part of the identity)
     batch_size: int = execution_field(16)  # samples per generate call (rounded up to a multiple of tile)
     resources: Resources = execution_field(default_factory=Resources)  # workers: actors, a generator each
@@ -92,6 +97,13 @@ class SampleConfig:
             raise ValueError("samples_per_condition must be >= 1")
         if self.seed < 0:
             raise ValueError("seed must be >= 0")
+        if not 0 < self.acceptance_rate <= 1:
+            raise ValueError(f"acceptance_rate must lie in (0, 1], got {self.acceptance_rate}")
+        k = 1 / self.acceptance_rate
+        if abs(k - round(k)) > 1e-6:
+            raise ValueError(
+                f"acceptance_rate must be 1/k for a whole k (1, 0.5, 0.25, 0.1...): {self.acceptance_rate}"
+            )
         if self.grid is not None and (len(self.grid) != 2 or min(self.grid) < 1):
             raise ValueError(f"grid must be [h, w] with positive sides, got {self.grid}")
 
@@ -126,6 +138,8 @@ class SamplePlan:
     labels: tuple[int, ...] | None  # class: the label of each sample
     conditions: Conditions | None
     dataset: GeneratedImageShards
+    candidates: int = 1  # per sample (rejection sampling: the best by the classifier is kept)
+    classifier: tuple[str, str] | None = None  # (URI, sha256) of the classifier that ranks them
 
     def summary(self, cfg: SampleConfig) -> str:
         what = f"{self.spec.condition.mode} generator {self.model_uri}"
@@ -133,6 +147,7 @@ class SamplePlan:
             f"{self.n:,} samples of {self.grid[0]}x{self.grid[1]} codes from the {what} "
             f"(sha256 {self.generator_sha256[:12]}) in "
             f"{stage.counted(-(-self.n // cfg.samples_per_shard), 'shard')} on {cfg.resources.describe()}"
+            + (f", each the best of {self.candidates} by {self.classifier[0]}" if self.classifier else "")
         )
 
 
@@ -308,10 +323,17 @@ def plan(cfg: SampleConfig) -> SamplePlan:
         label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
         if labels
         else None,
+        acceptance_rate=cfg.acceptance_rate,
+        classifier_sha256=None,
     )
+    size = (grid[0] * f, grid[1] * f)
+    classifier = _classifier(cfg, mode, spec, tok_cfg.out_channels, size)
+    if classifier is not None:
+        inputs.append(InputRef.weights("classifier", *classifier))
+        generation = dataclasses.replace(generation, classifier_sha256=classifier[1])
     dataset = GeneratedImageShards(
         channels=tok_cfg.out_channels,
-        size=(grid[0] * f, grid[1] * f),
+        size=size,
         label_names=spec.label_names,
         generation=generation,
     )
@@ -328,7 +350,43 @@ def plan(cfg: SampleConfig) -> SamplePlan:
         labels,
         conditions,
         dataset,
+        round(1 / cfg.acceptance_rate),
+        classifier,
     )
+
+
+def _classifier(
+    cfg: SampleConfig, mode: str, spec: GeneratorSpec, channels: int, size
+) -> tuple[str, str] | None:
+    """(URI, sha256) of the classifier rejection sampling ranks by, checked against the generator."""
+    if cfg.acceptance_rate == 1:
+        if cfg.classifier_uri:
+            raise config_lib.ConfigError("sample.classifier_uri is only used with acceptance_rate < 1")
+        return None
+    if mode != "class":
+        raise config_lib.ConfigError(
+            "sample.acceptance_rate: rejection sampling ranks by a classifier's probability of the sample's "
+            f"class, and the generator is {mode}"
+        )
+    if not cfg.classifier_uri:
+        raise config_lib.ConfigError(
+            "sample.acceptance_rate < 1 needs classifier_uri: an evaluate output (its classifier.safetensors "
+            "trained on real images), the file, or models:/<name>@<alias> (evaluate.register_classifier)"
+        )
+    h = model_store.describe(cfg.classifier_uri)
+    if h.kind != "classifier":
+        raise InputError(
+            f"sample.classifier_uri: {cfg.classifier_uri} holds a {h.kind} model, not a classifier"
+        )
+    c = h.config
+    theirs = (spec.condition.n_classes, channels, tuple(size))
+    if (c.classes, c.in_chans, tuple(c.size)) != theirs:
+        raise InputError(
+            f"sample.classifier_uri: the classifier takes {c.classes} classes of {c.in_chans}-channel "
+            f"{c.size[0]}x{c.size[1]} images; the generator makes {theirs[0]} classes of {theirs[1]}-channel "
+            f"{theirs[2][0]}x{theirs[2][1]} images"
+        )
+    return cfg.classifier_uri, h.sha256
 
 
 def _items(cfg: SampleConfig, p: SamplePlan) -> list[dict[str, Any]]:
@@ -373,6 +431,9 @@ class SampleShards(pool.Worker):
             else model_store.load_tokenizer(p.tokenizer_uri, p.tokenizer_sha256)
         )
         self.tokenizer = tok.to(self.device, self.dtype).eval()
+        self.classifier = None
+        if p.classifier is not None:  # rejection sampling: the candidates' ranking, in fp32
+            self.classifier = model_store.load(*p.classifier).model.to(self.device).eval()
         with torch.inference_mode():
             self.whole_batch = rows_independent(self.gpt, p.spec.prefix_length, cfg.tile)
         log.info(
@@ -409,23 +470,34 @@ class SampleShards(pool.Worker):
         lo, hi = item["lo"], item["hi"]
         h, w = p.grid
         raw, cond_ids = self._raw(item)
-        codes_all, pngs = [], []
+        codes_all, pngs, kept_p, mean_p = [], [], [], []
+        k = p.candidates
+        step = max(1, cfg.batch_size // k)  # samples per generate call: k candidates each
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for b in range(lo, hi, cfg.batch_size):
-                e = min(b + cfg.batch_size, hi)
-                u = sample_uniforms(cfg.seed, range(b, e), h * w).to(self.device)
+            for b in range(lo, hi, step):
+                e = min(b + step, hi)
+                # candidate j of sample i is the row of index i * k + j: with k = 1, sample i itself
+                u = sample_uniforms(cfg.seed, [i * k + j for i in range(b, e) for j in range(k)], h * w)
+                cond = raw[b - lo : e - lo].repeat_interleave(k, 0)
                 codes = generate_codes(
                     self.gpt,
                     p.spec,
-                    raw[b - lo : e - lo],
-                    u,
+                    cond,
+                    u.to(self.device),
                     cfg.sampler,
                     grid=p.grid,
                     tile=cfg.tile,
                     whole_batch=self.whole_batch,
                 )
                 x = decode_tiles(self.tokenizer, codes.reshape(-1, h, w), cfg.tile)
+                if self.classifier is not None:
+                    x_u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # as the PNGs
+                    prob = self.classifier.probability(x_u8, cond).reshape(e - b, k).cpu()
+                    keep = torch.arange(e - b) * k + prob.argmax(1)  # the first best on ties
+                    codes, x = codes[keep.to(codes.device)], x[keep.to(x.device)]
+                    kept_p.append(prob.max(1).values)
+                    mean_p.append(prob.mean(1))
                 pngs += encode_pngs(to_uint8_images(x), self.threads)
                 codes_all.append(codes.cpu().numpy())
                 done = e - lo
@@ -434,10 +506,14 @@ class SampleShards(pool.Worker):
         codes_np = np.concatenate(codes_all) if codes_all else np.zeros((0, h * w), np.int64)
         t = self._table(item, raw, cond_ids, codes_np, pngs)
         small = ["label", "split", "source_width", "source_height", "seed"]
+        counts = {"read": hi - lo, "busy_ms": int(1000 * (time.perf_counter() - t0))}
+        if kept_p:  # the classifier's mean probability of the class, kept vs all candidates (x 1e6)
+            counts["kept_prob_ppm"] = int(1e6 * float(torch.cat(kept_p).sum()))
+            counts["candidate_prob_ppm"] = int(1e6 * float(torch.cat(mean_p).sum()))
         return self.out.write_shard(
             shard,
             t,
-            {"read": hi - lo, "busy_ms": int(1000 * (time.perf_counter() - t0))},
+            counts,
             use_dictionary=small,
             write_statistics=["sample_index", *small],
             compression_level=3,
@@ -533,6 +609,13 @@ def run(cfg: SampleConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> Sta
             # one actor's rate while it samples, decodes and encodes (start-up and writes excluded)
             "actor_images_per_s": new_rows / max(busy, 1e-9),
         }
+        if p.classifier is not None:  # over the whole output (shards of an earlier attempt too)
+            rows = sum(m.rows for m in markers)
+            for name, key in (
+                ("kept_class_probability", "kept_prob_ppm"),
+                ("candidate_class_probability", "candidate_prob_ppm"),
+            ):
+                figures[name] = sum(m.counts.get(key, 0) for m in markers) / 1e6 / max(rows, 1)
         if (grid := _grid(cfg, p, job.out, markers)) is not None:
             tracking.log_image(grid, "samples/grid.png")
         return job.commit(

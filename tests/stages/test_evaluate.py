@@ -135,6 +135,9 @@ def test_classifier_score_real_vs_real_and_shuffled_labels(sets, tmp_path):
     report = json.loads(storage.read_bytes(good.manifest.data_uris()[0]))
     assert report["per_class"]["c0"]["generated_images"] == 20 and "torch-fidelity" in report["libraries"]
     assert {i["name"] for i in report["inputs"]} == {"reference", "generated"}
+    # the classifier trained on the real images is committed: sample's rejection sampling names it
+    clf = model_store.describe(good.output_uri)
+    assert clf.kind == "classifier" and (clf.config.classes, clf.config.size) == (CLASSES, (SIDE, SIDE))
     assert evaluate.run(_cfg(sets, tmp_path / "a", sets["good"]), EXP).cached
 
 

@@ -305,3 +305,61 @@ def test_an_official_release_samples_its_greedy_codes(stack, tmp_path):
     assert t["label"].to_pylist() == labels
     assert image_shards.describe(res.manifest).generation.generator_format == "taming"
     assert np.array_equal(schemas.decode_codes(t["codes"], 64), e["greedy_out"].numpy())
+
+
+def test_rejection_sampling_keeps_the_best_candidate(class_run, gens, tmp_path):
+    """acceptance_rate 1/2: sample i is whichever of its two candidates (the rows 2i and 2i+1 of a
+    run at rate 1 with the same labels) the classifier gives the higher probability of its class;
+    the classifier is an input (its sha256), the rate is in the lineage."""
+    from models.evaluation import Classifier, ClassifierConfig
+
+    torch.manual_seed(0)
+    names = ("class0", "class1", "class2")
+    clf = Classifier(ClassifierConfig("resnet10t", 3, 1, (16, 16), names)).eval()
+    clf_path = tmp_path / "classifier.safetensors"
+    checkpoint.save_native(clf, clf_path)
+    base = {**CLASS_RUN, "model_uri": gens["class"][0], "resources": Resources(workers=1), "batch_size": 4}
+    half = sample.run(
+        SampleConfig(
+            **base, output_uri=str(tmp_path / "half"), acceptance_rate=0.5, classifier_uri=str(clf_path)
+        ),
+        EXP,
+    )
+    kept = _rows(half.output_uri)
+    labels = kept["label"].to_pylist()
+    doubled = {k: v for k, v in base.items() if k != "samples_per_class"}
+    cands = sample.run(
+        SampleConfig(
+            **doubled, output_uri=str(tmp_path / "cands"), labels=[c for c in labels for _ in (0, 1)]
+        ),
+        EXP,
+    )
+    c = _rows(cands.output_uri)
+    x = torch.from_numpy(
+        np.rint((pngs_to_array(schemas.image_bytes(c["image"]), 1) + 1) * 127.5).astype(np.uint8)
+    )
+    prob = clf.probability(x, torch.tensor(c["label"].to_pylist())).reshape(-1, 2)
+    best = (torch.arange(len(labels)) * 2 + prob.argmax(1)).tolist()
+    assert kept["codes"].to_pylist() == [c["codes"].to_pylist()[j] for j in best]
+    assert kept["image"].to_pylist() == [c["image"].to_pylist()[j] for j in best]
+    assert half.figures["kept_class_probability"] == pytest.approx(float(prob.max(1).values.mean()), rel=1e-4)
+    assert half.figures["kept_class_probability"] > half.figures["candidate_class_probability"]
+    sha = model_store.file_sha256(clf_path)
+    assert any(i.name == "classifier" and i.digest == sha for i in half.manifest.inputs)
+    gen = image_shards.describe(half.manifest).generation
+    assert (gen.acceptance_rate, gen.classifier_sha256) == (0.5, sha)
+
+    # refused before any work: a rate that is not 1/k, no classifier, the wrong classifier
+    with pytest.raises(ValueError, match="1/k"):
+        SampleConfig(**base, acceptance_rate=0.3)
+    with pytest.raises(ConfigError, match="needs classifier_uri"):
+        sample.plan(SampleConfig(**base, output_uri=str(tmp_path / "x"), acceptance_rate=0.5))
+    other = tmp_path / "other.safetensors"
+    checkpoint.save_native(Classifier(ClassifierConfig("resnet10t", 5, 1, (16, 16))), other)
+    with pytest.raises(InputError, match="5 classes"):
+        sample.plan(
+            SampleConfig(
+                **base, output_uri=str(tmp_path / "x"), acceptance_rate=0.5, classifier_uri=str(other)
+            )
+        )
+    assert not storage.exists(str(tmp_path / "x"))
