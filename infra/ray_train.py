@@ -316,6 +316,18 @@ class Session:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (a decision only the chief can make, e.g. stopping early
+        on its validation: every rank must leave the loop at the same step). Every rank calls it."""
+        import torch
+        import torch.distributed as dist
+
+        if self.world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
     def _shuffle_seed(self, epoch: int) -> int:
         h = hashlib.sha256(f"{self.spec.seed}:{epoch}:{self.rank}".encode()).digest()
         return int.from_bytes(h[:4], "little")

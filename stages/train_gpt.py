@@ -89,6 +89,10 @@ class TrainGPTConfig:
     seed: int = 0  # initialisation, data order, condition dropout
     shuffle_buffer: int = 4096  # rows each worker shuffles within, per epoch (0: shard order only)
     tokenizer_uri: str | None = input_field(None)  # for sample grids; None: the one the codes name
+    # the model committed (and registered) is the one of the best validation, the final one or an
+    # earlier (val_every); patience: stop after this many validations without a better one (None: never)
+    keep_best: bool = added_field(True)
+    patience: int | None = added_field(None)
     register_name: str | None = None  # register the final model under this name ...
     register_alias: str = "candidate"  # ... with this alias
     # execution only (not part of the identity)
@@ -111,6 +115,8 @@ class TrainGPTConfig:
             raise ValueError("cond_dropout must lie in [0, 1)")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if self.patience is not None and (self.patience < 1 or not self.val_every):
+            raise ValueError("patience must be >= 1 and needs val_every > 0 (it counts validations)")
 
     @property
     def dropout_rate(self) -> float:
@@ -304,6 +310,8 @@ def train_loop(config: dict[str, Any]) -> None:
     gen = torch.Generator()
     held, tokenizer = None, None
     cond = p.spec.condition
+    # the best validation so far (rank 0: {"bits", "step", "weights"}) and validations since it
+    best, stale = (state.get("best"), int(state.get("stale", 0))) if state else (None, 0)
     with session.tracking():
         for batch in session.batches("train", max(1, cfg.batch_size // session.world)):
             step_generator(gen, cfg.seed, session.rank, trainer.step)
@@ -314,11 +322,32 @@ def train_loop(config: dict[str, Any]) -> None:
             if step % cfg.log_every == 0:
                 metrics = {f"train/{k}": v for k, v in logs.items()}
                 session.log_metrics({**metrics, "train/tokens_per_s": session.items_per_s()}, step=step)
-            if session.is_chief and cfg.val_every and step % cfg.val_every == 0 and not last:
-                held = held or held_out(cfg, p)
-                prefix = condition_prefix(cond, held[0])
-                bits = bits_per_token(trainer.eval_model(), prefix, held[1], autocast_dtype=autocast)
-                session.log_metrics({"val/bits_per_token": bits}, step=step)
+            if cfg.val_every and step % cfg.val_every == 0 and not last:
+                stop = False
+                if session.is_chief:
+                    held = held or held_out(cfg, p)
+                    prefix = condition_prefix(cond, held[0])
+                    bits = bits_per_token(trainer.eval_model(), prefix, held[1], autocast_dtype=autocast)
+                    session.log_metrics({"val/bits_per_token": bits}, step=step)
+                    if best is None or bits < best["bits"]:
+                        weights = {
+                            k: v.detach().cpu().clone() for k, v in trainer.eval_model().state_dict().items()
+                        }
+                        best, stale = {"bits": bits, "step": step, "weights": weights}, 0
+                    else:
+                        stale += 1
+                    stop = cfg.patience is not None and stale >= cfg.patience
+                if cfg.patience is not None and session.agree(stop):
+                    if session.is_chief:
+                        log.info(
+                            "train_gpt: stopping early at step %d: no better validation in %d checks (best: "
+                            "%.4f bits/token at step %d)",
+                            step,
+                            stale,
+                            best["bits"],
+                            best["step"],
+                        )
+                    last = True
             if session.is_chief and cfg.sample_every and (step % cfg.sample_every == 0 or last):
                 held = held or held_out(cfg, p)
                 tokenizer = tokenizer or model_store.load_tokenizer(
@@ -327,7 +356,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 grid = sample_grid(cfg, trainer.eval_model(), p.spec, held[0], tokenizer, step)
                 session.log_image(grid, f"samples/step_{step:07d}.png")
             if step % cfg.checkpoint_every == 0 or last:
-                session.report(step, {"loss": logs["loss"]}, trainer.state_dict())
+                session.report(
+                    step, {"loss": logs["loss"]}, {**trainer.state_dict(), "best": best, "stale": stale}
+                )
             if last:
                 break
 
@@ -362,12 +393,36 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
         model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
         raw, held_codes, split = held_out(cfg, p)
         bits = bits_per_token(model.eval(), condition_prefix(p.spec.condition, raw), held_codes)
+        final_bits, kept_step, best = bits, int(state["step"]), state.get("best")
+        if cfg.keep_best and best is not None and best["bits"] < bits:  # an earlier model validated better
+            model.load_state_dict(best["weights"])
+            bits, kept_step = float(best["bits"]), int(best["step"])
+            log.info(
+                "train_gpt: keeping the model of step %d (%.4f bits/token on %s) over the final one (%.4f)",
+                kept_step,
+                bits,
+                split,
+                final_bits,
+            )
         counts_ = np.bincount(held_codes.reshape(-1).numpy(), minlength=p.spec.codebook_size)
         freq = counts_[counts_ > 0] / counts_.sum()
+        unigram = float(-(freq * np.log2(freq)).sum())
+        if bits > unigram:
+            log.warning(
+                "train_gpt: validation %.3f bits/token is worse than the unigram baseline %.3f (code "
+                "frequencies alone): the model has learned the training rows, not the data (%d train rows); "
+                "use more data, fewer steps, dropout or patience",
+                bits,
+                unigram,
+                p.train_rows,
+            )
+            tracking.set_tags({"warning": "validation worse than the unigram baseline (overfit)"})
         figures = {
             "val/bits_per_token": bits,
             "val/loss": bits * float(np.log(2)),
-            "val/unigram_bits_per_token": float(-(freq * np.log2(freq)).sum()),
+            "val/final_bits_per_token": final_bits,
+            "val/kept_step": kept_step,
+            "val/unigram_bits_per_token": unigram,
             "val/rows": int(len(held_codes)),
             "params": num_params(model),
             "train_seconds": train_seconds,
@@ -385,6 +440,7 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
                 extra={
                     "stage": STAGE,
                     "step": step,
+                    "kept_step": kept_step,
                     "generator": p.spec.to_dict(),
                     "recipe": dataclasses.asdict(p.recipe),
                 },

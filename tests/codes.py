@@ -38,14 +38,16 @@ def write_code_shards(
     shards: int = 2,
     seed: int = 0,
     depth_codebook: int = 0,
+    random_codes: bool = False,
 ) -> stage.Manifest:
     """``depth_codebook`` > 0 adds a ``depth_codes`` column (random codes on a half-size grid) as a
-    depth tokenizer would."""
+    depth tokenizer would; ``random_codes``: uniform random codes (nothing to learn but the rows
+    themselves: a set that overfits) instead of the class rule."""
     rng = np.random.default_rng(seed)
     n = n_train + n_val
     t = grid[0] * grid[1]
     labels = rng.integers(0, classes, n)
-    codes = rule_codes(labels, t, k, rng)
+    codes = rng.integers(0, k, (n, t)) if random_codes else rule_codes(labels, t, k, rng)
     split = np.array(["train"] * n_train + ["val"] * n_val)
     order = rng.permutation(n)  # splits mixed over the shards
     conditions = {}

@@ -178,3 +178,43 @@ def test_other_conditions_become_prefixes(shards):
     got = p.derive(cfg)(rows)
     want = coord_levels_map(GRID, (16, 16), (0, 0), 16, 255).numpy()
     assert got["coord"].shape == (3, 64) and (got["coord"] == want).all()
+
+
+def test_a_small_set_that_overfits_keeps_the_best_model_stops_early_and_warns(shards, mlflow_client):
+    """16 rows of random codes (nothing to learn but the rows; one batch an epoch, so few steps):
+    validation gets worse after the first checks. The committed model is the best validation's
+    (what gets registered), patience stops both workers at the same step, and a model worse than
+    the unigram baseline (on random codes, every model) is flagged."""
+    import torch
+
+    tok_sha = model_store.describe(shards["tokenizer"]).sha256
+    common = dict(
+        k=K, grid=GRID, classes=CLASSES, tokenizer_uri=shards["tokenizer"], tokenizer_sha256=tok_sha
+    )
+    codes = write_code_shards(str(shards["root"] / "tiny"), n_train=16, n_val=64, random_codes=True, **common)
+    cfg = _cfg(
+        shards,
+        str(shards["root"] / "early"),
+        codes_uri=codes.output_uri,
+        n_embd=64,
+        steps=200,
+        batch_size=16,
+        recipe=GPTRecipe(lr=1e-2, warmup_steps=2),
+        val_every=5,
+        patience=2,
+        checkpoint_every=50,
+        sample_every=0,
+    )
+    early = train_gpt.run(cfg)
+    f = early.figures
+    assert early.counts["steps"] < 200, "stopped early"
+    assert (
+        f["val/kept_step"] < early.counts["steps"] and f["val/bits_per_token"] < f["val/final_bits_per_token"]
+    )
+    gen = model_store.load_generator(early.output_uri)  # the committed model is the kept one
+    held = stage.read_held_out(codes.output_uri, ["codes", "label"])[0]
+    x = torch.from_numpy(schemas.decode_codes(held["codes"], GRID[0] * GRID[1]))
+    prefix = condition_prefix(gen.spec.condition, torch.tensor(held["label"].to_pylist()))
+    assert bits_per_token(gen.gpt.eval(), prefix, x) == pytest.approx(f["val/bits_per_token"], rel=1e-4)
+    assert f["val/bits_per_token"] > f["val/unigram_bits_per_token"]
+    assert "unigram baseline" in mlflow_client.get_run(early.manifest.mlflow_run_id).data.tags["warning"]
