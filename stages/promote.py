@@ -15,7 +15,8 @@ The decision is MLflow's own ``mlflow.validate_evaluation_results`` with one
 least 1% lower than the champion's, the classification accuracy score at most 0.02 lower, and
 two absolute bounds against an overfit generator: at most 5% memorised samples and 10% duplicates.
 A gated figure the evaluation lacks (FID with the Inception skipped) refuses the promotion,
-saying so: never a silent promotion.
+saying so: never a silent promotion. A gate set in YAML or by key (``gates.fid.better_by=2``)
+replaces that gate's default rules: give every rule it should keep; ``gates.fid=null`` ungates.
 
 On success ``@champion`` moves to the candidate and ``@previous`` to the old champion; with no
 champion yet, the first candidate that passes the absolute bounds becomes it. The decision, both
