@@ -114,7 +114,7 @@ class EvaluatePlan:
     inputs: tuple[InputRef, ...]
     generated: str | None  # the generated images (all of them)
     reference: tuple[str, str | None]  # (URI, split)
-    reference_key: str  # the reference images' identity and split (a cache key for their features)
+    reference_key: str  # the reference sample's identity (a cache key for its Inception features)
     train: tuple[str, str] | None  # the real training images (classifier, memorisation)
     channels: int
     classes: int | None  # classes for the classifier (None: no classifier score)
@@ -211,7 +211,7 @@ def plan(cfg: EvaluateConfig) -> EvaluatePlan:
         tuple(inputs),
         cfg.generated_uri or None,
         (cfg.reference_uri, cfg.reference_split),
-        f"{ref_m.identity}|{cfg.reference_split}",
+        _reference_key(ref_m.identity, cfg, network),
         train,
         ref.channels,
         classes,
@@ -223,6 +223,14 @@ def plan(cfg: EvaluateConfig) -> EvaluatePlan:
         registry,
         protocol(cfg, inputs),
     )
+
+
+def _reference_key(identity: str, cfg: EvaluateConfig, network: InceptionNetwork | None) -> str:
+    """The reference sample's features are the same for every evaluation with these: the reference
+    output, its split, the seeded sample's size and the network (one cache entry, FID and rFID)."""
+    sha = network.sha256 if network else ""
+    key = f"{identity}|{cfg.reference_split}|{cfg.seed}|{cfg.max_images}|{sha}"
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def protocol(cfg: EvaluateConfig, inputs: list[InputRef]) -> str:
@@ -292,9 +300,9 @@ def compute(cfg: EvaluateConfig, p: EvaluatePlan) -> dict[str, Any]:
             out["classifier"] = _classifier_bytes(cfg, p, scores.real_classifier, tuple(x_ref.shape[2:]))
         if p.inception is not None:
             t = time.perf_counter()
-            key = f"{p.reference_key}|{cfg.seed}|{cfg.max_images}|{p.inception.sha256}"
-            key = hashlib.sha256(key.encode()).hexdigest()[:24]
-            fig.update(inception_lib.metrics(x_gen, x_ref, p.inception, cfg.batch_size, cuda, key))
+            fig.update(
+                inception_lib.metrics(x_gen, x_ref, p.inception, cfg.batch_size, cuda, p.reference_key)
+            )
             times["inception"] = time.perf_counter() - t
     if p.tokenizer is not None:
         t = time.perf_counter()
@@ -330,7 +338,9 @@ def _tokenizer_figures(cfg: EvaluateConfig, p: EvaluatePlan, x_ref, cuda: bool) 
         with torch.inference_mode():
             rec = torch.cat([model.decode(model.encode(x[i : i + 64])[0]) for i in range(0, len(x), 64)])
         rec_u8 = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        figs["rfid"] = inception_lib.metrics(rec_u8, x_ref, p.inception, cfg.batch_size, cuda)["fid"]
+        figs["rfid"] = inception_lib.metrics(
+            rec_u8, x_ref, p.inception, cfg.batch_size, cuda, p.reference_key
+        )["fid"]
     return figs
 
 

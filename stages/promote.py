@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from infra import config as config_lib
 from infra import stage, tracking
@@ -134,7 +135,9 @@ class PromotePlan:
     figures: dict[str, float]  # the candidate's
     protocol: str
     champion: int | None  # the champion this decision is against (None: none yet)
-    champion_evaluation: str | None  # its committed evaluation with the same protocol, if any
+    champion_evaluation: stage.Manifest | None  # its committed evaluation (any protocol)
+    same_protocol: bool  # that evaluation is comparable as it is (else its samples are evaluated again)
+    evaluation_config: dict[str, Any]  # the candidate's evaluate config (to evaluate the champion alike)
     already: bool  # the candidate is the champion already (this decision was made before)
 
     def summary(self, cfg: PromoteConfig) -> str:
@@ -179,7 +182,7 @@ def plan(cfg: PromoteConfig) -> PromotePlan:
         InputRef.output("evaluation", ev),
         InputRef.source("champion", f"models:/{name}/{champion}", str(champion)),
     ]
-    champion_eval = None
+    champion_eval, same = None, False
     if champion is not None and not already:
         tags = tracking.model_version_tags(name, champion)
         champion_uri = tags.get("eval/output_uri", "")
@@ -188,8 +191,8 @@ def plan(cfg: PromoteConfig) -> PromotePlan:
                 f"promote: the champion {name} v{champion} has no committed evaluation (eval/output_uri): "
                 f"evaluate its samples first, or move @{CHAMPION} by hand"
             )
-        if tags.get("eval/protocol") == ev.extra.get("protocol"):
-            champion_eval = champion_uri
+        champion_eval = stage.read_manifest(champion_uri)
+        same = tags.get("eval/protocol") == ev.extra.get("protocol")
     return PromotePlan(
         tuple(inputs),
         name,
@@ -198,6 +201,8 @@ def plan(cfg: PromoteConfig) -> PromotePlan:
         ev.extra.get("protocol", ""),
         champion,
         champion_eval,
+        same,
+        ev.config,
         already,
     )
 
@@ -207,11 +212,11 @@ def _champion_figures(cfg: PromoteConfig, p: PromotePlan, experiment: str) -> tu
     samples evaluated again with the candidate's evaluate config."""
     from stages import evaluate
 
-    if p.champion_evaluation:
-        return dict(stage.read_manifest(p.champion_evaluation).figures), p.champion_evaluation
-    old = stage.read_manifest(tracking.model_version_tags(p.name, p.champion)["eval/output_uri"])
+    old = p.champion_evaluation
+    if p.same_protocol:
+        return dict(old.figures), old.output_uri
     samples = next(i.uri for i in old.inputs if i.name == "generated")
-    ev_cfg = config_lib.from_dict(evaluate.EvaluateConfig, stage.read_manifest(cfg.evaluation_uri).config)
+    ev_cfg = config_lib.from_dict(evaluate.EvaluateConfig, p.evaluation_config)
     out = f"{cfg.output_uri.rstrip('/')}-champion-v{p.champion}"
     log.info(
         "promote: the champion's evaluation used another protocol; evaluating its samples %s again", samples
