@@ -109,12 +109,27 @@ def local_path(uri: str) -> Path:
 def pin(uri: str) -> tuple[str, str | None, int | None, str | None]:
     """``uri`` pinned, so that every actor loads the same version (a registry alias resolved to its
     version now), with where it came from: the registry name and version, and the MLflow run that
-    made it (the registering run, or a committed output's run)."""
+    made it (the registering run, or a committed output's run). A committed output that registered
+    its model (a pipeline's ``train_gpt`` with ``register_name``) names that version too: the same
+    weights, so the registry gate can find the samples' generator either way."""
     if uri.startswith("models:/"):
         info = tracking.model_version_info(uri)  # FileNotFoundError naming the URI and registry
         return f"models:/{info['name']}/{info['version']}", info["name"], info["version"], info["run_id"]
-    run = stage.read_manifest(uri).mlflow_run_id if stage.is_committed(uri) else None
-    return uri, None, None, run
+    if not stage.is_committed(uri):
+        return uri, None, None, None
+    m = stage.read_manifest(uri)
+    reg = m.registered or {}
+    version = int(reg["version"]) if reg.get("version") is not None else None
+    return uri, reg.get("name"), version, m.mlflow_run_id
+
+
+def generator_version(g: Any) -> tuple[str, int] | None:
+    """The registry name and version of the generator behind a generated dataset (its descriptor's
+    ``Generation``): as recorded, else the version its committed ``train_gpt`` output registered."""
+    if g.registry_name and g.registry_version is not None:
+        return g.registry_name, int(g.registry_version)
+    _, name, version, _ = pin(g.pinned_uri)
+    return (name, version) if name and version is not None else None
 
 
 def resolve_weights(uri: str, filename: str, key: str = "weights_uri") -> Path:

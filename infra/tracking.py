@@ -312,6 +312,14 @@ def tag_model_version(name: str, version: int, tags: dict[str, Any]) -> None:
         client.set_model_version_tag(name, str(version), k, str(v))
 
 
+def evaluation_tags(figures: dict[str, float], protocol: str, output_uri: str) -> dict[str, str]:
+    """The ``eval/*`` tags an evaluated model version carries: its figures, the evaluation's
+    protocol (what they are comparable by) and where the evaluation is committed."""
+    tags = {f"eval/{k}": f"{v:.6g}" for k, v in figures.items()}
+    tags.update({"eval/protocol": protocol, "eval/output_uri": output_uri})
+    return tags
+
+
 def model_version_tags(name: str, version: int) -> dict[str, str]:
     """The tags of a registered model version."""
     from mlflow.tracking import MlflowClient

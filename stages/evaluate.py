@@ -161,8 +161,8 @@ def plan(cfg: EvaluateConfig) -> EvaluatePlan:
         gen_m = stage.read_manifest(cfg.generated_uri)
         inputs.append(InputRef.output("generated", gen_m))
         gen = image_shards.describe(gen_m)
-        if isinstance(gen, GeneratedImageShards) and gen.generation.registry_name:
-            registry = (gen.generation.registry_name, int(gen.generation.registry_version))
+        if isinstance(gen, GeneratedImageShards):
+            registry = model_store.generator_version(gen.generation)
         n_gen, n_gen_lab = _count(gen_m, None)
         if n_gen < 2:
             raise InputError(f"evaluate: the generated set {cfg.generated_uri} holds {n_gen} images")
@@ -397,8 +397,7 @@ def run(cfg: EvaluateConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
             tracking.log_dict(result["per_class"], "evaluation/per_class.json")
             tracking.log_image(previews.class_scores(result["per_class"]), "evaluation/per_class_scores.png")
         if p.registry:
-            tags = {f"eval/{k}": f"{v:.6g}" for k, v in figures.items()}
-            tags.update({"eval/protocol": p.protocol, "eval/output_uri": cfg.output_uri})
+            tags = tracking.evaluation_tags(figures, p.protocol, cfg.output_uri)
             tracking.tag_model_version(p.registry[0], p.registry[1], tags)
         return job.commit(
             markers,

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra import config as config_lib
-from infra import stage, tracking
+from infra import image_shards, model_store, stage, tracking
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Resources
 from infra.stage import InputError, InputRef, StageResult, StageRun
@@ -152,6 +152,19 @@ def _version(name: str, alias: str) -> int | None:
         return None
 
 
+def _generated_version(ev: stage.Manifest) -> dict[str, Any] | None:
+    """The registry version behind the evaluated samples, from their lineage (for an evaluation
+    committed before it could tell: samples of a pipeline's registered train_gpt output)."""
+    gen = next((i for i in ev.inputs if i.name == "generated"), None)
+    if gen is None or not stage.is_committed(gen.uri):
+        return None
+    described = image_shards.describe(gen.uri)
+    if not isinstance(described, image_shards.GeneratedImageShards):
+        return None
+    found = model_store.generator_version(described.generation)
+    return {"name": found[0], "version": found[1]} if found else None
+
+
 def plan(cfg: PromoteConfig) -> PromotePlan:
     """Check the evaluation and the registry before any work; every problem fails here, naming it."""
     if not cfg.evaluation_uri:
@@ -159,7 +172,7 @@ def plan(cfg: PromoteConfig) -> PromotePlan:
     ev = stage.read_manifest(cfg.evaluation_uri)
     if ev.stage != "evaluate":
         raise InputError(f"promote: {cfg.evaluation_uri} holds a {ev.stage} output, not an evaluation")
-    reg = ev.extra.get("generator_registry")
+    reg = ev.extra.get("generator_registry") or _generated_version(ev)
     if not reg:
         raise InputError(
             f"promote: {cfg.evaluation_uri} evaluates samples of an unregistered generator (its samples' "
@@ -306,7 +319,8 @@ def run(cfg: PromoteConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> St
         }
         for k, v in gated.items():
             tags.update({f"promote/{k}/{who}": f"{x:.6g}" for who, x in v.items() if x is not None})
-        if not p.already:
+        if not p.already:  # the evaluation's own tags too: the champion's evaluation, found by the next run
+            tags.update(tracking.evaluation_tags(p.figures, p.protocol, cfg.evaluation_uri))
             tracking.tag_model_version(p.name, p.candidate, tags)
         if promoted:
             log.info("promote: %s v%d is now @%s%s", p.name, p.candidate, CHAMPION, _was(p))

@@ -100,3 +100,27 @@ def test_registered_model_is_read_through_its_mlmodel(stack):
     header = model_store.describe("models:/test-header@candidate")
     assert header.kind == "vqgan" and header.sha256 == storage.sha256(_model_bytes(8))
     assert header.path.name == "test-header.safetensors" and header.path.parent.name == "artifacts"
+
+
+def test_the_generator_version_of_samples_from_a_registered_output(tmp_path):
+    """Samples of a pipeline's train_gpt output (a path, not models:/) name the version that output
+    registered, so the registry gate can judge them; an unregistered output names none."""
+    import dataclasses
+
+    from infra.stage import StageOutput
+    from tests.stages.test_evaluate import GENERATION
+
+    def committed(name: str, registered):
+        out = StageOutput(str(tmp_path / name), "train_gpt", f"id-{name}")
+        marker = out.write_file(0, "model.bin", b"weights")
+        out.commit(config={}, config_hash="x", inputs=[], markers=[marker], counts={}, registered=registered)
+        return out.output_uri
+
+    reg = committed("gpt", {"name": "demo-gpt", "version": 3, "uri": "models:/demo-gpt/3"})
+    gen = dataclasses.replace(GENERATION, pinned_uri=reg, generator_uri=reg)
+    assert model_store.generator_version(gen) == ("demo-gpt", 3)
+    assert model_store.pin(reg)[1:3] == ("demo-gpt", 3)
+    plain = committed("plain", None)
+    assert model_store.generator_version(dataclasses.replace(gen, pinned_uri=plain)) is None
+    recorded = dataclasses.replace(gen, registry_name="other", registry_version=7)
+    assert model_store.generator_version(recorded) == ("other", 7)
