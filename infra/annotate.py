@@ -1,10 +1,12 @@
-"""The kit of the stages that add per-image columns to image shards (``depth``, ``segmentation``).
+"""The kit of the stages that add per-image columns to image shards (``depth``, ``segmentation``
+with a network's weights; ``edges``, ``lowres`` with a fixed algorithm and no weights).
 
 Each output shard is an input data file plus the new columns (depth maps, label maps), in the same
 row order, written by a Ray Data actor pool that loads the model once per actor. Images the model
 cannot handle go to the shard's ``_errors`` file with the reason; ``read == written + rejected`` is
 checked. The output's descriptor is its input's with one more :class:`~infra.image_shards.Annotation`
-(the model, the sha256 of its weights, the encoding); the weights' sha256 is part of the identity.
+(the model, the sha256 of its weights, the encoding); the weights' sha256 is part of the identity
+(a weight-free stage's parameters are, through its config).
 """
 
 from __future__ import annotations
@@ -30,45 +32,50 @@ class AnnotatePlan:
 
     stage: str
     column: str  # the column it adds (depth, segmentation)
-    inputs: tuple[InputRef, ...]  # the image shards (by identity) and the weights (by sha256)
+    inputs: tuple[InputRef, ...]  # the image shards (by identity) and the weights (by sha256), if any
     images: Manifest  # the image shards read
     files: tuple[FileEntry, ...]  # their data files: one output shard each
     rows: int
-    weights_path: str
+    weights_path: str | None  # None: a weight-free algorithm
     dataset: ImageShards  # the input's descriptor with the new column
 
     def summary(self, cfg: Any = None) -> str:
         a = self.dataset.annotations[self.column]
+        by = f"{a.model} (weights sha256 {a.weights_sha256[:12]})" if a.weights_sha256 else a.model
         return (
             f"{stage.counted(self.rows, 'image')} in {stage.counted(len(self.files), 'file')} from "
-            f"{self.inputs[0].uri} -> + `{self.column}` "
-            f"by {a.model} (weights sha256 {a.weights_sha256[:12]})"
+            f"{self.inputs[0].uri} -> + `{self.column}` by {by}"
         )
 
 
 def plan(
-    name: str, column: str, images_uri: str, model: str, weights_uri: str, weights_file: str, **facts: Any
+    name: str,
+    column: str,
+    images_uri: str,
+    model: str,
+    weights_uri: str | None,
+    weights_file: str | None,
+    **facts: Any,
 ) -> AnnotatePlan:
     """The plan of stage ``name`` adding ``column`` with ``model`` (weights from ``weights_uri`` or the
-    torch hub cache's ``weights_file``); ``facts``: the annotation's encoding and labels."""
+    torch hub cache's ``weights_file``; neither: a weight-free algorithm, ``model`` says which, with
+    its parameters); ``facts``: the annotation's encoding and labels."""
     if not images_uri:
         raise config_lib.ConfigError(f"{name}.images_uri is not set")
     images = stage.read_manifest(images_uri)  # a clear error before anything else when it is missing
     described = image_shards.describe(images)
     if column in described.annotations:
         raise stage.InputError(f"{name}: {images_uri} already has a `{column}` column")
-    weights = model_store.resolve_weights(weights_uri, weights_file, key=f"{name}.weights_uri")
-    sha = model_store.file_sha256(weights)
-    inputs = (
-        InputRef.output("images", images),
-        InputRef.weights("weights", weights_uri or str(weights), sha),
-    )
+    inputs: tuple[InputRef, ...] = (InputRef.output("images", images),)
+    sha, path = "", None
+    if weights_file is not None:
+        weights = model_store.resolve_weights(weights_uri, weights_file, key=f"{name}.weights_uri")
+        sha, path = model_store.file_sha256(weights), str(weights)
+        inputs += (InputRef.weights("weights", weights_uri or path, sha),)
     annotation = Annotation(model=model, weights_sha256=sha, **facts)
     dataset = described.annotated(column, annotation)
     images.check_sizes()
-    return AnnotatePlan(
-        name, column, inputs, images, tuple(images.files), images.rows(), str(weights), dataset
-    )
+    return AnnotatePlan(name, column, inputs, images, tuple(images.files), images.rows(), path, dataset)
 
 
 class AnnotateWorker(pool.Worker):
@@ -116,7 +123,7 @@ class AnnotateWorker(pool.Worker):
         full = t
         for f in self.new_fields:
             full = full.append_column(f, pa.array(cols[f.name], f.type))
-        data = full.filter(ok).cast(self.schema)
+        data = full.filter(ok).select(self.schema.names).cast(self.schema)  # the descriptor's column order
         bad = t.filter(pa.compute.invert(ok))
         rejected = pa.table(
             {
@@ -150,7 +157,8 @@ def run(
         counts.update(shards=len(markers), reused_shards=reused)
         first = next((f for m in markers for f in m.data if f.rows), None)
         if first is not None:
-            values = storage.read_parquet(job.out.file_uri(first), [p.column])[p.column].to_pylist()
+            t = storage.read_parquet(job.out.file_uri(first), [p.column])
+            values = image_shards.column_values(t, p.column)
             tracking.log_image(preview(values[:16]), f"previews/{p.stage}.png")
         return job.commit(
             markers,

@@ -24,12 +24,17 @@ from infra import schemas, stage, storage
 
 COLUMNS = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w", "codes"]
 # codes of a second tokenizer, the same views: column -> the image-shard column it tokenized
-CONDITION_SOURCES = {"depth_codes": "depth", "segmentation_codes": "segmentation"}
+CONDITION_SOURCES = {
+    "depth_codes": "depth",
+    "segmentation_codes": "segmentation",
+    "edges_codes": "edges",
+    "lowres_codes": "lowres",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ConditionCodes:
-    """A condition code column (``depth_codes``, ``segmentation_codes``) and its tokenizer."""
+    """A condition code column (``<source>_codes``, :data:`CONDITION_SOURCES`) and its tokenizer."""
 
     codebook_size: int
     grid: tuple[int, int]
@@ -79,6 +84,11 @@ def describe(codes: str | stage.Manifest) -> CodeShards:
             f"{m.output_uri} is a committed {m.stage} output, not code shards (run tokenize_images)"
         )
     return schemas.descriptor_from_json(CodeShards, m.dataset, m.output_uri)
+
+
+def images_uri(codes: stage.Manifest) -> str | None:
+    """The image shards a code-shard output was tokenized from (its ``images`` input)."""
+    return next((i.uri for i in codes.inputs if i.name == "images"), None)
 
 
 def crop_offset(image_id: str, k: int, side: int, crop: int) -> tuple[int, int]:

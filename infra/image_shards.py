@@ -15,6 +15,7 @@ Columns: ``infra.schemas`` (``image`` is the Hugging Face Image feature, ``label
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,9 +30,10 @@ class Annotation:
     """A per-image column added by a preprocessing stage, and what made it."""
 
     model: str  # e.g. midas_v21_small_256, deeplabv2_cocostuff164k
-    weights_sha256: str
+    weights_sha256: str  # "" for a weight-free algorithm (edges, lowres)
     encoding: str  # how a value is stored (float16-le maps in [-1, 1], uint8 label ids)
     labels: list[str] | None = None  # label maps: the name of each id
+    params: dict[str, float] | None = None  # a weight-free algorithm's parameters (thresholds, factor)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,5 +126,20 @@ def describe(images: str | stage.Manifest) -> ImageShards:
 
 
 def column_values(t: pa.Table, column: str) -> list[bytes]:
-    """An image-shard column's values as bytes: the PNGs of ``image``, the maps of an annotation."""
-    return schemas.image_bytes(t[column]) if column == "image" else t[column].to_pylist()
+    """An image-shard column's values as bytes: the PNGs of ``image`` (``edges``, ``lowres``), the
+    maps of the other annotations."""
+    return schemas.image_bytes(t[column]) if column in schemas.IMAGE_COLUMNS else t[column].to_pylist()
+
+
+def rows_by_id(uri: str, ids: Sequence[str], columns: list[str]) -> pa.Table:
+    """The rows of ``ids`` (in that order, repeated as they repeat) from a committed image-shard
+    output, ``columns`` of them; :class:`~infra.stage.InputError` names an id it does not hold."""
+    import pyarrow.compute as pc
+
+    t = stage.read_committed_table(uri, ["image_id", *[c for c in columns if c != "image_id"]])
+    t = t.filter(pc.is_in(t["image_id"], value_set=pa.array(sorted(set(ids)), pa.string())))
+    where = {v: i for i, v in enumerate(t["image_id"].to_pylist())}
+    missing = next((v for v in ids if v not in where), None)
+    if missing is not None:
+        raise stage.InputError(f"{uri} holds no image {missing}")
+    return t.take(pa.array([where[v] for v in ids], pa.int64()))

@@ -199,13 +199,14 @@ def label_maps(blobs: list[bytes]) -> np.ndarray:
 
 
 def decode_column(kind: str, blobs: list[bytes], channels: int = 3) -> np.ndarray:
-    """An image-shard column as compact arrays (N, C, H, W): ``image`` (PNG) and ``depth`` float32 in
-    [-1, 1], ``segmentation`` uint8 label ids (one channel)."""
+    """An image-shard column as compact arrays (N, C, H, W): ``image``, ``lowres`` (PNG, ``channels``),
+    ``edges`` (PNG, one channel) and ``depth`` float32 in [-1, 1], ``segmentation`` uint8 label ids
+    (one channel)."""
     if kind == "depth":
         return depth_maps(blobs)
     if kind == "segmentation":
         return label_maps(blobs)
-    return pngs_to_array(blobs, channels)
+    return pngs_to_array(blobs, 1 if kind == "edges" else channels)
 
 
 def to_uint8_images(x) -> list[np.ndarray]:

@@ -50,7 +50,13 @@ ANNOTATION_FIELDS = {
         pa.field("depth_max", pa.float32()),
     ],
     "segmentation": [pa.field("segmentation", pa.binary())],  # uint8 label ids at the image size
+    "edges": [pa.field("edges", IMAGE_TYPE)],  # PNG (L) at the image size: 255 on an edge, 0 elsewhere
+    "lowres": [pa.field("lowres", IMAGE_TYPE)],  # PNG at the image size: each f x f block its mean
 }
+# The columns stored as the Image feature (PNG): what `datasets` shows as images.
+IMAGE_COLUMNS = frozenset(
+    f.name for fs in (IMAGE_FIELDS, *ANNOTATION_FIELDS.values()) for f in fs if f.type == IMAGE_TYPE
+)
 
 
 def generated_fields(num_tokens: int, spatial: bool) -> list[pa.Field]:

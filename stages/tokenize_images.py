@@ -42,8 +42,11 @@ class TokenizeConfig:
     # native checkpoint, taming release, models:/<name>@<alias> ("" = the pipeline's); the
     # tokenizers count by their weights (sha256), not by the URI they were reached through
     tokenizer_uri: str = input_field()
+    # condition tokenizers (train_vqgan with input=<column>): the column -> <column>_codes
     depth_tokenizer_uri: str | None = input_field(None)  # 1-channel VQGAN for `depth` -> depth_codes
     segmentation_tokenizer_uri: str | None = input_field(None)  # one-hot VQGAN -> segmentation_codes
+    edges_tokenizer_uri: str | None = input_field(None)  # 1-channel VQGAN for `edges` -> edges_codes
+    lowres_tokenizer_uri: str | None = input_field(None)  # VQGAN for `lowres` -> lowres_codes
     images_uri: str = input_field()  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = output_field()  # "" = derived by the pipeline from run.root_uri
     hflip: bool = False  # also tokenize the mirrored image (aug_id 1)
@@ -130,11 +133,8 @@ def plan(cfg: TokenizeConfig) -> TokenizePlan:
         raise InputError(f"crop_size {cfg.crop_size} must be below the image side {side} (square images)")
     inputs = [InputRef.output("images", images), InputRef.weights("tokenizer", cfg.tokenizer_uri, tok.sha256)]
     conditions, columns = {}, []
-    wanted = {
-        "depth_codes": (cfg.depth_tokenizer_uri, "depth"),
-        "segmentation_codes": (cfg.segmentation_tokenizer_uri, "segmentation"),
-    }
-    for col, (uri, source) in wanted.items():
+    for col, source in code_shards.CONDITION_SOURCES.items():
+        uri = getattr(cfg, f"{source}_tokenizer_uri")
         if not uri:
             continue
         header = model_store.first_stage_header(uri, f" ({col})")
@@ -143,9 +143,10 @@ def plan(cfg: TokenizeConfig) -> TokenizePlan:
                 f"{cfg.images_uri} has no `{source}` column: run the {source} stage first and tokenize "
                 "its output"
             )
-        if source == "depth" and header.config.in_channels != 1:
+        want = {"depth": 1, "edges": 1, "lowres": described.channels}.get(source)
+        if want is not None and header.config.in_channels != want:
             raise InputError(
-                f"the depth tokenizer {uri} must take 1 channel, not {header.config.in_channels}"
+                f"the {source} tokenizer {uri} must take {want} channel(s), not {header.config.in_channels}"
             )
         grid = _grid(header, described.size, cfg.crop_size, f"the {source} tokenizer {uri}")
         conditions[col] = ConditionCodes(
@@ -222,7 +223,7 @@ class TokenizeShards(pool.Worker):
         out = {}
         for col, source in self.p.conditions:
             model = self.cond_models[col]
-            arr = decode_column(source, t[source].to_pylist())
+            arr = decode_column(source, image_shards.column_values(t, source), model.config.in_channels)
             expand = (
                 functools.partial(one_hot, classes=model.config.in_channels)
                 if source == "segmentation"

@@ -2,8 +2,8 @@
 
 The model learns from the codes the tokenize stage wrote (and their condition codes), never from
 pixels: no tokenizer encoder is loaded. The condition becomes a token prefix, as in the paper:
-``unconditional`` (one start token), ``class`` (the ``label`` column), ``depth`` / ``segmentation``
-(the ``depth_codes`` / ``segmentation_codes`` columns, a spatial prefix), ``coord`` (taming's
+``unconditional`` (one start token), ``class`` (the ``label`` column), ``depth`` / ``segmentation`` /
+``edges`` / ``lowres`` (the ``<name>_codes`` column, a spatial prefix), ``coord`` (taming's
 coordinate condition for aligned data: each code cell's position in the full image, quantised to
 ``coord_levels``). Native models give the condition its own token ids after the image codes, and a
 null token when ``cond_dropout`` > 0 (classifier-free guidance; default 0.1 for class conditions).
@@ -56,8 +56,8 @@ from models.net2net import GeneratorSpec
 log = logging.getLogger(__name__)
 STAGE = "train_gpt"
 HEADLINE = ("steps", "val/bits_per_token")  # the figures a pipeline's summary shows for this stage
-Condition = Literal["unconditional", "class", "depth", "segmentation", "coord"]
-SPATIAL = {"depth": "depth_codes", "segmentation": "segmentation_codes"}
+Condition = Literal["unconditional", "class", "depth", "segmentation", "edges", "lowres", "coord"]
+SPATIAL = {source: col for col, source in code_shards.CONDITION_SOURCES.items()}  # depth -> depth_codes
 WINDOW_FIELDS = ("block_h", "block_w", "flange_top", "flange_left", "flange_right")
 
 

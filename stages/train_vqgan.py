@@ -43,8 +43,9 @@ class TrainVQGANConfig:
     images_uri: str = input_field()  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = output_field()  # checkpoints and the final model ("" = derived from run.root_uri)
     # what to learn a codebook for: the images, their 1-channel depth maps (the depth stage's
-    # `depth` column) or their label maps (`segmentation`, one-hot, binary cross-entropy)
-    input: Literal["image", "depth", "segmentation"] = "image"
+    # `depth` column), their label maps (`segmentation`, one-hot, binary cross-entropy), their
+    # 1-channel edge maps (`edges`) or their low-resolution copies (`lowres`, the image's channels)
+    input: Literal["image", "depth", "segmentation", "edges", "lowres"] = "image"
     segmentation_classes: int | None = None  # one-hot channels (None: the segmentation stage's labels)
     preset: str = "f4-small"  # models.vqgan.PRESETS; in/out channels follow the input
     codebook_size: int | None = None  # override the preset's
@@ -130,7 +131,7 @@ def plan(cfg: TrainVQGANConfig) -> TrainVQGANPlan:
             raise config_lib.ConfigError(
                 "train_vqgan.segmentation_classes: not set, and the segmentation stage recorded no labels"
             )
-    channels = {"image": described.channels, "depth": 1, "segmentation": classes}[cfg.input]
+    channels = {"depth": 1, "segmentation": classes, "edges": 1}.get(cfg.input, described.channels)
     mcfg = preset(
         cfg.preset,
         channels=channels,
