@@ -266,6 +266,9 @@ def metrics(
         kid_subset_size=min(1000, n),
         isc_splits=min(10, len(x_a)),
         verbose=False,
+        # the images are in memory: no DataLoader worker processes (start-up time, a warning each),
+        # and precision/recall's distances in chunks (the same figures)
+        save_cpu_ram=True,
         cache=reference_key is not None,
         cache_root=str(tracking.local_dir() / "inception-features"),
         input2_cache_name=f"reference-{reference_key}" if reference_key else None,

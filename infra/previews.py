@@ -50,14 +50,23 @@ def reconstructions(x, xrec, labels: bool = False, ncol: int = 8) -> np.ndarray:
     return image_grid(to_uint8_images(torch.stack([x, xrec], 1).flatten(0, 1)), ncol)
 
 
-def rows(groups: dict[Any, list[np.ndarray]], ncol: int, beside: list[np.ndarray] | None = None):
+def rows(
+    groups: dict[Any, list[np.ndarray]],
+    ncol: int,
+    beside: list[np.ndarray] | None = None,
+    after: list[np.ndarray] | None = None,
+):
     """One row per group (in the dict's order), ``ncol`` images each (blank where a group has
-    fewer); ``beside``: one more image at the start of each row (a condition)."""
+    fewer); ``beside``: one more image at the start of each row (a condition); ``after``: one at
+    its end (the real image)."""
     cells: list[np.ndarray] = []
     width = ncol + (1 if beside is not None else 0)
     for k, ims in enumerate(groups.values()):
         row = ([beside[k]] if beside is not None else []) + ims[:ncol]
-        cells += row + [np.zeros_like(ims[0])] * (width - len(row))
+        cells += (
+            row + [np.zeros_like(ims[0])] * (width - len(row)) + ([after[k]] if after is not None else [])
+        )
+    width += 1 if after is not None else 0
     return image_grid(cells, width)
 
 
@@ -78,6 +87,16 @@ def gather(
             if len(groups.setdefault(k, [])) < per_group:
                 groups[k].append(png_to_array(png))
     return groups
+
+
+def conditions(column: str, values: Sequence[bytes]) -> list[np.ndarray]:
+    """Values of an image-shard condition column as pictures: depth in the colour ramp, label maps
+    in label colours, edges and low-resolution images as they are."""
+    if column == "depth":
+        return [colorize(m[0], -1.0, 1.0) for m in depth_maps(list(values))]
+    if column == "segmentation":
+        return [label_colors(m[0]) for m in label_maps(list(values))]
+    return [png_to_array(b) for b in values]
 
 
 def decoded_conditions(x) -> list[np.ndarray]:

@@ -44,8 +44,10 @@ from infra.cli import OVERRIDES_HELP, run_guarded, setup_logging, user_error  # 
 from infra.cluster import ray_logs_dir  # noqa: E402
 from stages import (  # noqa: E402
     depth,
+    edges,
     evaluate,
     ingest,
+    lowres,
     promote,
     sample,
     segmentation,
@@ -70,14 +72,23 @@ class RunConfig:
 class FullConfig:
     ingest: ingest.IngestConfig
     run: RunConfig = field(default_factory=RunConfig)
-    depth: depth.DepthConfig | None = None  # MiDaS depth maps (D-RIN conditioning), when present
-    segmentation: segmentation.SegmentationConfig | None = None  # DeepLab label maps, when present
+    # per-image condition columns, each stage adding one to the previous one's image shards
+    depth: depth.DepthConfig | None = None  # MiDaS depth maps (D-RIN conditioning)
+    segmentation: segmentation.SegmentationConfig | None = None  # DeepLab label maps (S-FLCKR)
+    edges: edges.EdgesConfig | None = None  # Canny edge maps (structure-to-image)
+    lowres: lowres.LowresConfig | None = None  # low-resolution copies (stochastic super-resolution)
     train_vqgan: train_vqgan.TrainVQGANConfig | None = None  # trains (and registers) the tokenizer
+    # the condition's own tokenizer ("first learn another VQGAN"): train_vqgan with input=<column>;
+    # tokenize_images then writes <column>_codes with it, the spatial prefix of train_gpt
+    condition_vqgan: train_vqgan.TrainVQGANConfig | None = None
     tokenize_images: tokenize_images.TokenizeConfig | None = None  # runs when a tokenizer is configured
     train_gpt: train_gpt.TrainGPTConfig | None = None  # the transformer on the code shards
     sample: sample.SampleConfig | None = None  # a generated dataset from the transformer
     evaluate: evaluate.EvaluateConfig | None = None  # how good that dataset is, against the real images
     promote: promote.PromoteConfig | None = None  # @champion moves to the generator only when it beats it
+
+
+ANNOTATORS = ("depth", "segmentation", "edges", "lowres")  # in the order they chain
 
 
 def resolve(cfg: FullConfig) -> FullConfig:
@@ -87,20 +98,33 @@ def resolve(cfg: FullConfig) -> FullConfig:
     _ = ing.source  # a folder-style source needs its URI: fail before the first stage
     if not ing.output_uri:
         ing = dataclasses.replace(ing, output_uri=storage.join(root, "images"))
-    images = ing.output_uri  # each stage reads the previous one's output: images (+ depth) (+ segmentation)
-    dep, seg, tok = cfg.depth, cfg.segmentation, cfg.tokenize_images
-    if dep is not None:
-        dep = dataclasses.replace(
-            dep, images_uri=dep.images_uri or images, output_uri=dep.output_uri or storage.join(root, "depth")
+    images = ing.output_uri  # each annotating stage reads the previous one's output, adds a column
+    annotated = {}
+    for name in ANNOTATORS:
+        a = getattr(cfg, name)
+        if a is not None:
+            a = dataclasses.replace(
+                a, images_uri=a.images_uri or images, output_uri=a.output_uri or storage.join(root, name)
+            )
+            images = a.output_uri
+        annotated[name] = a
+    tok = cfg.tokenize_images
+    cvq = cfg.condition_vqgan
+    if cvq is not None:
+        if cvq.input == "image":
+            raise config_lib.ConfigError(
+                f"condition_vqgan.input: name the condition column it learns ({', '.join(ANNOTATORS)})"
+            )
+        if annotated[cvq.input] is None and not cvq.images_uri:
+            raise config_lib.ConfigError(
+                f"condition_vqgan.input={cvq.input}: no {cvq.input} stage in this pipeline (add a "
+                f"`{cvq.input}:` section, or set condition_vqgan.images_uri to shards with that column)"
+            )
+        cvq = dataclasses.replace(
+            cvq,
+            images_uri=cvq.images_uri or images,
+            output_uri=cvq.output_uri or storage.join(root, f"{cvq.input}-vqgan"),
         )
-        images = dep.output_uri
-    if seg is not None:
-        seg = dataclasses.replace(
-            seg,
-            images_uri=seg.images_uri or images,
-            output_uri=seg.output_uri or storage.join(root, "segmentation"),
-        )
-        images = seg.output_uri
     trn = cfg.train_vqgan
     if trn is not None:
         trn = dataclasses.replace(
@@ -116,6 +140,8 @@ def resolve(cfg: FullConfig) -> FullConfig:
             output_uri=tok.output_uri or storage.join(root, "codes"),
             tokenizer_uri=tok.tokenizer_uri or (trn.output_uri if trn is not None else ""),
         )
+        if cvq is not None and not getattr(tok, f"{cvq.input}_tokenizer_uri"):  # "" = the one trained here
+            tok = dataclasses.replace(tok, **{f"{cvq.input}_tokenizer_uri": cvq.output_uri})
     gpt = cfg.train_gpt
     if gpt is not None:
         gpt = dataclasses.replace(
@@ -125,6 +151,13 @@ def resolve(cfg: FullConfig) -> FullConfig:
         )
     if tok is not None and not tok.tokenizer_uri:  # fail before the first stage runs
         raise config_lib.ConfigError("tokenize_images.tokenizer_uri: not set, and no train_vqgan stage")
+    if gpt is not None and gpt.condition in train_gpt.SPATIAL and tok is not None:
+        if not getattr(tok, f"{gpt.condition}_tokenizer_uri"):
+            raise config_lib.ConfigError(
+                f"train_gpt.condition={gpt.condition} needs {train_gpt.SPATIAL[gpt.condition]}: add a "
+                f"condition_vqgan section with input={gpt.condition}, or set "
+                f"tokenize_images.{gpt.condition}_tokenizer_uri"
+            )
     smp = cfg.sample
     if smp is not None and not (smp.model_uri or gpt is not None):
         raise config_lib.ConfigError("sample.model_uri: not set, and no train_gpt stage")
@@ -135,6 +168,9 @@ def resolve(cfg: FullConfig) -> FullConfig:
             smp,
             model_uri=smp.model_uri or (gpt.output_uri if gpt is not None else ""),
             conditions_uri=smp.conditions_uri or (gpt.codes_uri if spatial else None),
+            # the generator's own codes: condition on the images it did not train on
+            conditions_split=smp.conditions_split
+            or ("held-out" if spatial and not smp.conditions_uri else None),
             output_uri=smp.output_uri or storage.join(root, "samples"),
         )
     ev = cfg.evaluate
@@ -165,9 +201,9 @@ def resolve(cfg: FullConfig) -> FullConfig:
         evaluate=ev,
         promote=pro,
         ingest=ing,
-        depth=dep,
+        **annotated,
         train_vqgan=trn,
-        segmentation=seg,
+        condition_vqgan=cvq,
         tokenize_images=tok,
     )
 
@@ -177,7 +213,10 @@ STAGES = (
     ("ingest", ingest),
     ("depth", depth),
     ("segmentation", segmentation),
+    ("edges", edges),
+    ("lowres", lowres),
     ("train_vqgan", train_vqgan),
+    ("condition_vqgan", train_vqgan),
     ("tokenize_images", tokenize_images),
     ("train_gpt", train_gpt),
     ("sample", sample),
@@ -228,7 +267,7 @@ def explain(cfg: FullConfig) -> list[dict[str, Any]]:
             )
             action = "run"
         else:
-            why = stage.changes(stage.read_manifest(out), name, scfg, remade)
+            why = stage.changes(stage.read_manifest(out), module.STAGE, scfg, remade)
             action = "cached" if not why else ("rerun" if cfg.run.replace_changed else "stop")
             if not why:
                 why = ["committed with this config and these inputs"]
@@ -285,7 +324,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def _run_stage(name: str, module: Any, scfg: Any, cfg: FullConfig) -> stage.StageResult:
     if cfg.run.replace_changed and stage.is_committed(scfg.output_uri):
-        why = stage.changes(stage.read_manifest(scfg.output_uri), name, scfg)
+        why = stage.changes(stage.read_manifest(scfg.output_uri), module.STAGE, scfg)
         if why:
             log.warning("%s: %s; making it again (run.replace_changed)", name, "; ".join(why))
             stage.uncommit(scfg.output_uri)

@@ -24,6 +24,10 @@ memorisation check. Each set is capped at ``max_images`` (a fixed seeded sample)
   at most as far as the ``memorization_quantile`` of the real test images' nearest distances, so
   exact copies always count), ``duplicate_fraction``
   within the generated set, ``class_balance`` (normalised entropy of the generated labels).
+- **Fidelity to spatial conditions** (samples of a depth / segmentation / edges / lowres
+  generator, found through their lineage; ``stages.fidelity``): edge F1, low-resolution
+  consistency PSNR/SSIM beside a bicubic baseline, MiDaS AbsRel/delta1, DeepLab mIoU/pixel
+  accuracy, and the diversity of several samples of one condition.
 - **Tokenizer evaluation** (``tokenizer_uri``; ``generated_uri`` may then be empty): PSNR, SSIM,
   LPIPS (when its VGG16 trunk is present), codebook usage and rFID (when the Inception weights
   are) of the tokenizer's reconstructions of the reference split.
@@ -58,6 +62,7 @@ from infra.image_shards import GeneratedImageShards
 from infra.inception import InceptionNetwork
 from infra.stage import InputError, InputRef, StageResult, StageRun
 from models.evaluation import ClassifierRecipe
+from stages import fidelity
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
@@ -124,6 +129,7 @@ class EvaluatePlan:
     tokenizer: tuple[str, str] | None  # (URI, sha256) of the tokenizer to evaluate
     vgg16_path: str | None
     registry: tuple[str, int] | None  # the generator's registry name and version, from the samples' lineage
+    conditions: fidelity.ConditionSource | None  # spatial conditions: where they come from (fidelity figures)
     protocol: str  # what the figures are comparable by: the config and every input but the generated set
 
     def summary(self, cfg: EvaluateConfig) -> str:
@@ -156,13 +162,16 @@ def plan(cfg: EvaluateConfig) -> EvaluatePlan:
     n_ref, n_ref_lab = _count(ref_m, cfg.reference_split)
     if n_ref < 2:
         raise InputError(f"evaluate: {cfg.reference_uri} has {n_ref} images in split {cfg.reference_split!r}")
-    train, classes, registry, names = None, None, None, ref.label_names
+    train, classes, registry, names, conditions = None, None, None, ref.label_names, None
     if cfg.generated_uri:
         gen_m = stage.read_manifest(cfg.generated_uri)
         inputs.append(InputRef.output("generated", gen_m))
         gen = image_shards.describe(gen_m)
         if isinstance(gen, GeneratedImageShards):
             registry = model_store.generator_version(gen.generation)
+            if (found := fidelity.find(gen.generation)) is not None:
+                conditions = found[0]
+                inputs.append(found[1])
         n_gen, n_gen_lab = _count(gen_m, None)
         if n_gen < 2:
             raise InputError(f"evaluate: the generated set {cfg.generated_uri} holds {n_gen} images")
@@ -221,6 +230,7 @@ def plan(cfg: EvaluateConfig) -> EvaluatePlan:
         tokenizer,
         vgg,
         registry,
+        conditions,
         protocol(cfg, inputs),
     )
 
@@ -298,6 +308,12 @@ def compute(cfg: EvaluateConfig, p: EvaluatePlan) -> dict[str, Any]:
             counts["classifier_real_train_images"] = scores.real_train_images
             out["grid"] = previews.real_beside_generated(x_ref, y_ref, x_gen, y_gen, p.classes)
             out["classifier"] = _classifier_bytes(cfg, p, scores.real_classifier, tuple(x_ref.shape[2:]))
+        if p.conditions is not None:
+            t = time.perf_counter()
+            device = "cuda" if cuda else "cpu"
+            fig.update(fidelity.figures(p.conditions, p.generated, cfg.max_images, cfg.seed + 1, device))
+            counts["condition_images"] = int(fig.pop("images"))
+            times["conditions"] = time.perf_counter() - t
         if p.inception is not None:
             t = time.perf_counter()
             fig.update(

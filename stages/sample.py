@@ -7,9 +7,10 @@ release. What to generate:
 - class-conditional models: ``samples_per_class`` of every class (or of the classes in ``labels``),
   or ``num_samples`` spread over them in turn, or ``labels`` alone (one sample per entry); labels
   are ids or the names the data recorded;
-- depth / segmentation models: ``conditions_uri``, code shards whose ``depth_codes`` /
-  ``segmentation_codes`` rows (the un-augmented views, of ``conditions_split`` if set) are the
-  spatial conditions, ``samples_per_condition`` each (``num_samples`` caps the total).
+- depth / segmentation / edges / lowres models: ``conditions_uri``, code shards whose
+  ``<condition>_codes`` rows (the un-augmented views, of ``conditions_split`` if set; ``held-out``:
+  the held-out split, val else test, the pipeline's default) are the spatial conditions,
+  ``samples_per_condition`` each (``num_samples`` caps the total).
 The sampler (``sampler``, ``models.sampling.SamplerOptions``): ``temperature``, ``top_k``,
 ``top_p``, ``greedy``, classifier-free guidance ``cfg_scale`` (``cfg_schedule`` constant, or linear
 from 1 at the first position to ``cfg_scale`` at the last); a ``grid`` larger than the training grid
@@ -44,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from infra import code_shards, model_store, pool, previews, schemas, stage, tracking
+from infra import code_shards, image_shards, model_store, pool, previews, schemas, stage, tracking
 from infra import config as config_lib
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Precision, Resources, placement
@@ -69,7 +70,7 @@ class SampleConfig:
     labels: list[int | str] | None = None  # class: these labels (ids or names); alone: one sample each
     conditions_uri: str | None = input_field(None)  # spatial: code shards holding the condition codes
     samples_per_condition: int = 1  # spatial: samples per condition row
-    conditions_split: str | None = None  # spatial: only condition rows of this split (None: all)
+    conditions_split: str | None = None  # spatial: only condition rows of this split (None: all; held-out)
     grid: list[int] | None = None  # [h, w] codes; None: the training grid; larger: sliding window
     seed: int = 0
     # temperature, top_k, top_p, greedy, cfg_scale and cfg_schedule, the sliding window's rule
@@ -119,6 +120,7 @@ class Conditions:
     rows: tuple[tuple[int, int], ...]
     tokenizer_uri: str
     tokenizer_sha256: str
+    split: str | None  # the split the rows come from (None: all)
 
 
 @dataclass(frozen=True)
@@ -217,15 +219,23 @@ def _conditions(cfg: SampleConfig, spec: GeneratorSpec, grid: tuple[int, int]) -
             f"(for a {grid[0]}x{grid[1]} grid{'' if want == spec.prefix_length else ', sliding window'})"
         )
     m.check_sizes()
-    files = m.data_files(cfg.conditions_split)
+    split = stage.held_out_split(m) if cfg.conditions_split == "held-out" else cfg.conditions_split
+    files = m.data_files(split)
     rows = code_shards.unaugmented_rows(m.output_uri, files)
     if not rows:
         raise InputError(
             f"sample.conditions_uri: {cfg.conditions_uri} has no condition rows"
-            + (f" in split {cfg.conditions_split!r}" if cfg.conditions_split else "")
+            + (f" in split {split!r}" if split else "")
         )
     found = Conditions(
-        m.output_uri, tuple(files), column, cc.length, tuple(rows), cc.tokenizer_uri, cc.tokenizer_sha256
+        m.output_uri,
+        tuple(files),
+        column,
+        cc.length,
+        tuple(rows),
+        cc.tokenizer_uri,
+        cc.tokenizer_sha256,
+        split,
     )
     return found, InputRef.output("conditions", m)
 
@@ -317,7 +327,7 @@ def plan(cfg: SampleConfig) -> SamplePlan:
         tile=cfg.tile,
         conditions_uri=conditions.uri if conditions else None,
         conditions_column=conditions.column if conditions else None,
-        conditions_split=cfg.conditions_split,
+        conditions_split=conditions.split if conditions else None,
         samples_per_condition=cfg.samples_per_condition,
         condition_rows=len(conditions.rows) if conditions else 0,
         label_counts={str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
@@ -542,8 +552,8 @@ class SampleShards(pool.Worker):
 
 
 def _grid(cfg: SampleConfig, p: SamplePlan, out: stage.StageOutput, markers: list[ShardMarker]):
-    """The logged preview: a row per class (or per condition, the condition decoded first), or an
-    n x n block of unconditional samples."""
+    """The logged preview: a row per class (or per condition: the condition first, the real image
+    it came from last), or an n x n block of unconditional samples."""
     n = cfg.grid_samples
     key = "label" if p.labels is not None else ("condition_image_id" if p.conditions else None)
     files = [out.file_uri(f) for m in markers for f in m.data if f.rows]
@@ -555,8 +565,28 @@ def _grid(cfg: SampleConfig, p: SamplePlan, out: stage.StageOutput, markers: lis
     if not groups:
         return None
     if p.conditions:
-        return previews.rows(groups, n, _decoded_conditions(p, list(groups)))
+        return previews.rows(groups, n, *_conditions_beside(p, list(groups)))
     return previews.rows({k: groups[k] for k in sorted(groups)}, max(len(v) for v in groups.values()))
+
+
+def _conditions_beside(p: SamplePlan, image_ids: list[str]) -> tuple[list | None, list | None]:
+    """The conditions of ``image_ids`` as their annotating stage wrote them and the real images they
+    came from (read through the code shards' lineage), else the condition codes decoded by their
+    tokenizer and no real image."""
+    from infra.imaging import png_to_array
+
+    c = p.conditions
+    try:
+        source = code_shards.images_uri(stage.read_manifest(c.uri))
+        column = code_shards.CONDITION_SOURCES[c.column]
+        if source is None:
+            raise InputError(f"{c.uri} records no image shards")
+        t = image_shards.rows_by_id(source, image_ids, ["image", column])
+    except (InputError, FileNotFoundError) as e:
+        log.info("sample: the grid shows decoded condition codes (%s)", e)
+        return _decoded_conditions(p, image_ids), None
+    real = [png_to_array(b) for b in schemas.image_bytes(t["image"])]
+    return previews.conditions(column, image_shards.column_values(t, column)), real
 
 
 def _decoded_conditions(p: SamplePlan, image_ids: list[str]) -> list[np.ndarray] | None:

@@ -38,11 +38,12 @@ def write_code_shards(
     shards: int = 2,
     seed: int = 0,
     depth_codebook: int = 0,
+    depth_grid: tuple[int, int] | None = None,
     random_codes: bool = False,
 ) -> stage.Manifest:
-    """``depth_codebook`` > 0 adds a ``depth_codes`` column (random codes on a half-size grid) as a
-    depth tokenizer would; ``random_codes``: uniform random codes (nothing to learn but the rows
-    themselves: a set that overfits) instead of the class rule."""
+    """``depth_codebook`` > 0 adds a ``depth_codes`` column (random codes on ``depth_grid``, default
+    a half-size grid) as a depth tokenizer would; ``random_codes``: uniform random codes (nothing
+    to learn but the rows themselves: a set that overfits) instead of the class rule."""
     rng = np.random.default_rng(seed)
     n = n_train + n_val
     t = grid[0] * grid[1]
@@ -52,7 +53,7 @@ def write_code_shards(
     order = rng.permutation(n)  # splits mixed over the shards
     conditions = {}
     if depth_codebook:
-        half = (grid[0] // 2, grid[1] // 2)
+        half = depth_grid or (grid[0] // 2, grid[1] // 2)
         conditions["depth_codes"] = ConditionCodes(
             codebook_size=depth_codebook,
             grid=half,

@@ -280,3 +280,155 @@ def test_train_condition_tokenizers_and_tokenize_with_them(annotated, tmp_path, 
                 output_uri=str(tmp_path / "x"),
             )
         )
+
+
+def test_edges_and_lowres_stages(shards, tmp_path):
+    """The weight-free conditions: Canny edges and 4x4 block means, as PNG columns (the Image
+    feature) that equal models.conditions on the input images; the parameters in the annotation
+    and the identity; a factor that does not divide the image side fails before any work."""
+    from datasets import load_dataset
+
+    from models.conditions import canny, degrade, to_gray
+    from stages import edges, lowres
+
+    e_cfg = edges.EdgesConfig(images_uri=shards["images"], output_uri=str(tmp_path / "edges"), batch_size=4)
+    e = edges.run(e_cfg, "test-pre")
+    assert e.counts["written"] == 6 and e.counts["rejected"] == 0
+    l_cfg = lowres.LowresConfig(images_uri=e.output_uri, output_uri=str(tmp_path / "low"), factor=4)
+    low = lowres.run(l_cfg, "test-pre")
+    t = stage.read_committed_table(low.output_uri, verify=True).sort_by("image_id")
+    ids, x = _inputs(shards["images"])
+    assert t["image_id"].to_pylist() == ids
+    got_edges = pngs_to_array(schemas.image_bytes(t["edges"]), 1)
+    want_edges = canny(to_gray(x.numpy()), 50.0, 150.0, 1.0)
+    assert np.array_equal(np.rint((got_edges[:, 0] + 1) * 127.5).astype(np.uint8), want_edges)
+    assert 0.02 < (want_edges > 0).mean() < 0.9  # noise has edges, not everywhere
+    got_low = np.rint((pngs_to_array(schemas.image_bytes(t["lowres"]), 3) + 1) * 127.5).astype(np.uint8)
+    u8 = np.rint((x.numpy() + 1) * 127.5).astype(np.uint8)
+    assert np.array_equal(got_low, degrade(u8, 4))
+    assert np.array_equal(got_low[:, :, ::4, ::4], got_low[:, :, 3::4, 3::4])  # one colour per block
+    described = image_shards.describe(low.manifest).annotations
+    assert described["edges"].params == {"low": 50.0, "high": 150.0, "sigma": 1.0}
+    assert described["lowres"].params == {"factor": 4} and described["lowres"].weights_sha256 == ""
+    ds = load_dataset("parquet", data_files=[low.output_uri + "/data/*.parquet"], split="train")
+    assert ds.features["edges"].__class__.__name__ == "Image" and ds[0]["lowres"].size == (32, 32)
+    assert edges.run(e_cfg, "test-pre").cached
+    with pytest.raises(stage.OutputConflictError):  # other thresholds at the same output: refused
+        edges.run(dataclasses.replace(e_cfg, low=10.0), "test-pre")
+    with pytest.raises(stage.InputError, match="not a multiple"):
+        lowres.run(dataclasses.replace(l_cfg, factor=5, output_uri=str(tmp_path / "x")), "test-pre")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="low < high"):
+        edges.EdgesConfig(low=100.0, high=50.0)
+
+
+def test_edges_and_lowres_condition_tokenizers(shards, tmp_path):
+    """train_vqgan learns a 1-channel codebook for `edges` and an image-channel one for `lowres`;
+    tokenize_images writes edges_codes / lowres_codes with them; the wrong channel count is refused."""
+    from models import checkpoint
+    from models.vqgan import VQGAN
+    from stages import edges, lowres, tokenize_images, train_vqgan
+    from tests.tiny import tiny_vqgan
+
+    e = edges.run(edges.EdgesConfig(images_uri=shards["images"], output_uri=str(tmp_path / "e")), "test-pre")
+    low = lowres.run(lowres.LowresConfig(images_uri=e.output_uri, output_uri=str(tmp_path / "l")), "test-pre")
+    common = dict(
+        images_uri=low.output_uri,
+        steps=2,
+        batch_size=2,
+        recipe=VQGANRecipe(warmup_steps=1),
+        log_every=1,
+        image_every=2,
+        checkpoint_every=2,
+        resources=Resources(workers=1),
+        codebook_size=16,
+    )
+    models = {
+        name: train_vqgan.run(
+            train_vqgan.TrainVQGANConfig(input=name, output_uri=str(tmp_path / f"{name}-vq"), **common),
+            "test-pre",
+        )
+        for name in ("edges", "lowres")
+    }
+    assert models["edges"].manifest.extra["model_config"]["in_channels"] == 1
+    assert models["lowres"].manifest.extra["model_config"]["in_channels"] == 3
+    torch.manual_seed(0)
+    checkpoint.save_native(
+        VQGAN(tiny_vqgan(in_channels=3, out_channels=3, resolution=32)), tmp_path / "img.safetensors"
+    )
+    cfg = tokenize_images.TokenizeConfig(
+        tokenizer_uri=str(tmp_path / "img.safetensors"),
+        images_uri=low.output_uri,
+        output_uri=str(tmp_path / "codes"),
+        edges_tokenizer_uri=models["edges"].output_uri,
+        lowres_tokenizer_uri=models["lowres"].output_uri,
+    )
+    res = tokenize_images.run(cfg, "test-pre")
+    t = stage.read_committed_table(res.output_uri)
+    assert res.counts["rows"] == 6 and {"edges_codes", "lowres_codes"} <= set(t.column_names)
+    grid = tuple(res.manifest.dataset["conditions"]["lowres_codes"]["grid"])
+    assert grid == (8, 8)  # f4 on 32x32: the image codes' grid, a code per 4x4 block
+    with pytest.raises(stage.InputError, match="must take 1 channel"):
+        tokenize_images.plan(
+            dataclasses.replace(
+                cfg, edges_tokenizer_uri=models["lowres"].output_uri, output_uri=str(tmp_path / "x")
+            )
+        )
+
+
+def _as_generated(root, images_uri: str, order: list[int] | None = None) -> str:
+    """The real images of ``images_uri`` committed as "samples" of their own conditions (the
+    ``condition_image_id`` column): a perfect conditional generator; ``order`` pairs image i with
+    condition order[i] instead (a generator that ignores its condition)."""
+    import pyarrow as pa
+
+    from infra.stage import StageOutput
+
+    t = stage.read_committed_table(images_uri, ["image_id", "image"]).sort_by("image_id")
+    ids = t["image_id"].to_pylist()
+    cond = [ids[j] for j in order] if order is not None else ids
+    table = pa.table({"image": t["image"], "condition_image_id": pa.array(cond, pa.string())})
+    out = StageOutput(str(root), "sample", f"fake-{abs(hash((images_uri, str(order)))) % 10**8}")
+    out.commit(
+        config={},
+        config_hash="x",
+        inputs=[],
+        markers=[out.write_shard(0, table, {"read": len(ids)})],
+        counts={},
+    )
+    return out.output_uri
+
+
+def test_condition_fidelity_figures(shards, annotated, tmp_path):
+    """stages.fidelity on samples that are the real images themselves (perfect fidelity: edge F1 1,
+    depth AbsRel ~0 and delta1 1, segmentation accuracy and mIoU 1, low-resolution consistency far
+    above bicubic's) and on the same images paired with other images' conditions (worse)."""
+    from stages import edges, fidelity, lowres
+
+    e = edges.run(edges.EdgesConfig(images_uri=annotated, output_uri=str(tmp_path / "e")), "test-pre")
+    low = lowres.run(lowres.LowresConfig(images_uri=e.output_uri, output_uri=str(tmp_path / "l")), "test-pre")
+    m = stage.read_manifest(low.output_uri)
+    described = image_shards.describe(m).annotations
+    weights = {
+        "depth": str(shards["root"] / "midas_v21_small_256.pt"),
+        "segmentation": str(shards["root"] / "deeplab.pth"),
+    }
+
+    def source(column):
+        return fidelity.ConditionSource(column, low.output_uri, described[column], 3, weights.get(column))
+
+    same = _as_generated(tmp_path / "same", low.output_uri)
+    swapped = _as_generated(tmp_path / "swapped", low.output_uri, [1, 2, 3, 4, 5, 0])
+    f = {c: fidelity.figures(source(c), same, 100, 0) for c in ("edges", "lowres", "depth", "segmentation")}
+    assert f["edges"]["edges/f1"] == 1.0 and f["edges"]["edges/f1_unpaired"] < 0.9
+    assert f["lowres"]["lowres/consistency_psnr"] > 60 > f["lowres"]["lowres/bicubic_consistency_psnr"]
+    assert f["lowres"]["lowres/psnr_to_real"] > 60 and f["lowres"]["lowres/bicubic_psnr_to_real"] < 40
+    assert f["depth"]["depth/absrel"] < 0.01 and f["depth"]["depth/delta1"] == 1.0
+    assert (
+        f["segmentation"]["segmentation/pixel_accuracy"] == 1.0
+        and f["segmentation"]["segmentation/miou"] == 1.0
+    )
+    assert "diversity" not in f["edges"]  # one sample per condition
+    g = {c: fidelity.figures(source(c), swapped, 100, 0) for c in ("edges", "lowres", "depth")}
+    assert g["edges"]["edges/f1"] < 0.9 and g["lowres"]["lowres/consistency_psnr"] < 40
+    assert g["depth"]["depth/absrel"] > f["depth"]["depth/absrel"]

@@ -363,3 +363,43 @@ def test_rejection_sampling_keeps_the_best_candidate(class_run, gens, tmp_path):
             )
         )
     assert not storage.exists(str(tmp_path / "x"))
+
+
+def test_a_conditional_sample_larger_than_the_training_grid(gens, tmp_path):
+    """A depth generator trained on 8x8 images with 8x8 condition codes samples 10x12 images from
+    10x12 condition maps: the sliding window, its condition window aligned with the image window.
+    The condition steers every position: greedy samples of one condition agree, of two differ."""
+    tok = gens["tokenizer"]
+    gen = generator_file(tmp_path / "d64.safetensors", tok, mode="spatial", cond_codebook=8, prefix_length=64)
+    big = write_code_shards(
+        str(tmp_path / "big"),
+        n_train=0,
+        n_val=2,
+        k=K,
+        grid=(10, 12),
+        classes=2,
+        tokenizer_uri=tok[0],
+        tokenizer_sha256=tok[1],
+        depth_codebook=8,
+        depth_grid=(10, 12),
+    )
+    res = sample.run(
+        SampleConfig(
+            model_uri=gen[0],
+            output_uri=str(tmp_path / "out"),
+            conditions_uri=big.output_uri,
+            samples_per_condition=2,
+            grid=[10, 12],
+            sampler=SamplerOptions(greedy=True),
+        ),
+        EXP,
+    )
+    t = _rows(res.output_uri)
+    assert t.num_rows == 4 and pngs_to_array(schemas.image_bytes(t["image"]), 1).shape[2:] == (20, 24)
+    c = schemas.decode_codes(t["codes"], 120)
+    assert np.array_equal(c[0], c[1]) and not np.array_equal(c[0], c[2])
+    assert image_shards.describe(res.manifest).generation.grid == (10, 12)
+    with pytest.raises(InputError, match="hold 120 codes, the generator needs 64"):  # training grid, big maps
+        sample.plan(
+            SampleConfig(model_uri=gen[0], output_uri=str(tmp_path / "x"), conditions_uri=big.output_uri)
+        )
