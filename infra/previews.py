@@ -32,12 +32,12 @@ def images(pngs: Sequence[bytes], ncol: int = 8) -> np.ndarray:
 
 def depth(blobs: Sequence[bytes], ncol: int = 8) -> np.ndarray:
     """``depth`` column values ([-1, 1] maps) in a perceptual colour ramp."""
-    return image_grid([colorize(m[0], -1.0, 1.0) for m in depth_maps(list(blobs))], ncol)
+    return image_grid(conditions("depth", blobs), ncol)
 
 
 def segmentation(blobs: Sequence[bytes], ncol: int = 8) -> np.ndarray:
     """``segmentation`` column values (label maps), a colour per label."""
-    return image_grid([label_colors(m[0]) for m in label_maps(list(blobs))], ncol)
+    return image_grid(conditions("segmentation", blobs), ncol)
 
 
 def reconstructions(x, xrec, labels: bool = False, ncol: int = 8) -> np.ndarray:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from infra import code_shards, image_shards, schemas, stage
+from infra import code_shards, image_shards, model_store, schemas, stage
 from infra.image_shards import Annotation, Generation
 from infra.imaging import decode_column, pngs_to_array
 from infra.stage import InputError, InputRef
@@ -62,8 +62,6 @@ def _weights_of(m: stage.Manifest, stage_name: str) -> str | None:
 def find(g: Generation) -> tuple[ConditionSource, InputRef] | None:
     """The condition source of a generated set (None: not spatially conditioned, or conditions
     that did not come from annotated image shards)."""
-    from infra import model_store
-
     if g.condition != "spatial" or not g.conditions_uri or not g.conditions_column:
         return None
     column = code_shards.CONDITION_SOURCES.get(g.conditions_column)
