@@ -91,6 +91,20 @@ def images_uri(codes: stage.Manifest) -> str | None:
     return next((i.uri for i in codes.inputs if i.name == "images"), None)
 
 
+def condition_params(codes: stage.Manifest, column: str) -> dict | None:
+    """The parameters of the annotation a condition code column tokenized (e.g. the ``lowres``
+    factor, the ``edges`` thresholds), read from the image shards the codes came from; None when
+    that output records none or is gone."""
+    from infra import image_shards
+
+    uri = images_uri(codes)
+    try:
+        annotation = image_shards.describe(uri).annotations.get(CONDITION_SOURCES[column]) if uri else None
+    except (stage.InputError, FileNotFoundError):
+        return None
+    return dict(annotation.params) if annotation is not None and annotation.params else None
+
+
 def crop_offset(image_id: str, k: int, side: int, crop: int) -> tuple[int, int]:
     """Pixel offset (row, column) of random crop ``k`` of an image: fixed by its id (tokenize's rule)."""
     h = hashlib.sha256(f"{image_id}:{k}".encode()).digest()
@@ -254,14 +268,6 @@ def read_rows(
 ):
     """(file, row) -> (image_id, codes (length,)) of the rows asked for, one (verified) read per
     file; ``files``: the committed data files of ``uri`` the file numbers index."""
-    by_file: dict[int, list[int]] = {}
-    for fi, r in rows:
-        by_file.setdefault(int(fi), []).append(int(r))
-    got: dict[tuple[int, int], tuple[str, np.ndarray]] = {}
-    for fi, rs in by_file.items():
-        f = files[fi]
-        t = stage.read_file(storage.join(uri, f.path), f, ["image_id", column]).take(rs)
-        values = schemas.decode_codes(t[column], length)
-        for r, iid, row in zip(rs, t["image_id"].to_pylist(), values):
-            got[(fi, r)] = (iid, row)
-    return got
+    t = stage.read_rows(uri, files, rows, ["image_id", column])
+    values = schemas.decode_codes(t[column], length)
+    return {(int(fi), int(r)): (iid, v) for (fi, r), iid, v in zip(rows, t["image_id"].to_pylist(), values)}

@@ -209,6 +209,26 @@ def decode_column(kind: str, blobs: list[bytes], channels: int = 3) -> np.ndarra
     return pngs_to_array(blobs, 1 if kind == "edges" else channels)
 
 
+def maps_from_images(kind: str, pngs: list[bytes], channels: int, upscale: int = 1) -> np.ndarray:
+    """Condition maps a user gave as images -> the arrays :func:`decode_column` gives for ``kind``:
+    ``segmentation``: the grey level is the label id (uint8); ``depth``: grey levels in [-1, 1]
+    (bright = near, as MiDaS's inverse depth); ``edges``: white edges on black; ``lowres``: the
+    small image (``channels``), each pixel repeated ``upscale`` x ``upscale`` times as the
+    ``lowres`` stage stores it."""
+    if kind == "segmentation":
+        if not pngs:
+            return np.zeros((0, 1, 1, 1), np.uint8)
+        maps = []
+        for b in pngs:
+            with Image.open(io.BytesIO(b)) as im:
+                maps.append(np.asarray(im.convert("L")))
+        return np.stack(maps)[:, None]
+    x = pngs_to_array(pngs, channels if kind == "lowres" else 1)
+    if upscale > 1:
+        x = np.repeat(np.repeat(x, upscale, axis=2), upscale, axis=3)
+    return x
+
+
 def to_uint8_images(x) -> list[np.ndarray]:
     """A torch batch (N, C, H, W) in [-1, 1] (clamped) -> N uint8 images (H, W) or (H, W, 3)."""
     arr = ((x.detach().float().clamp(-1, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)

@@ -208,7 +208,9 @@ def describe(uri: str) -> ModelHeader:
     return ModelHeader(uri, path, sha, fmt, "vqgan", release.first_stage_config(), {"target": release.target})
 
 
-def describe_tokenizer(uri: str | None, sha256: str | None, what: str) -> ModelHeader:
+def describe_tokenizer(
+    uri: str | None, sha256: str | None, what: str, key: str = "tokenizer_uri"
+) -> ModelHeader:
     """The header of the VQGAN at ``uri``, which must have the weights of ``sha256`` (the one
     ``what`` was made with); a clear :class:`~infra.stage.InputError` when it cannot be found,
     is not a VQGAN, or differs."""
@@ -218,14 +220,14 @@ def describe_tokenizer(uri: str | None, sha256: str | None, what: str) -> ModelH
         header = describe(uri)
     except FileNotFoundError as e:
         raise stage.InputError(
-            f"the tokenizer of {what} cannot be found: {e} (sha256 {sha256}; set tokenizer_uri to a copy)"
+            f"the tokenizer of {what} cannot be found: {e} (sha256 {sha256}; set {key} to a copy)"
         ) from None
     if header.kind != "vqgan":
         raise stage.InputError(f"{uri} holds a {header.kind} model, not a VQGAN tokenizer")
     if sha256 and header.sha256 != sha256:
         raise stage.InputError(
             f"the tokenizer at {uri} has sha256 {header.sha256}, but {what} was made with sha256 {sha256}: "
-            "the file or alias changed since; point tokenizer_uri at the original weights"
+            f"the file or alias changed since; point {key} at the original weights"
         )
     return header
 

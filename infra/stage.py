@@ -390,6 +390,25 @@ def uncommit(output_uri: str) -> str:
     return kept
 
 
+def read_rows(
+    uri: str, files: Sequence[FileEntry], rows: Sequence[tuple[int, int]], columns: list[str]
+) -> pa.Table:
+    """The rows (file number, row) of a committed output, in that order, ``columns`` of them: one
+    verified read per file; ``files``: the committed data files the file numbers index."""
+    by_file: dict[int, list[int]] = {}
+    for fi, r in rows:
+        by_file.setdefault(int(fi), []).append(int(r))
+    tables, where, base = [], {}, 0
+    for fi, rs in by_file.items():
+        f, wanted = files[fi], sorted(set(rs))
+        tables.append(read_file(storage.join(uri, f.path), f, columns).take(wanted))
+        where.update({(fi, r): base + j for j, r in enumerate(wanted)})
+        base += len(wanted)
+    if not tables:
+        return pa.table({c: [] for c in columns})
+    return pa.concat_tables(tables).take([where[(int(fi), int(r))] for fi, r in rows])
+
+
 def read_committed_table(
     output_uri: str, columns: list[str] | None = None, split: str | None = None, verify: bool = True
 ) -> pa.Table:

@@ -212,6 +212,8 @@ class GeneratorSpec:
     prefix_length: int = 1  # condition tokens: 1 (unconditional, class), the condition grid otherwise
     condition_column: str | None = None  # spatial: the code-shard column of the condition codes
     condition_tokenizer_sha256: str | None = None
+    condition_tokenizer_uri: str | None = None  # spatial: what tokenizes a user's condition maps
+    condition_params: dict | None = None  # spatial: how the condition was made (e.g. lowres factor)
 
     @property
     def block_size(self) -> int:

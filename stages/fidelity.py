@@ -61,11 +61,17 @@ def _weights_of(m: stage.Manifest, stage_name: str) -> str | None:
 
 def find(g: Generation) -> tuple[ConditionSource, InputRef] | None:
     """The condition source of a generated set (None: not spatially conditioned, or conditions
-    that did not come from annotated image shards)."""
+    that did not come from annotated image shards, such as a user's own maps)."""
     if g.condition != "spatial" or not g.conditions_uri or not g.conditions_column:
         return None
-    column = code_shards.CONDITION_SOURCES.get(g.conditions_column)
-    images = code_shards.images_uri(stage.read_manifest(g.conditions_uri))
+    conditions = stage.read_manifest(g.conditions_uri)
+    if (conditions.dataset or {}).get("kind") in image_shards.KINDS:  # sampled from condition maps
+        # an annotating stage's column beside its real images; a user's maps have no real image
+        known = g.conditions_column in code_shards.CONDITION_SOURCES.values()
+        column, images = (g.conditions_column, g.conditions_uri) if known else (None, None)
+    else:
+        column = code_shards.CONDITION_SOURCES.get(g.conditions_column)
+        images = code_shards.images_uri(conditions)
     if column is None or images is None:
         return None
     m = stage.read_manifest(images)

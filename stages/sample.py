@@ -9,8 +9,9 @@ release. What to generate:
   are ids or the names the data recorded;
 - depth / segmentation / edges / lowres models: ``conditions_uri``, code shards whose
   ``<condition>_codes`` rows (the un-augmented views, of ``conditions_split`` if set; ``held-out``:
-  the held-out split, val else test, the pipeline's default) are the spatial conditions,
-  ``samples_per_condition`` each (``num_samples`` caps the total).
+  the held-out split, val else test, the pipeline's default) are the spatial conditions, or image
+  shards of condition maps (your own: see ``stages.sample_conditions``; larger than the training
+  size: a larger image), ``samples_per_condition`` each (``num_samples`` caps the total).
 The sampler (``sampler``, ``models.sampling.SamplerOptions``): ``temperature``, ``top_k``,
 ``top_p``, ``greedy``, classifier-free guidance ``cfg_scale`` (``cfg_schedule`` constant, or linear
 from 1 at the first position to ``cfg_scale`` at the last); a ``grid`` larger than the training grid
@@ -45,8 +46,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from infra import code_shards, image_shards, model_store, pool, previews, schemas, stage, tracking
 from infra import config as config_lib
+from infra import model_store, pool, previews, schemas, stage, tracking
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Precision, Resources, placement
 from infra.image_shards import GeneratedImageShards, Generation
@@ -55,6 +56,7 @@ from infra.stage import InputError, InputRef, ShardMarker, StageResult, StageRun
 from models.gpt import GPTConfig
 from models.net2net import GeneratorSpec
 from models.sampler_options import SamplerOptions
+from stages import sample_conditions
 
 log = logging.getLogger(__name__)
 STAGE = "sample"
@@ -68,7 +70,12 @@ class SampleConfig:
     num_samples: int | None = None  # unconditional: how many; class: spread over the classes; spatial: a cap
     samples_per_class: int | None = None  # class: this many of every class (or of each in `labels`)
     labels: list[int | str] | None = None  # class: these labels (ids or names); alone: one sample each
-    conditions_uri: str | None = input_field(None)  # spatial: code shards holding the condition codes
+    conditions_uri: str | None = input_field(
+        None
+    )  # spatial: code shards of condition codes, or condition maps
+    condition_tokenizer_uri: str | None = input_field(
+        None
+    )  # maps: tokenize with this copy (its sha256 must match)
     samples_per_condition: int = 1  # spatial: samples per condition row
     conditions_split: str | None = None  # spatial: only condition rows of this split (None: all; held-out)
     grid: list[int] | None = None  # [h, w] codes; None: the training grid; larger: sliding window
@@ -110,20 +117,6 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
-class Conditions:
-    """Spatial conditions: the code-shard rows (file, row) whose condition codes the samples take."""
-
-    uri: str
-    files: tuple[stage.FileEntry, ...]
-    column: str
-    length: int
-    rows: tuple[tuple[int, int], ...]
-    tokenizer_uri: str
-    tokenizer_sha256: str
-    split: str | None  # the split the rows come from (None: all)
-
-
-@dataclass(frozen=True)
 class SamplePlan:
     """What the driver worked out from the generator's header and the inputs' manifests (no model
     loaded: each actor loads the generator and the tokenizer once)."""
@@ -138,7 +131,7 @@ class SamplePlan:
     grid: tuple[int, int]
     n: int  # samples
     labels: tuple[int, ...] | None  # class: the label of each sample
-    conditions: Conditions | None
+    conditions: sample_conditions.Conditions | None
     dataset: GeneratedImageShards
     candidates: int = 1  # per sample (rejection sampling: the best by the classifier is kept)
     classifier: tuple[str, str] | None = None  # (URI, sha256) of the classifier that ranks them
@@ -185,63 +178,9 @@ def _class_labels(cfg: SampleConfig, spec: GeneratorSpec) -> list[int]:
     )
 
 
-def _conditions(cfg: SampleConfig, spec: GeneratorSpec, grid: tuple[int, int]) -> tuple[Conditions, InputRef]:
-    if not cfg.conditions_uri:
-        raise config_lib.ConfigError(
-            "sample.conditions_uri: a spatially conditioned generator needs code shards holding its "
-            "condition codes (depth_codes / segmentation_codes)"
-        )
-    m = stage.read_manifest(cfg.conditions_uri)
-    codes = code_shards.describe(m)
-    present = sorted(codes.conditions)
-    column = spec.condition_column or (present[0] if len(present) == 1 else None)
-    if column is None or column not in codes.conditions:
-        raise InputError(
-            f"sample.conditions_uri: {cfg.conditions_uri} has no `{spec.condition_column or 'condition'}` "
-            f"column (it holds {present or 'no condition codes'})"
-        )
-    cc = codes.conditions[column]
-    if cc.codebook_size != spec.condition.cond_codebook_size:
-        raise InputError(
-            f"sample.conditions_uri: `{column}` of {cfg.conditions_uri} has a codebook of {cc.codebook_size} "
-            f"codes; the generator was trained on {spec.condition.cond_codebook_size}"
-        )
-    want_sha = spec.condition_tokenizer_sha256
-    if want_sha and want_sha != cc.tokenizer_sha256:
-        raise InputError(
-            f"sample.conditions_uri: `{column}` of {cfg.conditions_uri} was made by the tokenizer with "
-            f"sha256 {cc.tokenizer_sha256}, the generator was trained on codes of sha256 {want_sha}"
-        )
-    want = spec.prefix_length if tuple(grid) == tuple(spec.grid) else grid[0] * grid[1]
-    if cc.length != want:
-        raise InputError(
-            f"sample.conditions_uri: `{column}` rows hold {cc.length} codes, the generator needs {want} "
-            f"(for a {grid[0]}x{grid[1]} grid{'' if want == spec.prefix_length else ', sliding window'})"
-        )
-    m.check_sizes()
-    split = stage.held_out_split(m) if cfg.conditions_split == "held-out" else cfg.conditions_split
-    files = m.data_files(split)
-    rows = code_shards.unaugmented_rows(m.output_uri, files)
-    if not rows:
-        raise InputError(
-            f"sample.conditions_uri: {cfg.conditions_uri} has no condition rows"
-            + (f" in split {split!r}" if split else "")
-        )
-    found = Conditions(
-        m.output_uri,
-        tuple(files),
-        column,
-        cc.length,
-        tuple(rows),
-        cc.tokenizer_uri,
-        cc.tokenizer_sha256,
-        split,
-    )
-    return found, InputRef.output("conditions", m)
-
-
-def _check_grid(cfg: SampleConfig, spec: GeneratorSpec, gpt: GPTConfig) -> tuple[int, int]:
-    grid = tuple(cfg.grid) if cfg.grid is not None else tuple(spec.grid)
+def _check_grid(cfg: SampleConfig, spec: GeneratorSpec, gpt: GPTConfig, grid=None) -> tuple[int, int]:
+    """The sampling grid (``grid``, else ``sample.grid``, else the training grid), checked."""
+    grid = tuple(grid or cfg.grid or spec.grid)
     g = tuple(spec.grid)
     if grid != g and gpt.is_local:  # one pass: the local window slides by itself
         try:
@@ -291,12 +230,19 @@ def plan(cfg: SampleConfig) -> SamplePlan:
     else:
         if cfg.samples_per_class is not None or cfg.labels is not None:
             raise config_lib.ConfigError("sample: the generator is spatially conditioned; use conditions_uri")
-        conditions, ref = _conditions(cfg, spec, grid)
+        conditions, ref, map_grid = sample_conditions.find(cfg, spec)
+        if map_grid is not None:  # condition maps fix the grid
+            grid = _check_grid(cfg, spec, gen.gpt, map_grid)
+        sample_conditions.check_length(conditions, spec, grid, f"the `{conditions.column}` rows of {ref.uri}")
         inputs.append(ref)
+        if conditions.maps is not None:
+            inputs.append(
+                InputRef.weights("condition_tokenizer", conditions.tokenizer_uri, conditions.tokenizer_sha256)
+            )
         spc = cfg.samples_per_condition
         n = len(conditions.rows) * spc
         n = min(n, cfg.num_samples) if cfg.num_samples is not None else n
-        conditions = Conditions(**{**conditions.__dict__, "rows": conditions.rows[: -(-n // spc)]})
+        conditions = conditions.first(-(-n // spc))
     if gen.first_stage is not None:  # an official release decodes with its own first stage
         if cfg.tokenizer_uri:
             raise config_lib.ConfigError(
@@ -408,9 +354,7 @@ def _items(cfg: SampleConfig, p: SamplePlan) -> list[dict[str, Any]]:
         if p.labels is not None:
             item["labels"] = list(p.labels[lo:hi])
         if p.conditions is not None:
-            spc = cfg.samples_per_condition
-            item["cond_lo"] = lo // spc
-            item["cond_rows"] = [list(r) for r in p.conditions.rows[lo // spc : -(-hi // spc)]]
+            item.update(sample_conditions.items(p.conditions, lo, hi, cfg.samples_per_condition))
         items.append(item)
     return items
 
@@ -441,6 +385,9 @@ class SampleShards(pool.Worker):
             else model_store.load_tokenizer(p.tokenizer_uri, p.tokenizer_sha256)
         )
         self.tokenizer = tok.to(self.device, self.dtype).eval()
+        self.conditions = (
+            None if p.conditions is None else sample_conditions.Reader(p.conditions, self.device, self.dtype)
+        )
         self.classifier = None
         if p.classifier is not None:  # rejection sampling: the candidates' ranking, in fp32
             self.classifier = model_store.load(*p.classifier).model.to(self.device).eval()
@@ -465,7 +412,7 @@ class SampleShards(pool.Worker):
         if c is None:
             return torch.zeros(hi - lo, dtype=torch.long), None
         rows = [tuple(r) for r in item["cond_rows"]]
-        got = code_shards.read_rows(c.uri, c.files, rows, c.column, c.length)
+        got = self.conditions.read(rows)
         spc = self.cfg.samples_per_condition
         ordered = [got[rows[i // spc - item["cond_lo"]]] for i in range(lo, hi)]
         return torch.from_numpy(np.stack([o[1] for o in ordered])), [o[0] for o in ordered]
@@ -565,52 +512,8 @@ def _grid(cfg: SampleConfig, p: SamplePlan, out: stage.StageOutput, markers: lis
     if not groups:
         return None
     if p.conditions:
-        return previews.rows(groups, n, *_conditions_beside(p, list(groups)))
+        return previews.rows(groups, n, *sample_conditions.beside(p.conditions, list(groups)))
     return previews.rows({k: groups[k] for k in sorted(groups)}, max(len(v) for v in groups.values()))
-
-
-def _conditions_beside(p: SamplePlan, image_ids: list[str]) -> tuple[list | None, list | None]:
-    """The conditions of ``image_ids`` as their annotating stage wrote them and the real images they
-    came from (read through the code shards' lineage), else the condition codes decoded by their
-    tokenizer and no real image."""
-    from infra.imaging import png_to_array
-
-    c = p.conditions
-    try:
-        source = code_shards.images_uri(stage.read_manifest(c.uri))
-        column = code_shards.CONDITION_SOURCES[c.column]
-        if source is None:
-            raise InputError(f"{c.uri} records no image shards")
-        t = image_shards.rows_by_id(source, image_ids, ["image", column])
-    except (InputError, FileNotFoundError) as e:
-        log.info("sample: the grid shows decoded condition codes (%s)", e)
-        return _decoded_conditions(p, image_ids), None
-    real = [png_to_array(b) for b in schemas.image_bytes(t["image"])]
-    return previews.conditions(column, image_shards.column_values(t, column)), real
-
-
-def _decoded_conditions(p: SamplePlan, image_ids: list[str]) -> list[np.ndarray] | None:
-    """The conditions of ``image_ids`` decoded by the tokenizer that made them, or None (with a log
-    line) when that tokenizer cannot be loaded."""
-    import torch
-
-    c = p.conditions
-    try:
-        tok = model_store.load_first_stage(c.tokenizer_uri, c.tokenizer_sha256).model
-    except (InputError, FileNotFoundError) as e:
-        log.warning("sample: conditions not shown beside the samples: %s", e)
-        return None
-    # the grid shows the first conditions: read only those rows
-    first = code_shards.read_rows(c.uri, c.files, c.rows[: 4 * previews.MAX_GRID_ROWS], c.column, c.length)
-    found = dict(first.values())
-    if not all(i in found for i in image_ids):
-        log.warning("sample: conditions not shown beside the samples: rows not among the first conditions")
-        return None
-    codes = np.stack([found[i] for i in image_ids])
-    side = int(round(c.length**0.5))
-    with torch.no_grad():
-        x = tok.decode_codes(torch.from_numpy(codes).reshape(-1, side, side)).float()
-    return previews.decoded_conditions(x)
 
 
 def run(cfg: SampleConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> StageResult:

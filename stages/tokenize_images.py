@@ -15,7 +15,6 @@ gives byte-identical files.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from infra import code_shards, image_shards, model_store, pool, schemas, stage, 
 from infra import config as config_lib
 from infra.code_shards import CodeShards, ConditionCodes
 from infra.config import execution_field, input_field, output_field
-from infra.devices import Precision, Resources, placement
+from infra.devices import Precision, Resources, auto_batch_size, placement
 from infra.imaging import decode_column
 from infra.stage import FileEntry, InputError, InputRef, ShardMarker, StageResult, StageRun
 
@@ -61,21 +60,6 @@ class TokenizeConfig:
     def __post_init__(self):
         if self.num_crops and not self.crop_size:
             raise ValueError("num_crops needs crop_size")
-
-
-CPU_BATCH_PIXELS = 32 * 1024  # fastest here: f16 at 256px one image, f4 at 32px 32 images (bench_tokenize)
-GPU_BATCH_PIXELS = 64 * 256 * 256  # 64 images at 256px (not measured: no GPU session yet)
-
-
-def auto_batch_size(height: int, width: int, device: str) -> int:
-    """Images per forward pass when the config leaves it open: a pixel budget, not an image count.
-
-    On CPU, small batches are faster (the activations stay in cache): with two 1-thread actors the
-    f16 encoder ran 1.61 s/image at batch 1 and 2.5 s/image at batch 32; the demo tokenizer 610
-    images/s at batch 32 and 390 at batch 256.
-    """
-    budget = GPU_BATCH_PIXELS if device == "cuda" else CPU_BATCH_PIXELS
-    return int(min(1024, max(1, budget // max(1, height * width))))
 
 
 def _augmentations(cfg: TokenizeConfig) -> list[str]:
@@ -197,39 +181,20 @@ class TokenizeShards(pool.Worker):
         ready = time.perf_counter() - t0
         log.info("tokenize: actor ready in %.1f s (%s, %s)", ready, self.device, self.dtype)
 
-    def _encode(self, model, x: np.ndarray, expand=None) -> np.ndarray:
-        """Codes (N, h, w) of x; ``expand`` turns a compact batch (e.g. label ids) into model input."""
-        import torch
+    def _encode(self, model, x: np.ndarray, segmentation: bool = False) -> np.ndarray:
+        """Codes (N, h, w) of x (images, or label ids with ``segmentation``)."""
+        from models.vqgan import encode_batches
 
-        if not len(x):
-            return np.zeros((0, 1, 1), np.int64)
-        codes = []
         bs = self.cfg.batch_size or auto_batch_size(*x.shape[-2:], self.device)
-        with torch.inference_mode():
-            for lo in range(0, len(x), bs):
-                # channels-last memory (no copy for decoded images, which are NHWC already): the
-                # convolutions run ~20% faster than on NCHW on CPU (tests/bench/bench_tokenize.py)
-                nhwc = np.ascontiguousarray(x[lo : lo + bs].transpose(0, 2, 3, 1))
-                batch = torch.from_numpy(nhwc).permute(0, 3, 1, 2).to(self.device)
-                batch = expand(batch) if expand is not None else batch
-                batch = batch.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                codes.append(model.encode(batch)[2].cpu().numpy())
-        return np.concatenate(codes)  # (N, h, w)
+        return encode_batches(model, x, bs, self.device, self.dtype, segmentation)
 
     def _conditions(self, t: pa.Table) -> dict[str, tuple]:
-        """column -> (model, compact array (N, C, H, W), expand) for the configured condition tokenizers."""
-        from models.vqgan_training import one_hot
-
+        """column -> (model, compact array (N, C, H, W), is a label map) for the condition tokenizers."""
         out = {}
         for col, source in self.p.conditions:
             model = self.cond_models[col]
             arr = decode_column(source, image_shards.column_values(t, source), model.config.in_channels)
-            expand = (
-                functools.partial(one_hot, classes=model.config.in_channels)
-                if source == "segmentation"
-                else None
-            )
-            out[col] = (model, arr, expand)
+            out[col] = (model, arr, source == "segmentation")
         return out
 
     def process(self, shard: int, item: dict[str, Any]) -> ShardMarker:
@@ -238,17 +203,17 @@ class TokenizeShards(pool.Worker):
         t = pool.read_item(item, columns)
         ids = t["image_id"].to_pylist()
         pngs = schemas.image_bytes(t["image"])
-        inputs = {"codes": (self.model, decode_column("image", pngs, self.model.config.in_channels), None)}
+        inputs = {"codes": (self.model, decode_column("image", pngs, self.model.config.in_channels), False)}
         inputs.update(self._conditions(t))
         t_decoded = time.perf_counter()
         per_col = {
             col: [
-                (aug_id, self._encode(model, view, expand))
+                (aug_id, self._encode(model, view, seg))
                 for aug_id, view in code_shards.views(
                     arr, ids, self.p.dataset.augmentations, self.cfg.crop_size
                 )
             ]
-            for col, (model, arr, expand) in inputs.items()
+            for col, (model, arr, seg) in inputs.items()
         }
         t_encoded = time.perf_counter()
         rows = self._rows(t, per_col)

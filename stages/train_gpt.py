@@ -203,6 +203,8 @@ def plan(cfg: TrainGPTConfig) -> TrainGPTPlan:
         prefix_length=prefix,
         condition_column=columns[0] if columns else None,
         condition_tokenizer_sha256=codes.conditions[columns[0]].tokenizer_sha256 if columns else None,
+        condition_tokenizer_uri=codes.conditions[columns[0]].tokenizer_uri if columns else None,
+        condition_params=code_shards.condition_params(m, columns[0]) if columns else None,
     )
     if cfg.vocab_size is not None and cfg.vocab_size < vocab:
         raise InputError(

@@ -109,8 +109,9 @@ def unigram_bits(codes: np.ndarray, k: int) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def tokenizer_file(root: Path, k: int) -> tuple[str, str]:
-    """A random tiny 1-channel VQGAN (f2, 16x16 -> 8x8 codes, ``k`` codes) saved natively; (uri, sha256)."""
+def tokenizer_file(root: Path, k: int, name: str = "tokenizer", seed: int = 0) -> tuple[str, str]:
+    """A random tiny 1-channel VQGAN (f2, 16x16 -> 8x8 codes, ``k`` codes) saved natively as
+    ``root/<name>.safetensors``; (uri, sha256)."""
     import torch
 
     from infra import storage
@@ -118,7 +119,7 @@ def tokenizer_file(root: Path, k: int) -> tuple[str, str]:
     from models.vqgan import VQGAN
     from tests.tiny import tiny_vqgan
 
-    torch.manual_seed(0)
-    path = root / "tokenizer.safetensors"
+    torch.manual_seed(seed)
+    path = root / f"{name}.safetensors"
     checkpoint.save_native(VQGAN(tiny_vqgan(in_channels=1, out_channels=1, codebook_size=k)).eval(), path)
     return str(path), storage.file_sha256(path)

@@ -26,9 +26,12 @@ def generator_file(
     prefix_length: int = 1,
     seed: int = 0,
     window: dict | None = None,
+    condition: str = "depth",
+    condition_tokenizer: tuple[str, str] | None = None,
+    condition_params: dict | None = None,
 ) -> tuple[str, str]:
     """A random 2 x 32 GPT for ``mode`` (``class``, ``unconditional``, ``spatial`` on
-    ``depth_codes``) saved at ``path``; ``window``: GPTConfig's local-attention fields; returns
+    ``<condition>_codes``, tokenized by ``condition_tokenizer`` (uri, sha256)) saved at ``path``; ``window``: GPTConfig's local-attention fields; returns
     (uri, sha256)."""
     fields = {"class": {"n_classes": classes}, "spatial": {"cond_codebook_size": cond_codebook}}.get(mode, {})
     cond, vocab = native_condition(mode, k, cond_dropout, **fields)
@@ -40,8 +43,10 @@ def generator_file(
         tokenizer_sha256=tokenizer[1],
         label_names=[f"class{c}" for c in range(classes)] if mode == "class" else None,
         prefix_length=prefix_length,
-        condition_column="depth_codes" if mode == "spatial" else None,
-        condition_tokenizer_sha256="d" * 64 if mode == "spatial" else None,
+        condition_column=f"{condition}_codes" if mode == "spatial" else None,
+        condition_tokenizer_sha256=(condition_tokenizer or ("", "d" * 64))[1] if mode == "spatial" else None,
+        condition_tokenizer_uri=condition_tokenizer[0] if condition_tokenizer else None,
+        condition_params=condition_params,
     )
     torch.manual_seed(seed)
     local = {"grid_h": grid[0], "grid_w": grid[1], "n_prefix": prefix_length, **window} if window else {}

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from infra import code_shards, image_shards, schemas, stage, storage
-from infra.devices import Resources
+from infra.devices import Resources, auto_batch_size
 from infra.imaging import pngs_to_array
 from models import checkpoint
 from models.vqgan import PRESETS, VQGAN
 from stages import ingest, tokenize_images
-from stages.tokenize_images import TokenizeConfig, auto_batch_size
+from stages.tokenize_images import TokenizeConfig
 from tests.bench.data import fashion_mnist_shards
 
 

@@ -399,7 +399,77 @@ def test_a_conditional_sample_larger_than_the_training_grid(gens, tmp_path):
     c = schemas.decode_codes(t["codes"], 120)
     assert np.array_equal(c[0], c[1]) and not np.array_equal(c[0], c[2])
     assert image_shards.describe(res.manifest).generation.grid == (10, 12)
-    with pytest.raises(InputError, match="hold 120 codes, the generator needs 64"):  # training grid, big maps
+    with pytest.raises(
+        InputError, match="120 condition codes, the generator needs 64"
+    ):  # training grid, big maps
         sample.plan(
             SampleConfig(model_uri=gen[0], output_uri=str(tmp_path / "x"), conditions_uri=big.output_uri)
         )
+
+
+def test_conditions_given_as_images_are_tokenized_and_fix_the_grid(gens, tmp_path):
+    """A user's own condition maps, ingested as plain images: sample tokenizes them with the
+    generator's condition tokenizer (greedy samples equal the bare loop fed those codes), 24x24
+    maps give 12x12 codes (24x24 images, the sliding window) and the lineage names the maps;
+    maps of the wrong channels, a grid the maps contradict and a different condition tokenizer
+    fail before any work, in one line."""
+    from models.vqgan import encode_batches
+    from tests import images
+
+    tok = gens["tokenizer"]
+    edges_tok = tokenizer_file(tmp_path, 8, name="edges-tokenizer", seed=1)
+    gen = generator_file(
+        tmp_path / "edges.safetensors",
+        tok,
+        mode="spatial",
+        cond_codebook=8,
+        prefix_length=64,
+        condition="edges",
+        condition_tokenizer=edges_tok,
+    )
+    maps = images.ingested_noise(tmp_path / "m16", 3, 16, "L", EXP, classes="a", resolution=16, channels=1)
+    greedy = SamplerOptions(greedy=True)
+    res = sample.run(
+        SampleConfig(
+            model_uri=gen[0],
+            output_uri=str(tmp_path / "out"),
+            conditions_uri=maps.output_uri,
+            samples_per_condition=2,
+            sampler=greedy,
+        ),
+        EXP,
+    )
+    t = _rows(res.output_uri)
+    g = image_shards.describe(res.manifest).generation
+    assert (g.conditions_uri, g.conditions_column, g.grid) == (maps.output_uri, "image", (8, 8))
+    assert any(i.name == "condition_tokenizer" and i.digest == edges_tok[1] for i in res.manifest.inputs)
+    src = image_shards.rows_by_id(maps.output_uri, t["condition_image_id"].to_pylist(), ["image"])
+    x = pngs_to_array(schemas.image_bytes(src["image"]), 1)
+    cond_tok = model_store.load_first_stage(*edges_tok).model.eval()
+    cond = torch.from_numpy(encode_batches(cond_tok, x, 4, "cpu", torch.float32).reshape(len(x), -1))
+    gpt, extra = checkpoint.load_native(gen[0])
+    spec = GeneratorSpec.from_dict(extra["generator"])
+    u = sample_uniforms(0, list(range(len(x))), 64)
+    want = generate_codes(gpt.eval(), spec, cond, u, greedy, grid=(8, 8))
+    assert np.array_equal(schemas.decode_codes(t["codes"], 64), want.numpy())
+    assert t.num_rows == 6 and len(set(t["condition_image_id"].to_pylist())) == 3
+
+    big = images.ingested_noise(tmp_path / "m24", 2, 24, "L", EXP, classes="a", resolution=24, channels=1)
+    res = sample.run(
+        SampleConfig(model_uri=gen[0], output_uri=str(tmp_path / "big"), conditions_uri=big.output_uri), EXP
+    )
+    t = _rows(res.output_uri)
+    assert image_shards.describe(res.manifest).generation.grid == (12, 12)
+    assert pngs_to_array(schemas.image_bytes(t["image"]), 1).shape == (2, 1, 24, 24)
+
+    rgb = images.ingested_noise(tmp_path / "rgb", 2, 16, "RGB", EXP, classes="a", resolution=16, channels=3)
+    base = {"model_uri": gen[0], "output_uri": str(tmp_path / "x")}
+    with pytest.raises(InputError, match="holds 3-channel images; edges maps for this generator have 1"):
+        sample.plan(SampleConfig(**base, conditions_uri=rgb.output_uri))
+    with pytest.raises(
+        InputError, match=r"sample.grid \[10, 10\]: the 16x16 condition maps fix the grid at \[8, 8\]"
+    ):
+        sample.plan(SampleConfig(**base, conditions_uri=maps.output_uri, grid=[10, 10]))
+    with pytest.raises(InputError, match="point condition_tokenizer_uri at the original weights"):
+        sample.plan(SampleConfig(**base, conditions_uri=maps.output_uri, condition_tokenizer_uri=tok[0]))
+    assert not storage.exists(str(tmp_path / "x"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from infra import code_shards, model_store, schemas, stage
+from infra import code_shards, devices, model_store, schemas, stage
 from infra.imaging import pngs_to_array
 from models import checkpoint
 from models.vqgan import VQGAN
@@ -191,7 +191,7 @@ def test_crops_are_deterministic(image_shards, tmp_path):
 
 
 def test_auto_batch_size_is_a_pixel_budget():
-    auto = tokenize_images.auto_batch_size
+    auto = devices.auto_batch_size
     assert auto(256, 256, "cpu") == 1 and auto(32, 32, "cpu") == 32  # CPU: small batches stay in cache
     assert auto(256, 256, "cuda") == 64 and auto(512, 512, "cuda") == 16
     assert auto(4096, 4096, "cpu") == 1 and auto(2, 2, "cuda") == 1024  # never 0, never unbounded
