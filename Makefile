@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench lint format up down submit data tokenize sample clean help
+.PHONY: install demo test test-fast bench lint format up down submit data tokenize sample export clean help
 IMAGES ?= $(CURDIR)/.local/runs/demo/images
 TOKENIZER ?= models:/demo-vqgan@candidate
 OUT ?= $(CURDIR)/.local/runs/demo/codes
@@ -28,6 +28,8 @@ help:
 	@echo "make tokenize tokenize IMAGES with TOKENIZER into OUT (defaults: the demo's images and models:/demo-vqgan@candidate)"
 	@echo "make sample   N samples from the generator MODEL into OUT (defaults: models:/demo-gpt@candidate, 1000,"
 	@echo "              .local/runs/demo/samples-N); ARGS='sampler.cfg_scale=2 sampler.top_k=100 ...' for more keys"
+	@echo "make export   committed images SRC as PNG files in class folders at DEST (defaults: the demo's samples,"
+	@echo "              .local/export/samples); FORMAT=webdataset for tar shards"
 
 install: $(STAMP)
 
@@ -86,5 +88,12 @@ sample: install
 	  sample.model_uri=$(MODEL) sample.samples_per_class=null sample.num_samples=$(N) \
 	  sample.output_uri=$(if $(filter command line,$(origin OUT)),$(OUT),$(CURDIR)/.local/runs/demo/samples-$(N)) $(ARGS)
 
+# any committed image output (ingest, sample, a condition stage), local or s3://, as files
+SRC ?= $(CURDIR)/.local/runs/demo/samples
+DEST ?= $(CURDIR)/.local/export/$(notdir $(SRC))
+FORMAT ?= imagefolder
+export: install
+	$(BIN)/python -m pipelines.export $(SRC) $(DEST) --format $(FORMAT) $(ARGS)
+
 clean:
-	rm -rf .local/runs .local/mlflow.db .local/mlartifacts
+	rm -rf .local/runs .local/mlflow.db .local/mlartifacts .local/export
