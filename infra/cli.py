@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -124,9 +125,11 @@ def run_guarded(fn: Callable[[], T], log_file: Path, debug: bool) -> T:
 
 
 def _config_help(cls: type, prefix: str, defaults: Any = None, role: str | None = None) -> str:
-    """One line per key (``train_gpt.recipe.lr = None``), nested sections expanded with their
-    defaults; keys of an execution field, or inside one, are marked ``[execution]``."""
+    """Per key (``recipe.lr = None``) its default and, indented below, its description (the field's
+    comment in the config dataclass); nested sections expanded with their defaults; keys of an
+    execution field, or inside one, are marked ``[execution]``."""
     lines = []
+    about = config_lib.field_comments(cls)
     for f in dataclasses.fields(cls):
         if defaults is not None:
             value = getattr(defaults, f.name)
@@ -142,6 +145,8 @@ def _config_help(cls: type, prefix: str, defaults: Any = None, role: str | None 
             continue
         default = "(required)" if value is dataclasses.MISSING else f"= {value!r}"
         lines.append(f"  {prefix}{f.name} {default}" + ("   [execution]" if own == "execution" else ""))
+        if f.name in about:
+            lines += textwrap.wrap(about[f.name], 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
@@ -154,16 +159,24 @@ def stage_cli(
     or a file holding the stage's keys alone. Overrides may be written with or without the
     ``<stage>.`` prefix.
     """
-    keys = _config_help(cls, f"{stage}.")
+    keys = _config_help(cls, "")
     p = argparse.ArgumentParser(
         prog=f"python -m stages.{stage}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"config keys ([execution]: not part of the output's identity):\n{keys}",
+        epilog=(
+            f"{stage} keys (key=value on the command line, with or without `{stage}.`; in a pipeline "
+            f"YAML under `{stage}:`; [execution]: not part of the output's identity):\n{keys}"
+        ),
     )
     p.add_argument("--config", type=Path, help="YAML file (a pipeline config or this stage's section)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value (dotted for nested keys, parsed as YAML values), e.g. output_uri=/abs/out "
+        "resources.workers=2 run.experiment=my-exp; unknown keys and wrong types are errors",
+    )
     args = p.parse_intermixed_args(argv)
     raw: dict[str, Any] = {}
     try:

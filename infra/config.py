@@ -260,3 +260,39 @@ def role(cls: type, name: str) -> str | None:
 
 def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's description as its source says it: the comment on the field's line, else the
+    comment lines right above it (a dataclass and its bases; {} where the source is not at hand)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        comments: dict[int, tuple[int, str]] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+        body = ast.parse(src).body[0]
+        for stmt in getattr(body, "body", []):
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            inline = [comments[n][1] for n in range(stmt.lineno, stmt.end_lineno + 1) if n in comments]
+            above, n = [], stmt.lineno - 1
+            while n in comments and comments[n][0] == stmt.col_offset:
+                above.insert(0, comments[n][1])
+                n -= 1
+            text = " ".join(inline) or " ".join(above)
+            if text:
+                out[stmt.target.id] = text
+    return out

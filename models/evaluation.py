@@ -25,10 +25,10 @@ from torch import nn
 @dataclass(frozen=True)
 class ClassifierRecipe:
     model: str = "resnet10t"  # a timm architecture, trained from scratch
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
+    epochs: int = 5  # passes over the real training images
+    batch_size: int = 128  # images per step
+    lr: float = 2e-3  # AdamW's peak learning rate
+    weight_decay: float = 0.05  # AdamW's weight decay
     seed: int = 0  # initialisation and order
 
 

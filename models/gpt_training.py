@@ -33,13 +33,13 @@ class GPTRecipe:
     budget, steps and batch size, is the caller's)."""
 
     lr: float | None = None  # peak, after warm-up; None: 4e-3 * 128 / n_embd (see peak_lr)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
+    min_lr_ratio: float = 0.0  # the cosine decay ends at this fraction of lr
     weight_decay: float = 0.1  # on the weights of Linear layers only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float | None = 1.0
-    ema_decay: float | None = None
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    grad_clip: float | None = 1.0  # gradient norm clip (None: off)
+    ema_decay: float | None = None  # EMA of the weights (None: off)
     pkeep: float = 1.0  # share of input codes kept (taming's pkeep); the rest are random codes
 
     def __post_init__(self):

@@ -10,9 +10,9 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    temperature: float = 1.0  # divides the logits (below 1: sharper)
+    top_k: int | None = None  # draw among the k most likely codes (None: all)
+    top_p: float | None = None  # nucleus: among the most likely codes up to this mass (None: all)
     cfg_scale: float | None = None  # classifier-free guidance (needs a model with a null condition)
     cfg_schedule: Literal["constant", "linear"] = "constant"  # linear: 1 at the first position -> cfg_scale
     greedy: bool = False  # argmax at every position (no randomness)

@@ -386,9 +386,43 @@ def run(cfg: FullConfig) -> dict:
     return summary
 
 
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def help_epilog() -> str:
+    """The stages in the order they chain (each one's first docstring line) and the shipped configs
+    (each one's first comment line): the end of ``--help``."""
+    import textwrap
+
+    def sentence(paragraph: str) -> str:
+        text = " ".join(paragraph.split())
+        return textwrap.shorten(text.split(". ")[0].rstrip("."), 100, placeholder=" ...")
+
+    lines = [
+        "stages, in the order they chain (a YAML section each; `python -m stages.<name> --help`: its keys):"
+    ]
+    for name, module in STAGES:
+        about = sentence((module.__doc__ or "").strip().split("\n\n")[0])
+        if name == "condition_vqgan":
+            about = "train_vqgan for the condition maps: their own tokenizer"
+        lines.append(f"  {name:<16} {about}")
+    lines.append("\nshipped configs (pipelines/configs/):")
+    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
+        head = []
+        for x in path.read_text().splitlines():
+            if not x.startswith("#") or not x[1:].strip():
+                break
+            head.append(x[1:])
+        lines.append(f"  {path.name:<20} {sentence(' '.join(head))}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
-        prog="pipelines/full.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="pipelines/full.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=help_epilog(),
     )
     p.add_argument("--config", type=Path, required=True, help="pipeline YAML (see pipelines/configs/)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")

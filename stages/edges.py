@@ -33,7 +33,7 @@ class EdgesConfig:
     images_uri: str = input_field()  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = output_field()  # "" = derived by the pipeline from run.root_uri
     low: float = 50.0  # Canny's hysteresis thresholds on the L2 gradient of 0-255 grey levels
-    high: float = 150.0
+    high: float = 150.0  # (low: weak edges kept next to strong ones; high: strong edges)
     sigma: float = 1.0  # Gaussian blur before the gradient, in pixels (0: none)
     # execution only (not part of the identity)
     batch_size: int = execution_field(64)

@@ -82,10 +82,10 @@ class EvaluateConfig:
     reference_uri: str = input_field()  # real image shards ("" = the pipeline's ingest output)
     reference_split: str | None = "test"  # the real images compared against (None: all)
     train_uri: str | None = input_field(None)  # real training images; None: the reference's train split
-    train_split: str = "train"
-    output_uri: str = output_field()
+    train_split: str = "train"  # the split of train_uri the classifier and the memorisation search use
+    output_uri: str = output_field()  # "" = derived by the pipeline from run.root_uri
     max_images: int = 10_000  # per set (generated, reference, train): a fixed seeded sample
-    seed: int = 0
+    seed: int = 0  # which images the fixed samples of max_images take
     inception: inception_lib.Mode = "auto"  # auto | required | off (see the module doc)
     inception_weights_uri: str | None = input_field(
         None
@@ -97,7 +97,9 @@ class EvaluateConfig:
     # register the real-data classifier as models:/<this>@candidate (None: only committed, as
     # <output_uri>/classifier.safetensors; either names it for sample.classifier_uri)
     register_classifier: str | None = None
-    memorization_quantile: float = 0.01
+    memorization_quantile: float = (
+        0.01  # memorised: nearer a training image than this quantile of real-to-train distances
+    )
     memorization_images: int | None = None  # training images searched for neighbours (None: all)
     tokenizer_uri: str | None = input_field(None)  # also evaluate this tokenizer's reconstructions
     vgg16_uri: str | None = input_field(None)  # LPIPS trunk for the tokenizer evaluation

@@ -49,18 +49,20 @@ class IngestConfig:
     # source_format fashion_mnist: the Debian package's, infra.sources.FASHION_MNIST_URI)
     source_uri: str = input_field()
     output_uri: str = output_field()  # where the image shards go ("" = derived by the pipeline)
-    source_format: sources.SourceFormat = "auto"
+    source_format: sources.SourceFormat = (
+        "auto"  # auto: guessed from the source (folder, parquet, fashion_mnist...)
+    )
     image_column: str = "image"  # Parquet sources: the column with encoded images (bytes or datasets' Image)
     label_column: str | None = "label"  # Parquet sources: an integer label column, if any
-    resolution: int = 64
+    resolution: int = 64  # side of the square images written
     channels: int = 3  # 3 -> RGB, 1 -> L (grayscale)
     resize: ResizeMode = "crop"  # crop: shorter side + centre crop; pad: fit inside, pad the rest
-    pad_value: int = 0
+    pad_value: int = 0  # resize pad: the grey level of the padding
     max_pixels: int = 89_478_485  # larger inputs are rejected as decompression bombs
     min_side: int = 8  # smaller inputs are rejected
     val_fraction: float = 0.05  # for sources without a split: share of images put in "val"
     max_images: int | None = None  # keep N items, a fixed pseudo-random sample across classes; quick runs
-    rows_per_shard: int = 10_000
+    rows_per_shard: int = 10_000  # images per output shard (a resume redoes at most one shard)
     # execution only (not part of the identity): how the work runs, not what it produces
     batch_size: int = execution_field(64)  # images fetched together (s3fs fetches a batch concurrently)
     # workers: shard tasks in flight (null: as the CPUs allow)

@@ -99,11 +99,11 @@ class Gates:
     generator at most 5% memorised and 10% duplicated samples."""
 
     fid: Gate | None = field(default_factory=lambda: Gate(better_by_relative=0.01))
-    kid: Gate | None = None
-    precision: Gate | None = None
-    recall: Gate | None = None
+    kid: Gate | None = None  # e.g. {better_by: 0.001}
+    precision: Gate | None = None  # e.g. {worse_by_at_most: 0.02}
+    recall: Gate | None = None  # e.g. {worse_by_at_most: 0.02}
     classifier_score: Gate | None = field(default_factory=lambda: Gate(worse_by_at_most=0.02))
-    domain_fid: Gate | None = None
+    domain_fid: Gate | None = None  # the FID in the real-data classifier's features
     memorized_fraction: Gate | None = field(default_factory=lambda: Gate(threshold=0.05))
     duplicate_fraction: Gate | None = field(default_factory=lambda: Gate(threshold=0.10))
 
@@ -116,7 +116,7 @@ class Gates:
 @dataclass(frozen=True)
 class PromoteConfig:
     evaluation_uri: str = input_field()  # the candidate's evaluate output ("" = the pipeline's)
-    output_uri: str = output_field()
+    output_uri: str = output_field()  # "" = derived by the pipeline from run.root_uri
     candidate_alias: str = "candidate"  # must point at the evaluated version
     gates: Gates = field(default_factory=Gates)
     # execution only: the one Ray task that evaluates the champion's samples again (another protocol)

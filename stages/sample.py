@@ -79,12 +79,12 @@ class SampleConfig:
     samples_per_condition: int = 1  # spatial: samples per condition row
     conditions_split: str | None = None  # spatial: only condition rows of this split (None: all; held-out)
     grid: list[int] | None = None  # [h, w] codes; None: the training grid; larger: sliding window
-    seed: int = 0
+    seed: int = 0  # sample i draws from the stream of (seed, i) alone
     # temperature, top_k, top_p, greedy, cfg_scale and cfg_schedule, the sliding window's rule
     sampler: SamplerOptions = field(default_factory=SamplerOptions)
     tile: int = 8  # samples per compute tile: fixes the shapes every forward runs at (models.sampling)
     split: Literal["train", "val", "test"] = "train"  # the split of the generated rows
-    samples_per_shard: int = 1000
+    samples_per_shard: int = 1000  # rows per output shard (a resume redoes at most one)
     precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     tokenizer_uri: str | None = input_field(None)  # decode with this copy (its sha256 must match)
     # rejection sampling (class-conditional): each sample keeps the best of round(1 / acceptance_rate)

@@ -36,6 +36,7 @@ WEIGHT_FILES = {
 class SegmentationConfig:
     images_uri: str = input_field()  # committed image shards ("" = the pipeline's ingest output)
     output_uri: str = output_field()  # "" = derived by the pipeline from run.root_uri
+    # the network: taming's DeepLab-v2 on COCO-Stuff (182 labels), or torchvision's v3 on VOC (21)
     model: Literal["deeplabv2_cocostuff164k", "torchvision_deeplabv3_voc"] = "deeplabv2_cocostuff164k"
     weights_uri: str = input_field()  # the official release file; "" = <torch hub dir>/checkpoints/<its name>
     v3_resize: int = 520  # torchvision_deeplabv3_voc: shorter side fed to the network (its preset: 520)

@@ -65,23 +65,24 @@ WINDOW_FIELDS = ("block_h", "block_w", "flange_top", "flange_left", "flange_righ
 class TrainGPTConfig:
     codes_uri: str = input_field()  # committed code shards ("" = the pipeline's tokenize output)
     output_uri: str = output_field()  # checkpoints and the final model ("" = derived from run.root_uri)
+    # what the prefix holds: class, unconditional, depth, segmentation, edges, lowres, coord
     condition: Condition = "class"
     cond_dropout: float | None = None  # share of rows trained with the null condition; None: 0.1 for class
     coord_levels: int = 255  # coord: quantisation levels of the position (taming's CoordStage n_embed)
     preset: str = "gpt-demo"  # models.gpt.PRESETS: layers, heads, width (vocabulary and context derived)
     n_layer: int | None = None  # override the preset's
-    n_head: int | None = None
-    n_embd: int | None = None
+    n_head: int | None = None  # override the preset's
+    n_embd: int | None = None  # override the preset's
     vocab_size: int | None = None  # None: codebook + condition tokens (+ null); at least that
     block_size: int | None = None  # None: condition length + grid - 1; at least that
-    attention: Literal["full", "local1d", "local2d"] = added_field("full")
+    attention: Literal["full", "local1d", "local2d"] = added_field("full")  # full causal, or a local window
     block_h: int = added_field(8)  # local2d: query blocks of block_h x block_w codes; local1d: block_w codes
-    block_w: int = added_field(8)
+    block_w: int = added_field(8)  # local attention: the query block's width in codes
     flange_top: int = added_field(4)  # local2d: memory rows above a query block
     flange_left: int = added_field(4)  # memory columns left of it (local1d: codes before it)
     flange_right: int = added_field(4)  # local2d: memory columns right of it
     dropout: float = 0.0  # embedding, residual and attention dropout
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps (the training budget)
     batch_size: int = 64  # global, split over the workers
     # AdamW (lr None: 4e-3 * 128 / n_embd), warm-up + cosine, weight decay, clipping, EMA, pkeep:
     # models.gpt_training.GPTRecipe
@@ -92,18 +93,20 @@ class TrainGPTConfig:
     # the model committed (and registered) is the one of the best validation, the final one or an
     # earlier (val_every); patience: stop after this many validations without a better one (None: never)
     keep_best: bool = added_field(True)
-    patience: int | None = added_field(None)
+    patience: int | None = added_field(None)  # stop after this many validations without a better one
     register_name: str | None = None  # register the final model under this name ...
     register_alias: str = "candidate"  # ... with this alias
     # execution only (not part of the identity)
     resources: Resources = execution_field(default_factory=lambda: Resources(workers=2))  # Ray Train workers
     bf16: bool = execution_field(True)  # autocast on GPU
-    checkpoint_every: int = execution_field(250)
-    log_every: int = execution_field(25)
+    checkpoint_every: int = execution_field(250)  # steps between resumable checkpoints
+    log_every: int = execution_field(25)  # steps between logged metrics and progress lines
     val_every: int = execution_field(250)  # rank 0, on the held-out split; 0: only at the end
     sample_every: int = execution_field(500)  # a decoded sample grid; 0: none (no tokenizer needed)
-    samples_per_condition: int = execution_field(8)
-    max_failures: int = execution_field(2)
+    samples_per_condition: int = execution_field(8)  # columns of the logged sample grid
+    max_failures: int = execution_field(
+        2
+    )  # worker failures Ray Train recovers from (from the last checkpoint)
     val_rows: int = execution_field(10_000)  # cap on the held-out rows
 
     def __post_init__(self):

@@ -50,7 +50,7 @@ class TrainVQGANConfig:
     preset: str = "f4-small"  # models.vqgan.PRESETS; in/out channels follow the input
     codebook_size: int | None = None  # override the preset's
     dead_code_threshold: float = 1.0  # restart codes used < this many times per batch (EMA); 0: off
-    steps: int = 1500
+    steps: int = 1500  # optimizer steps (the training budget)
     batch_size: int = 64  # global, split over the workers
     # optimizer schedule (lr 1e-3, warm-up, cosine decay, clipping), EMA, loss terms (LPIPS weight,
     # the PatchGAN's start and weight, the codebook weight): models.vqgan_training.VQGANRecipe
@@ -65,11 +65,13 @@ class TrainVQGANConfig:
     # execution only (not part of the identity)
     resources: Resources = execution_field(default_factory=lambda: Resources(workers=2))  # Ray Train workers
     bf16: bool = execution_field(True)  # autocast on GPU
-    checkpoint_every: int = execution_field(250)
-    log_every: int = execution_field(25)
-    image_every: int = execution_field(250)
+    checkpoint_every: int = execution_field(250)  # steps between resumable checkpoints
+    log_every: int = execution_field(25)  # steps between logged metrics and progress lines
+    image_every: int = execution_field(250)  # steps between logged reconstruction grids
     val_every: int = execution_field(500)  # validate (rank 0, EMA weights when kept); 0: only at the end
-    max_failures: int = execution_field(2)
+    max_failures: int = execution_field(
+        2
+    )  # worker failures Ray Train recovers from (from the last checkpoint)
     val_images: int = execution_field(2000)  # cap on the validation images
 
     def __post_init__(self):

@@ -31,8 +31,8 @@ def generator_file(
     condition_params: dict | None = None,
 ) -> tuple[str, str]:
     """A random 2 x 32 GPT for ``mode`` (``class``, ``unconditional``, ``spatial`` on
-    ``<condition>_codes``, tokenized by ``condition_tokenizer`` (uri, sha256)) saved at ``path``; ``window``: GPTConfig's local-attention fields; returns
-    (uri, sha256)."""
+    ``<condition>_codes``, tokenized by ``condition_tokenizer`` (uri, sha256)) saved at ``path``;
+    ``window``: GPTConfig's local-attention fields; returns (uri, sha256)."""
     fields = {"class": {"n_classes": classes}, "spatial": {"cond_codebook_size": cond_codebook}}.get(mode, {})
     cond, vocab = native_condition(mode, k, cond_dropout, **fields)
     spec = GeneratorSpec(
