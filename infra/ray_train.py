@@ -242,6 +242,8 @@ class Session:
         self.resumed_from: int | None = None
         self._tracking = False
         self._meter = (time.perf_counter(), 0)
+        self._progress: tuple[float, int] | None = None  # (time, step) of the first line: for the ETA
+        self._active: set[str] = set()  # metrics that were ever nonzero (the console shows only those)
         from infra.cluster import node_id
 
         node = node_id()
@@ -279,11 +281,27 @@ class Session:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Rank 0: into the stage's MLflow run, and a progress line on the console
-        (``train_gpt: step 200/400  loss 2.61  tokens_per_s 3.2e+03``)."""
+        (``train_gpt: step 200/400 (50%, 3m10s left)  loss 2.61  tokens_per_s 3.2e+03``) showing
+        the terms that are active: a metric that has been 0 at every line so far (a loss term not
+        started yet, a weight of a switched-off term) is left off the console, not MLflow."""
         if self._tracking:
             tracking.log_metrics(metrics, step=step)
-            shown = "  ".join(f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in metrics.items())
-            log.info("%s: step %d/%d  %s", self.spec.stage, step, self.spec.steps, shown)
+            self._active |= {k for k, v in metrics.items() if v != 0}
+            shown = "  ".join(
+                f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in metrics.items() if k in self._active
+            )
+            log.info("%s: step %d/%d%s  %s", self.spec.stage, step, self.spec.steps, self._eta(step), shown)
+
+    def _eta(self, step: int) -> str:
+        """`` (50%, 3m10s left)`` from the pace since the first line of this process."""
+        now, total = time.perf_counter(), max(self.spec.steps, 1)
+        if self._progress is None or step <= self._progress[1]:
+            self._progress = self._progress or (now, step)
+            return f" ({100 * step // total}%)"
+        t0, s0 = self._progress
+        left = (now - t0) / (step - s0) * max(total - step, 0)
+        m, sec = divmod(int(round(left)), 60)
+        return f" ({100 * step // total}%, {f'{m}m{sec:02d}s' if m else f'{sec}s'} left)"
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         if self._tracking:

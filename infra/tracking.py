@@ -207,6 +207,15 @@ def log_image(image: np.ndarray, artifact_file: str) -> None:
     _mlflow().log_image(image, artifact_file=artifact_file)
 
 
+def artifact_location(run_id: str, artifact_file: str) -> str:
+    """Where a run's artifact can be opened: a local path for a local artifact store, else its
+    URI (``mlflow-artifacts:/...``, ``s3://...``: ``mlflow artifacts download`` fetches it)."""
+    mlflow = _mlflow()
+    root = mlflow.get_run(run_id).info.artifact_uri.rstrip("/")
+    where = f"{root}/{artifact_file}"
+    return where[len("file://") :] if where.startswith("file://") else where
+
+
 def log_dict(data: dict[str, Any], artifact_file: str) -> None:
     _mlflow().log_dict(data, artifact_file)
 

@@ -371,6 +371,9 @@ def run(cfg: FullConfig) -> dict:
             rows.append(row)
             if name == "sample":
                 summary["sample_grid_run"] = res.manifest.mlflow_run_id
+                if res.manifest.mlflow_run_id:
+                    grid = tracking.artifact_location(res.manifest.mlflow_run_id, "samples/grid.png")
+                    summary["sample_grid"] = storage.redact(grid)
             if name == "evaluate":
                 summary["metrics_uri"] = res.manifest.data_uris()[0]
             if name == "promote":
@@ -456,8 +459,10 @@ def where_to_look(summary: dict[str, Any], log_file: Path) -> str:
     ui = f".venv/bin/mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
     lines = [f"MLflow:   {ui}   (parent run {summary['mlflow_run_id']})"]
     if "sample" in summary:
-        grid = f"grid: run {summary['sample_grid_run']}, samples/grid.png"
-        lines.append(f"samples:  {summary['sample']['output_uri']}   ({grid})")
+        out = summary["sample"]["output_uri"]
+        lines.append(f"samples:  {out}   (as PNG files: make export SRC={out})")
+        if summary.get("sample_grid"):
+            lines.append(f"grid:     {summary['sample_grid']}")
     if "evaluate" in summary:
         lines.append(f"metrics:  {summary['metrics_uri']}")
     if "decision" in summary:
