@@ -23,6 +23,46 @@ from infra.imaging import (
 )
 
 MAX_GRID_ROWS = 16  # at most this many classes / conditions in a grid, one row each
+TILE = 96  # the side a grid cell is shown at: small images are enlarged to about this
+
+
+def framed(
+    cells: list[np.ndarray],
+    ncol: int,
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    tile: int = TILE,
+) -> np.ndarray:
+    """Cells (uint8 (H, W[, C])) in ``ncol`` columns, each enlarged by a whole factor with nearest
+    neighbour (a pixel stays a square pixel) to about ``tile`` px, the rows named on the left and
+    the columns captioned on top (PIL's default font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    side = max(max(c.shape[:2]) for c in cells)
+    k = max(1, round(tile / side))
+    big = [np.repeat(np.repeat(c, k, axis=0), k, axis=1) for c in cells]
+    pad = max(2, k)
+    grid = image_grid(big, ncol, pad=pad)
+    if not row_labels and not col_labels:
+        return grid
+    font = ImageFont.load_default(size=14)
+    img = Image.fromarray(grid).convert("RGB")
+    left = int(8 + max(ImageDraw.Draw(img).textlength(t, font=font) for t in row_labels)) if row_labels else 0
+    top = 22 if col_labels else 0
+    canvas = Image.new("RGB", (img.width + left, img.height + top), "white")
+    canvas.paste(img, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    cell_h = max(c.shape[0] for c in big)
+    cell_w = max(c.shape[1] for c in big)
+    for r, text in enumerate(row_labels or []):
+        draw.text(
+            (4, top + pad + r * (cell_h + pad) + cell_h // 2), text, fill="black", font=font, anchor="lm"
+        )
+    for c, text in enumerate(col_labels or []):
+        x = left + pad + c * (cell_w + pad) + cell_w // 2
+        draw.text((x, top // 2 + 1), text, fill="black", font=font, anchor="mm")
+    return np.asarray(canvas)
 
 
 def images(pngs: Sequence[bytes], ncol: int = 8) -> np.ndarray:
@@ -41,13 +81,15 @@ def segmentation(blobs: Sequence[bytes], ncol: int = 8) -> np.ndarray:
 
 
 def reconstructions(x, xrec, labels: bool = False, ncol: int = 8) -> np.ndarray:
-    """Inputs beside their reconstructions (torch, (N, C, H, W) in [-1, 1]); with ``labels`` the
-    inputs are one-hot label maps (or logits), drawn in label colours."""
+    """Inputs beside their reconstructions (torch, (N, C, H, W) in [-1, 1]), captioned; with
+    ``labels`` the inputs are one-hot label maps (or logits), drawn in label colours."""
     import torch
 
     if labels:
-        return image_grid([label_colors(t.argmax(0).cpu().numpy()) for p in zip(x, xrec) for t in p], ncol)
-    return image_grid(to_uint8_images(torch.stack([x, xrec], 1).flatten(0, 1)), ncol)
+        cells = [label_colors(t.argmax(0).cpu().numpy()) for p in zip(x, xrec) for t in p]
+    else:
+        cells = to_uint8_images(torch.stack([x, xrec], 1).flatten(0, 1))
+    return framed(cells, ncol, col_labels=["original", "reconstructed"] * (ncol // 2))
 
 
 def rows(
@@ -55,10 +97,11 @@ def rows(
     ncol: int,
     beside: list[np.ndarray] | None = None,
     after: list[np.ndarray] | None = None,
+    names: Sequence[str] | None = None,
 ):
     """One row per group (in the dict's order), ``ncol`` images each (blank where a group has
-    fewer); ``beside``: one more image at the start of each row (a condition); ``after``: one at
-    its end (the real image)."""
+    fewer), named by ``names`` on the left; ``beside``: one more image at the start of each row
+    (a condition); ``after``: one at its end (the real image); the columns are captioned then."""
     cells: list[np.ndarray] = []
     width = ncol + (1 if beside is not None else 0)
     for k, ims in enumerate(groups.values()):
@@ -67,7 +110,11 @@ def rows(
             row + [np.zeros_like(ims[0])] * (width - len(row)) + ([after[k]] if after is not None else [])
         )
     width += 1 if after is not None else 0
-    return image_grid(cells, width)
+    captions = None
+    if beside is not None or after is not None:
+        captions = (["condition"] if beside is not None else []) + ["samples"] + [""] * (ncol - 1)
+        captions += ["real"] if after is not None else []
+    return framed(cells, width, row_labels=names, col_labels=captions)
 
 
 def gather(
@@ -107,8 +154,11 @@ def decoded_conditions(x) -> list[np.ndarray]:
     return [colorize(v[0].numpy(), -1.0, 1.0) if v.shape[0] == 1 else v.numpy() for v in x]
 
 
-def real_beside_generated(x_ref, y_ref, x_gen, y_gen, classes: int, per: int = 6) -> np.ndarray:
-    """Rows: classes; left ``per`` real images, right ``per`` generated ones (uint8 torch (N, C, H, W))."""
+def real_beside_generated(
+    x_ref, y_ref, x_gen, y_gen, classes: int, per: int = 6, names: Sequence[str] | None = None
+) -> np.ndarray:
+    """Rows: classes (named); left ``per`` real images, right ``per`` generated ones (uint8 torch
+    (N, C, H, W)), captioned."""
 
     def hwc(im):  # uint8 (C, H, W) -> (H, W) or (H, W, 3)
         arr = im.permute(1, 2, 0).numpy()
@@ -119,7 +169,10 @@ def real_beside_generated(x_ref, y_ref, x_gen, y_gen, classes: int, per: int = 6
         for x, y in ((x_ref, y_ref), (x_gen, y_gen)):
             ims = [hwc(im) for im in x[y == cls][:per]]
             cells += ims + [np.zeros_like(hwc(x[0]))] * (per - len(ims))
-    return image_grid(cells, 2 * per)
+    shown = min(classes, MAX_GRID_ROWS)
+    labels = [names[c] if names and c < len(names) else str(c) for c in range(shown)]
+    captions = ["real"] + [""] * (per - 1) + ["generated"] + [""] * (per - 1)
+    return framed(cells, 2 * per, row_labels=labels, col_labels=captions)
 
 
 def class_scores(per_class: dict[str, dict[str, Any]]) -> np.ndarray:

@@ -308,7 +308,9 @@ def compute(cfg: EvaluateConfig, p: EvaluatePlan) -> dict[str, Any]:
             fig.update(scores.figures)
             out["per_class"] = scores.per_class
             counts["classifier_real_train_images"] = scores.real_train_images
-            out["grid"] = previews.real_beside_generated(x_ref, y_ref, x_gen, y_gen, p.classes)
+            out["grid"] = previews.real_beside_generated(
+                x_ref, y_ref, x_gen, y_gen, p.classes, names=p.label_names
+            )
             out["classifier"] = _classifier_bytes(cfg, p, scores.real_classifier, tuple(x_ref.shape[2:]))
         if p.conditions is not None:
             t = time.perf_counter()

@@ -51,7 +51,6 @@ from infra import model_store, pool, previews, schemas, stage, tracking
 from infra.config import execution_field, input_field, output_field
 from infra.devices import Precision, Resources, placement
 from infra.image_shards import GeneratedImageShards, Generation
-from infra.imaging import image_grid
 from infra.stage import InputError, InputRef, ShardMarker, StageResult, StageRun
 from models.gpt import GPTConfig
 from models.net2net import GeneratorSpec
@@ -506,14 +505,19 @@ def _grid(cfg: SampleConfig, p: SamplePlan, out: stage.StageOutput, markers: lis
     files = [out.file_uri(f) for m in markers for f in m.data if f.rows]
     if key is None:
         block = previews.gather(files, None, n * n, 1).get(None)
-        return image_grid(block, n) if block else None
+        return previews.framed(block, n) if block else None
     keys = len(set(p.labels)) if p.labels is not None else len(p.conditions.rows)
     groups = previews.gather(files, key, n, min(keys, previews.MAX_GRID_ROWS))
     if not groups:
         return None
     if p.conditions:
         return previews.rows(groups, n, *sample_conditions.beside(p.conditions, list(groups)))
-    return previews.rows({k: groups[k] for k in sorted(groups)}, max(len(v) for v in groups.values()))
+    names = p.spec.label_names or []
+    return previews.rows(
+        {k: groups[k] for k in sorted(groups)},
+        max(len(v) for v in groups.values()),
+        names=[names[k] if k < len(names) else str(k) for k in sorted(groups)],
+    )
 
 
 def run(cfg: SampleConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> StageResult:

@@ -292,7 +292,10 @@ def sample_grid(cfg: TrainGPTConfig, model, spec, raw_held, tokenizer, seed: int
     codes = generate_codes(model, spec, raw, u, SamplerOptions())
     x = decode_tiles(tokenizer.to(next(model.parameters()).device), codes.reshape(-1, h, w))
     images = to_uint8_images(x)
-    return previews.rows({r: images[r * n : (r + 1) * n] for r in range(len(images) // n)}, n)
+    groups = {r: images[r * n : (r + 1) * n] for r in range(len(images) // n)}
+    names = list(spec.label_names or []) if cond.mode == "class" else []
+    shown = [names[r] if r < len(names) else str(r) for r in groups] if names else None
+    return previews.rows(groups, n, names=shown)
 
 
 def train_loop(config: dict[str, Any]) -> None:
