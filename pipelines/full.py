@@ -382,7 +382,12 @@ def run(cfg: FullConfig) -> dict:
         table = summary_table(rows)
         tracking.log_dict({"stages": rows}, "pipeline_summary.json")
         tracking.log_text(table + "\n", "pipeline_summary.txt")
-        tracking.log_metrics({f"{r['stage']}/pipeline_seconds": r["seconds"] for r in rows})
+        metrics = {f"{r['stage']}/pipeline_seconds": r["seconds"] for r in rows}
+        for r in rows:  # every stage's headline figures on the parent run, beside its seconds
+            metrics.update(
+                {f"{r['stage']}/{k}": float(v) for k, v in r["figures"].items() if isinstance(v, int | float)}
+            )
+        tracking.log_metrics(metrics)
     summary["stages"] = rows
     summary["table"] = table
     summary["tracking_uri"] = storage.redact(tracking.tracking_uri())

@@ -47,6 +47,7 @@ def test_parent_and_child_runs_and_rerun(stack, tmp_path, mlflow_client):
     parent = mlflow_client.get_run(summary["mlflow_run_id"])
     assert parent.data.tags["kind"] == "pipeline" and parent.data.tags["ingest.cached"] == "False"
     assert parent.data.params["ingest.resolution"] == "8"
+    assert parent.data.metrics["ingest/written"] == 12  # the headline figures on the parent too
     exp = mlflow_client.get_experiment_by_name("test-pipeline")
     children = mlflow_client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
