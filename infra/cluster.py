@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> d
         return ray.cluster_resources()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local stack: no token (see shared notes)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stderr.isatty():  # piped to a file: the workers' lines without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     env = forwarded_env()
