@@ -148,7 +148,7 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> d
         return ray.cluster_resources()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local stack: no token (see shared notes)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not sys.stderr.isatty():  # piped to a file: the workers' lines without colour codes
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # piped to a file: no colour codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
