@@ -105,7 +105,10 @@ def map_items(
             ds = ds.map_batches(
                 worker,
                 fn_constructor_args=args,
-                compute=ray.data.ActorPoolStrategy(size=concurrency or 1, max_tasks_in_flight_per_actor=1),
+                # no more actors than items: an idle actor only costs its start (and Ray Data warns)
+                compute=ray.data.ActorPoolStrategy(
+                    size=min(concurrency or 1, len(pending)), max_tasks_in_flight_per_actor=1
+                ),
                 **options,
             )
         else:
