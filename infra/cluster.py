@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,42 @@ _PATH_NAMED_LOGGERS = ("ray.train.v2._internal.execution.context",)
 # Ray Data configures its logger itself when it is imported in a worker (after the setup hook):
 # this file keeps its full log in the session's ray-data.log and its console at warnings.
 RAY_DATA_LOGGING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
+
+
+# Lines Ray's processes print that no user of ours can act on, left off the console (they stay in
+# the session's log files, ray_logs_dir()):
+UNACTIONABLE = (
+    # Ray Train creates its own actors (the TrainController's PreemptionWatcher) with constructor
+    # arguments in the object store and max_restarts > 0, and Ray's core worker notes it as an error
+    re.compile(
+        r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
+    ),
+    # the raylet compares worker processes started at once with the CPU count: a stage starting its
+    # actors and Ray Train its workers on a small machine exceed it as a matter of course
+    re.compile(r"WARNING: \d+ PYTHON worker processes have been started on node"),
+)
+
+
+def filter_worker_output() -> None:
+    """Leave :data:`UNACTIONABLE` lines off the console. Ray prints its workers' output on the
+    driver through the ``ray_print_logs`` handler of its stream dispatcher (a Ray 2.x internal):
+    this wraps that handler; where the hook is missing, the console stays unfiltered."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for name, handle in list(getattr(dispatcher, "handlers", [])):
+        if name != "ray_print_logs" or getattr(handle, "filtered", False):
+            continue
+
+        def filtered(data, _handle=handle):
+            lines = [x for x in data.get("lines", []) if not any(p.search(x) for p in UNACTIONABLE)]
+            if lines:
+                _handle({**data, "lines": lines})
+
+        filtered.filtered = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
 
 
 class RayDataConsoleFilter(logging.Filter):
@@ -174,6 +211,7 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> d
             configure_logging=False,
         )
     quiet_logging()
+    filter_worker_output()
     ctx = ray.data.DataContext.get_current()  # no progress-bar frames: the stages log their progress
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
