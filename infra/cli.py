@@ -86,6 +86,10 @@ def setup_logging(name: str, level: int = logging.INFO) -> Path:
     root.addHandler(to_file)
     root.setLevel(level)
     _traceback_log.handlers = [to_file]
+    from infra.cluster import WORKER_LOG
+
+    WORKER_LOG.handlers = [to_file]  # the Ray workers' lines the console shows, in the file too
+    WORKER_LOG.setLevel(logging.INFO)
     from infra.cluster import QUIET_LOGGERS, redact_log_records
 
     redact_log_records()

@@ -65,10 +65,17 @@ UNACTIONABLE = (
 )
 
 
+# the workers' lines as the console shows them, into the command's log file (infra.cli sets its
+# handler; without one they go nowhere)
+WORKER_LOG = logging.getLogger("taming.workers")
+WORKER_LOG.propagate = False
+
+
 def filter_worker_output() -> None:
-    """Leave :data:`UNACTIONABLE` lines off the console. Ray prints its workers' output on the
-    driver through the ``ray_print_logs`` handler of its stream dispatcher (a Ray 2.x internal):
-    this wraps that handler; where the hook is missing, the console stays unfiltered."""
+    """Leave :data:`UNACTIONABLE` lines off the console and copy the rest into the command's log
+    file. Ray prints its workers' output on the driver through the ``ray_print_logs`` handler of
+    its stream dispatcher (a Ray 2.x internal): this wraps that handler; where the hook is
+    missing, the console stays unfiltered and the log file holds the driver's lines alone."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
@@ -81,6 +88,11 @@ def filter_worker_output() -> None:
             lines = [x for x in data.get("lines", []) if not any(p.search(x) for p in UNACTIONABLE)]
             if lines:
                 _handle({**data, "lines": lines})
+                who = " ".join(
+                    str(x) for x in (data.get("actor_name") or data.get("task_name"), data.get("pid")) if x
+                )
+                for x in lines:  # the command's log file holds what the console showed
+                    WORKER_LOG.info("(%s) %s", who, x)
 
         filtered.filtered = True
         dispatcher.remove_handler(name)

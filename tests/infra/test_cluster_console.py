@@ -11,16 +11,33 @@ E_LINE = (
 W_LINE = "WARNING: 8 PYTHON worker processes have been started on node: fad0 with address: 192.0.2.2, ..."
 
 
-def test_unactionable_lines_are_dropped_and_the_rest_printed():
+def test_unactionable_lines_are_dropped_and_the_rest_printed_and_logged():
+    import logging
+
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    got = []
+    got, logged = [], []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    cluster.WORKER_LOG.handlers = [Keep()]
+    cluster.WORKER_LOG.setLevel(logging.INFO)
     dispatcher.add_handler("ray_print_logs", got.append)
     try:
         cluster.filter_worker_output()
         cluster.filter_worker_output()  # wrapped once
-        dispatcher.emit({"pid": 1, "lines": [E_LINE, "train_gpt: step 10/20 (50%)  loss 2.1", W_LINE]})
+        dispatcher.emit(
+            {
+                "pid": 1,
+                "actor_name": "RayTrainWorker",
+                "lines": [E_LINE, "train_gpt: step 10/20 (50%)  loss 2.1", W_LINE],
+            }
+        )
         dispatcher.emit({"pid": "raylet", "lines": [W_LINE]})
     finally:
         dispatcher.remove_handler("ray_print_logs")
+        cluster.WORKER_LOG.handlers = []
     assert [d["lines"] for d in got] == [["train_gpt: step 10/20 (50%)  loss 2.1"]]
+    assert logged == ["(RayTrainWorker 1) train_gpt: step 10/20 (50%)  loss 2.1"]  # the log file's copy
