@@ -450,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.explain:
         plan = run_guarded(lambda: explain(cfg), log_file, args.debug)
         print(format_plan(plan))
+        if log_file.exists() and log_file.stat().st_size == 0:  # nothing was logged: no empty file left
+            log_file.unlink()
         return {"plan": plan}
     summary = run_guarded(lambda: run(cfg), log_file, args.debug)
     if args.json:
