@@ -226,8 +226,8 @@ def test_cli_help_and_bad_key(tmp_path):
         text=True,
         timeout=120,
     )
-    assert out.returncode == 0 and "ingest.resolution" in out.stdout and "Fashion-MNIST" in out.stdout
-    assert "ingest.resources.workers = None   [execution]" in out.stdout  # nested keys, with their role
+    assert out.returncode == 0 and "\n  resolution = 64\n" in out.stdout and "Fashion-MNIST" in out.stdout
+    assert "\n  resources.workers = None   [execution]\n" in out.stdout  # nested keys, with their role
     bad = subprocess.run(
         [sys.executable, "-m", "stages.ingest", "source_uri=/x", "ingest.resoluton=3"],
         cwd=ROOT,
