@@ -44,6 +44,7 @@ class GPTConfig:
     resid_pdrop: float = 0.0
     attn_pdrop: float = 0.0
     n_unmasked: int = 0  # the first n positions attend to each other bidirectionally (official option)
+    bidirectional: bool = False  # every position sees every other: the masked prior (models.maskgit)
     # attention: "full", or local attention over the code grid ("local1d", "local2d")
     attention: str = "full"
     grid_h: int = 0  # local: the code grid trained on (sampling takes larger ones)
@@ -59,8 +60,8 @@ class GPTConfig:
         if self.attention not in ("full", *local.KINDS):
             raise ValueError(f"attention must be one of {('full', *local.KINDS)}, got {self.attention!r}")
         if self.is_local:
-            if self.n_unmasked:
-                raise ValueError("n_unmasked is an option of full attention only")
+            if self.n_unmasked or self.bidirectional:
+                raise ValueError("n_unmasked and bidirectional are options of full attention only")
             if self.n_prefix < 1 or self.grid_h < 1 or self.grid_w < 1:
                 raise ValueError(f"{self.attention} needs grid_h, grid_w and n_prefix >= 1")
             self.window()  # the blocks must tile the grid
@@ -122,7 +123,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.attn_drop = cfg.attn_pdrop
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
-        self.n_head, self.n_unmasked = cfg.n_head, cfg.n_unmasked
+        self.n_head, self.n_unmasked, self.bidirectional = cfg.n_head, cfg.n_unmasked, cfg.bidirectional
         if cfg.is_local:  # a learned bias per head for each (row, column) offset in the window
             self.rel_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.window().n_rel))
 
@@ -173,7 +174,11 @@ class CausalSelfAttention(nn.Module):
             cache[1, :, :, start : start + t] = v
             k, v = cache[0, :, :, : start + t], cache[1, :, :, : start + t]
         drop = self.attn_drop if self.training else 0.0
-        if start == 0 and not self.n_unmasked:
+        if self.bidirectional:
+            if cache is not None or start:
+                raise ValueError("a bidirectional model sees the whole sequence at once: no cache")
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        elif start == 0 and not self.n_unmasked:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)  # (B, nh, T, hd)
         elif t == 1 and not self.n_unmasked:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # one new token sees everything
