@@ -156,8 +156,8 @@ def _config_help(cls: type, prefix: str, defaults: Any = None, role: str | None 
 
 def stage_cli(
     stage: str, cls: type[T], doc: str | None, argv: list[str] | None = None
-) -> tuple[T, str, bool]:
-    """Parse ``--config FILE key=value ...`` for one stage: (config, experiment, debug).
+) -> tuple[T, str, tuple[bool, bool]]:
+    """Parse ``--config FILE key=value ...`` for one stage: (config, experiment, (debug, json)).
 
     The file may be a pipeline YAML (the stage's section ``<stage>:`` is used, plus ``run.experiment``)
     or a file holding the stage's keys alone. Overrides may be written with or without the
@@ -207,13 +207,58 @@ def stage_cli(
         )
     except config_lib.ConfigError as e:
         p.error(str(e))
-    return cfg, experiment, args.debug
+    return cfg, experiment, (args.debug, args.json)
+
+
+# what a figure measures, where its name does not say it
+FIGURE_NOTES = {
+    "images_per_s": "the whole stage, start-up included",
+    "tokens_per_s": "the whole stage, start-up included",
+    "actor_images_per_s": "one actor while it works, start-up and writes excluded",
+}
+
+
+def result_lines(result: Any, log_file: Path) -> list[str]:
+    """A stage's end on the console: what it did and where, its figures (explained), its pictures
+    in MLflow, the log file."""
+    s = result.summary()
+    status = "reused (committed earlier with this config)" if s["cached"] else "ran"
+    lines = [f"{s['stage']} {status} -> {s['output_uri']}"]
+    skip = {"stage", "output_uri", "cached", "registered_model"}
+    shown = []
+    for k, v in s.items():
+        if k in skip or not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        text = f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v:,}"
+        shown.append(text + (f" ({FIGURE_NOTES[k]})" if k in FIGURE_NOTES else ""))
+    if shown:
+        lines.append("  " + ", ".join(shown))
+    if s.get("registered_model"):
+        lines.append(f"  registered: {s['registered_model']}")
+    m = getattr(result, "manifest", None)
+    if m is not None and (m.dataset or {}).get("kind", "").endswith("image_shards"):
+        lines.append(f"  as PNG files: make export SRC={s['output_uri']}")
+    run_id = getattr(m, "mlflow_run_id", None)
+    if run_id:
+        try:
+            pictures = tracking.image_artifacts(run_id)
+        except Exception as e:  # the tracking server went away: the rest of the summary stands
+            log.debug("no artifact listing: %s", e)
+            pictures = []
+        lines.append(f"  MLflow run {run_id}" + (":" if pictures else ""))
+        lines += [f"    {p}" for p in pictures[:4]]
+    lines.append(f"  log: {log_file}")
+    return lines
 
 
 def stage_main(stage: str, cls: type[T], doc: str | None, run: Callable[[T, str], Any], argv=None) -> Any:
-    """The body of every stage's ``main``: parse the command line, run, print the summary as JSON."""
-    cfg, experiment, debug = stage_cli(stage, cls, doc, argv)
+    """The body of every stage's ``main``: parse the command line, run, print what it did and where
+    (``--json``: the summary as JSON)."""
+    cfg, experiment, (debug, as_json) = stage_cli(stage, cls, doc, argv)
     log_file = setup_logging(stage)
     result = run_guarded(lambda: run(cfg, experiment), log_file, debug)
-    print(json.dumps(result.summary(), indent=2))
+    if as_json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print("\n".join(result_lines(result, log_file)))
     return result

@@ -216,6 +216,20 @@ def artifact_location(run_id: str, artifact_file: str) -> str:
     return where[len("file://") :] if where.startswith("file://") else where
 
 
+def image_artifacts(run_id: str) -> list[str]:
+    """Where the pictures a run logged can be opened (:func:`artifact_location`), newest first
+    within each folder (two levels deep: ``samples/grid.png``, ``reconstructions/step_*.png``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    found: list[str] = []
+    for top in client.list_artifacts(run_id):
+        entries = client.list_artifacts(run_id, top.path) if top.is_dir else [top]
+        pngs = sorted((e.path for e in entries if e.path.endswith(".png")), reverse=True)
+        found += pngs[:1] if top.is_dir else pngs  # a folder of steps: its newest
+    return [artifact_location(run_id, p) for p in found]
+
+
 def log_dict(data: dict[str, Any], artifact_file: str) -> None:
     _mlflow().log_dict(data, artifact_file)
 

@@ -4,6 +4,7 @@ stage's own examples, and for the pipeline the stages and the shipped configs.""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,37 @@ def test_the_pipeline_help_lists_the_stages_and_the_configs():
     for path in full.CONFIGS_DIR.glob("*.yaml"):
         line = next(x for x in text.splitlines() if x.strip().startswith(path.name))
         assert len(line.split(path.name, 1)[1].strip()) > 20  # its first comment sentence
+
+
+@pytest.mark.slow  # creates an embedded MLflow database (~15 s)
+def test_a_stage_ends_with_what_it_did_and_where(tmp_path):
+    """The lines a stage's command ends with: output, figures with what they measure, the export
+    command for images, the pictures its MLflow run logged, the log file."""
+    import numpy as np
+
+    from infra import cli, stage, tracking
+    from infra.image_shards import ImageShards
+
+    d = ImageShards(channels=1, size=(8, 8), label_names=None)
+    out = stage.StageOutput(str(tmp_path / "samples"), "sample", "cli-test")
+    with tracking.stage_run("sample", {}, [], str(tmp_path / "samples"), "test-cli") as run_id:
+        tracking.log_image(np.zeros((8, 8), np.uint8), "samples/grid.png")
+    m, _ = out.commit(
+        config={},
+        config_hash="h",
+        inputs=[],
+        markers=[],
+        counts={"samples": 0},
+        figures={"images_per_s": 7.49, "actor_images_per_s": 59.7},
+        mlflow_run_id=run_id,
+        dataset=d.to_json(),
+    )
+    lines = cli.result_lines(stage.StageResult.of(m, False), tmp_path / "x.log")
+    text = "\n".join(lines)
+    assert lines[0] == f"sample ran -> {m.output_uri}"
+    assert "images_per_s 7.49 (the whole stage, start-up included)" in text
+    assert "actor_images_per_s 59.7 (one actor while it works" in text
+    assert f"make export SRC={m.output_uri}" in text
+    grid = next(x.strip() for x in lines if x.strip().endswith("samples/grid.png"))
+    assert Path(grid).is_file()
+    assert lines[-1] == f"  log: {tmp_path / 'x.log'}"
