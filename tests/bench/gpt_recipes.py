@@ -4,7 +4,8 @@
   ``Net2NetTransformer.configure_optimizers``: AdamW betas (0.9, 0.95), weight decay 0.01 on Linear
   weights (none on biases, LayerNorms, embeddings, position embeddings), lr = 4.5e-6 x batch,
   constant, no dropout, no clipping; the class label is a token of the image vocabulary (no offset),
-  the loss covers the image positions. ``schedule=True`` is the same model with linear warm-up +
+  the loss covers the image positions; spatial conditions (``prefix`` > 1, Net2NetTransformer with a
+  cond stage) are their codes as a prefix sharing the ids too. ``schedule=True`` is the same model with linear warm-up +
   cosine decay to 0 at peak lr 2e-3 and clipping at 1 (the issue's middle figure).
 - ``ours``: ``stages.train_gpt``'s defaults, as :func:`stages.train_gpt.plan` derives them, through
   the very step each Ray Train worker runs (:class:`models.gpt_training.GPTTrainer`), class ids
@@ -34,6 +35,8 @@ class OfficialRecipe:
         batch: int,
         steps: int,
         schedule: bool = False,
+        prefix: int = 1,
+        cond_codebook_size: int = 0,
     ):
         # minGPT imports a helper of `transformers` at module level that training never calls
         sys.modules.setdefault("transformers", types.SimpleNamespace(top_k_top_p_filtering=None))
@@ -41,10 +44,10 @@ class OfficialRecipe:
 
         from models.optim import Schedule
 
-        self.k = codebook_size
+        self.k, self.prefix = max(codebook_size, cond_codebook_size), prefix
         self.model = mingpt.GPT(
-            codebook_size,
-            tokens,
+            self.k,  # the vocabulary: condition codes share the image codes' ids (no offset)
+            tokens + prefix - 1,
             n_layer=n_layer,
             n_head=n_head,
             n_embd=n_embd,
@@ -71,8 +74,9 @@ class OfficialRecipe:
             for g in self.opt.param_groups:
                 g["lr"] = self.schedule(self.step)
         self.model.train()
-        seq = torch.cat([labels[:, None], codes], 1)  # the label shares the code vocabulary
+        seq = torch.cat([self._prefix(labels), codes], 1)  # the condition shares the code vocabulary
         logits, _ = self.model(seq[:, :-1])
+        logits = logits[:, self.prefix - 1 :]  # the image positions
         loss = F.cross_entropy(logits.reshape(-1, self.k), codes.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,11 +90,17 @@ class OfficialRecipe:
         self.model.eval()
         total = 0.0
         for lo in range(0, len(codes), batch):
-            seq = torch.cat([labels[lo : lo + batch, None], codes[lo : lo + batch]], 1)
+            seq = torch.cat([self._prefix(labels[lo : lo + batch]), codes[lo : lo + batch]], 1)
             logits, _ = self.model(seq[:, :-1])
+            logits = logits[:, self.prefix - 1 :]
             c = codes[lo : lo + batch]
             total += float(F.cross_entropy(logits.reshape(-1, self.k), c.reshape(-1), reduction="sum"))
         return total / codes.numel() / math.log(2)
+
+    @staticmethod
+    def _prefix(cond: torch.Tensor) -> torch.Tensor:
+        """A class label (B,) as one token, condition codes (B, Lc) as they are."""
+        return cond[:, None] if cond.dim() == 1 else cond
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
