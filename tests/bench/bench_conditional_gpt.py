@@ -54,7 +54,9 @@ def run(quick: bool = False) -> dict:
         if import_taming():
             prefix = d.conditions[column].length
             common = dict(codebook_size=k, tokens=d.num_tokens, batch=BATCH, steps=steps, **SIZE)
-            recipes["official"] = lambda: OfficialRecipe(**common, prefix=prefix, cond_codebook_size=kc)
+            recipes["official"] = lambda common=common, prefix=prefix, kc=kc: OfficialRecipe(
+                **common, prefix=prefix, cond_codebook_size=kc
+            )
         else:
             task["official"] = "reference taming code missing (see tests/bench/reference.py)"
         for name, make in recipes.items():

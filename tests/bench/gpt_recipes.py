@@ -5,8 +5,8 @@
   weights (none on biases, LayerNorms, embeddings, position embeddings), lr = 4.5e-6 x batch,
   constant, no dropout, no clipping; the class label is a token of the image vocabulary (no offset),
   the loss covers the image positions; spatial conditions (``prefix`` > 1, Net2NetTransformer with a
-  cond stage) are their codes as a prefix sharing the ids too. ``schedule=True`` is the same model with linear warm-up +
-  cosine decay to 0 at peak lr 2e-3 and clipping at 1 (the issue's middle figure).
+  cond stage) are their codes as a prefix sharing the ids too. ``schedule=True`` is the same model
+  with linear warm-up + cosine decay to 0 at peak lr 2e-3 and clipping at 1 (the issue's middle figure).
 - ``ours``: ``stages.train_gpt``'s defaults, as :func:`stages.train_gpt.plan` derives them, through
   the very step each Ray Train worker runs (:class:`models.gpt_training.GPTTrainer`), class ids
   after the image codes and condition dropout to the null token at 0.1.
