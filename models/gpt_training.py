@@ -10,6 +10,10 @@ lr): linear warm-up and cosine decay (``models.optim.Schedule``), gradient clipp
 EMA of the weights, optional bf16 autocast, taming's token corruption (``pkeep``: each input code is
 replaced by a random code with probability 1 - pkeep; the targets stay the true codes), and
 gradients averaged across workers by an explicit all-reduce (gloo and NCCL alike).
+
+``objective="masked"`` trains the masked prior instead (:mod:`models.maskgit`: a bidirectional
+model, the cosine-masked loss, label smoothing optional); :func:`masked_bits` is its validation
+figure, bits per masked code at a fixed mask ratio.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.gpt import GPT
+from models.maskgit import masked_loss
 from models.optim import Schedule, allreduce_grads, ema_update, shipped_copy
 
 LN2 = math.log(2.0)
+OBJECTIVES = ("autoregressive", "masked")  # the raster prior, or the masked one (models.maskgit)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class GPTRecipe:
     grad_clip: float | None = 1.0  # gradient norm clip (None: off)
     ema_decay: float | None = None  # EMA of the weights (None: off)
     pkeep: float = 1.0  # share of input codes kept (taming's pkeep); the rest are random codes
+    label_smoothing: float = 0.0  # masked objective: MaskGIT's option (0.1 in its paper)
 
     def __post_init__(self):
         if not 0 < self.pkeep <= 1:
@@ -106,6 +113,34 @@ def bits_per_token(
     return total / max(1, len(codes)) / LN2
 
 
+@torch.no_grad()
+def masked_bits(
+    model: GPT,
+    prefix: torch.Tensor,
+    codes: torch.Tensor,
+    codebook_size: int,
+    ratio: float,
+    seed: int = 0,
+    batch: int = 256,
+    autocast_dtype=None,
+) -> float:
+    """A masked prior's validation figure (it has no exact likelihood): mean bits per masked code
+    with ``ratio`` of every row masked, the positions drawn from ``seed`` (the same every call)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for lo in range(0, len(codes), batch):
+        p, c = prefix[lo : lo + batch].to(device), codes[lo : lo + batch].to(device)
+        with _autocast(device, autocast_dtype):
+            n = len(c) * max(1, math.ceil(ratio * c.shape[1]))
+            total += float(masked_loss(model, p, c, codebook_size, gen, ratio=ratio)) * n
+            count += n
+    model.train(was_training)
+    return total / max(1, count) / LN2
+
+
 def step_generator(gen: torch.Generator, seed: int, rank: int, step: int) -> torch.Generator:
     """``gen`` reseeded for one (seed, rank, step): the condition dropout and corruption a step draws
     do not depend on where a run started, so a resumed run draws what an uninterrupted one would."""
@@ -129,8 +164,16 @@ class GPTTrainer:
         steps: int,
         *,
         autocast_dtype: torch.dtype | None = None,
+        objective: str = "autoregressive",
     ):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if (objective == "masked") != bool(model.config.bidirectional):
+            raise ValueError(
+                f"the {objective} objective needs a {'bi' if objective == 'masked' else ''}directional model"
+            )
         self.model, self.recipe, self.codebook_size = model, recipe, codebook_size
+        self.objective = objective
         self.schedule = recipe.schedule(steps, model.config.n_embd)
         self.autocast_dtype = autocast_dtype
         fused = {"fused": True} if next(model.parameters()).is_cuda else {}
@@ -153,9 +196,14 @@ class GPTTrainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.model.train()
-        inputs = corrupt(codes, self.recipe.pkeep, self.codebook_size, generator)
         with _autocast(codes.device, self.autocast_dtype):
-            loss = code_loss(self.model, prefix, codes, inputs)
+            if self.objective == "masked":
+                loss = masked_loss(
+                    self.model, prefix, codes, self.codebook_size, generator, self.recipe.label_smoothing
+                )
+            else:
+                inputs = corrupt(codes, self.recipe.pkeep, self.codebook_size, generator)
+                loss = code_loss(self.model, prefix, codes, inputs)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         allreduce_grads(self.model.parameters())

@@ -102,3 +102,29 @@ def test_a_sample_depends_on_its_own_uniforms_alone():
     )
     assert not torch.equal(whole, other)
     assert ((whole >= 0) & (whole < K)).all()
+
+
+def test_the_trainer_takes_the_masked_objective():
+    from models.gpt_training import GPTRecipe, GPTTrainer, masked_bits
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, CLASSES, 256)
+    codes = torch.from_numpy(rule_codes(labels, N, K, rng))
+    prefix = torch.from_numpy(K + labels)[:, None]
+    model = _model(3)
+    trainer = GPTTrainer(model, GPTRecipe(warmup_steps=5, label_smoothing=0.1), K, 60, objective="masked")
+    before = masked_bits(model, prefix, codes, K, 0.5)
+    assert masked_bits(model, prefix, codes, K, 0.5) == before  # the same masks every call
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        i = torch.randint(0, len(codes), (32,), generator=g)
+        logs = trainer.train_step(prefix[i], codes[i], g)
+    assert math.isfinite(logs["loss"]) and masked_bits(trainer.final_model(), prefix, codes, K, 0.5) < before
+    with pytest.raises(ValueError, match="needs a bidirectional model"):
+        GPTTrainer(
+            GPT(GPTConfig(vocab_size=K + 5, block_size=N + 1, n_layer=1, n_head=1, n_embd=8)),
+            GPTRecipe(),
+            K,
+            10,
+            objective="masked",
+        )
