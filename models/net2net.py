@@ -214,11 +214,13 @@ class GeneratorSpec:
     condition_tokenizer_sha256: str | None = None
     condition_tokenizer_uri: str | None = None  # spatial: what tokenizes a user's condition maps
     condition_params: dict | None = None  # spatial: how the condition was made (e.g. lowres factor)
+    objective: str = "autoregressive"  # the raster prior, or masked (models.maskgit)
 
     @property
     def block_size(self) -> int:
-        """The shortest GPT context that fits: condition + image tokens - 1."""
-        return self.prefix_length + self.grid[0] * self.grid[1] - 1
+        """The shortest GPT context that fits: condition + image tokens - 1 (raster), condition +
+        image tokens (masked: every code is an input, masked or not)."""
+        return self.prefix_length + self.grid[0] * self.grid[1] - (0 if self.objective == "masked" else 1)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

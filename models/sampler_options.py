@@ -4,8 +4,10 @@ records them (``infra.image_shards.Generation``) reads without loading it; the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+_ADDED = {"taming.omit_default": True}
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,10 @@ class SamplerOptions:
     greedy: bool = False  # argmax at every position (no randomness)
     window: Literal["exact", "strided"] = "exact"  # grids larger than the training grid: sliding window
     window_stride: int | None = None  # strided: positions per window move (None: a quarter window)
+    # (the next two came later: at their defaults they are left out of an output's identity, by
+    # infra.config.added_field's metadata key, written out as models/ imports no infra)
+    steps: int = field(default=8, metadata=_ADDED)  # masked generators: parallel decoding passes
+    choice_temperature: float = field(default=4.5, metadata=_ADDED)  # masked: noise on which codes are kept
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -30,6 +36,10 @@ class SamplerOptions:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.window_stride is not None and self.window_stride < 1:
             raise ValueError("window_stride must be >= 1")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.choice_temperature < 0:
+            raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")
 
     @property
     def effective_temperature(self) -> float:

@@ -69,11 +69,20 @@ def rows_independent(gpt: GPT, prefix_length: int, tile: int, steps: int = 3) ->
     x = torch.randint(0, c.vocab_size, (3 * tile, n), generator=g).to(device)
 
     def run(rows: torch.Tensor) -> torch.Tensor:
+        if c.bidirectional:  # the masked prior: whole-sequence forwards
+            return gpt(rows)
         return gpt.cached_logits(rows[:, :p], rows[:, p:])
 
     alone = run(x[tile : 2 * tile])
     among = run(x)[tile : 2 * tile]
     return bool(torch.equal(alone, among))
+
+
+def uniforms_needed(spec: GeneratorSpec, options: SamplerOptions, grid: tuple[int, int] | None = None) -> int:
+    """Uniforms per sample: one per code (raster), two per code and step (masked: a code and a
+    Gumbel variate for its confidence)."""
+    h, w = grid or spec.grid
+    return 2 * options.steps * h * w if spec.objective == "masked" else h * w
 
 
 @torch.no_grad()
@@ -97,8 +106,11 @@ def generate_codes(
     (devices where :func:`rows_independent` fails)."""
     b = raw.shape[0]
     h, w = grid or spec.grid
-    if uniforms.shape != (b, h * w):
-        raise ValueError(f"uniforms must be {(b, h * w)}, got {tuple(uniforms.shape)}")
+    if spec.objective == "masked" and (h, w) != tuple(spec.grid):
+        raise ValueError(f"a masked generator samples its training grid {spec.grid} only, not {(h, w)}")
+    need = uniforms_needed(spec, options, (h, w))
+    if uniforms.shape != (b, need):
+        raise ValueError(f"uniforms must be {(b, need)}, got {tuple(uniforms.shape)}")
     device = gpt.pos_emb.device
     rows = padded(max(b, 1), tile)
     raw_p = _pad_rows(raw.to(device), rows)
@@ -120,6 +132,22 @@ def _generate(gpt, spec: GeneratorSpec, raw, uniforms, options: SamplerOptions, 
         if cond.null_token is None:
             raise ValueError("this generator was trained without a null condition: no guidance")
         uncond = torch.full_like(prefix, cond.null_token)
+    if spec.objective == "masked":
+        from models.maskgit import decode
+
+        return decode(
+            gpt,
+            prefix,
+            h * w,
+            spec.codebook_size,
+            options.steps,
+            uniforms,
+            temperature=options.effective_temperature,
+            top_k=options.top_k,
+            choice_temperature=options.choice_temperature,
+            cfg_scale=options.cfg_scale,
+            null_prefix=uncond,
+        )
     scales = options.guidance(h * w)
     common = dict(
         temperature=options.effective_temperature,

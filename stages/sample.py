@@ -181,6 +181,15 @@ def _check_grid(cfg: SampleConfig, spec: GeneratorSpec, gpt: GPTConfig, grid=Non
     """The sampling grid (``grid``, else ``sample.grid``, else the training grid), checked."""
     grid = tuple(grid or cfg.grid or spec.grid)
     g = tuple(spec.grid)
+    if spec.objective == "masked" and grid != g:  # no sliding window for a bidirectional model
+        raise InputError(
+            f"sample.grid {list(grid)}: a masked generator samples its {g[0]}x{g[1]} training grid only "
+            "(train a raster one, train_gpt.objective=autoregressive, for larger images)"
+        )
+    if spec.objective == "masked" and cfg.sampler.steps > g[0] * g[1]:
+        raise InputError(
+            f"sample.sampler.steps={cfg.sampler.steps}: more passes than the grid's {g[0] * g[1]} codes"
+        )
     if grid != g and gpt.is_local:  # one pass: the local window slides by itself
         try:
             gpt.window(grid)
@@ -420,7 +429,7 @@ class SampleShards(pool.Worker):
         import torch
 
         from infra.imaging import encode_pngs, to_uint8_images
-        from models.sampling import decode_tiles, generate_codes, sample_uniforms
+        from models.sampling import decode_tiles, generate_codes, sample_uniforms, uniforms_needed
 
         cfg, p = self.cfg, self.p
         lo, hi = item["lo"], item["hi"]
@@ -434,7 +443,8 @@ class SampleShards(pool.Worker):
             for b in range(lo, hi, step):
                 e = min(b + step, hi)
                 # candidate j of sample i is the row of index i * k + j: with k = 1, sample i itself
-                u = sample_uniforms(cfg.seed, [i * k + j for i in range(b, e) for j in range(k)], h * w)
+                rows = [i * k + j for i in range(b, e) for j in range(k)]
+                u = sample_uniforms(cfg.seed, rows, uniforms_needed(p.spec, cfg.sampler, p.grid))
                 cond = raw[b - lo : e - lo].repeat_interleave(k, 0)
                 codes = generate_codes(
                     self.gpt,

@@ -25,6 +25,12 @@ blocks of ``block_w`` codes of the raster sequence with ``flange_left`` codes be
 cost grows linearly with the grid and the model samples grids larger than it was trained on in
 one pass (``sample.grid``). Local attention takes a one-token condition (unconditional, class).
 
+``objective``: ``autoregressive`` (the raster prior above) or ``masked``, MaskGIT's bidirectional
+prior on the same codes (``models.maskgit``): trained on cosine-masked rows, sampled in
+``sample.sampler.steps`` parallel passes (its training grid only); its validation figure is bits
+per masked code with half of every row masked (no exact likelihood: not comparable with the
+raster prior's bits/token).
+
 The result is one native checkpoint carrying the GPT and everything sampling needs
 (``models.net2net.GeneratorSpec``), registered as ``models:/<register_name>@<register_alias>``;
 ``infra.model_store.load_generator`` loads it (or an official ``Net2NetTransformer`` release).
@@ -76,6 +82,9 @@ class TrainGPTConfig:
     vocab_size: int | None = None  # None: codebook + condition tokens (+ null); at least that
     block_size: int | None = None  # None: condition length + grid - 1; at least that
     attention: Literal["full", "local1d", "local2d"] = added_field("full")  # full causal, or a local window
+    # autoregressive: the raster prior (one code per pass); masked: MaskGIT's bidirectional prior,
+    # decoded in sampler.steps parallel passes (models.maskgit)
+    objective: Literal["autoregressive", "masked"] = added_field("autoregressive")
     block_h: int = added_field(8)  # local2d: query blocks of block_h x block_w codes; local1d: block_w codes
     block_w: int = added_field(8)  # local attention: the query block's width in codes
     flange_top: int = added_field(4)  # local2d: memory rows above a query block
@@ -145,7 +154,8 @@ class TrainGPTPlan:
     def summary(self, cfg: TrainGPTConfig) -> str:
         g, (h, w) = self.gpt, self.spec.grid
         return (
-            f"{self.train_rows:,} train rows of {h}x{w} codes ({cfg.condition}) -> GPT "
+            f"{self.train_rows:,} train rows of {h}x{w} codes ({cfg.condition}) -> "
+            f"{'masked (bidirectional)' if cfg.objective == 'masked' else 'GPT'} "
             f"{g.n_layer}x{g.n_embd} ({g.attention}, vocab {g.vocab_size}), {cfg.steps} steps x "
             f"{cfg.batch_size} on {cfg.resources.describe()}"
         )
@@ -208,16 +218,26 @@ def plan(cfg: TrainGPTConfig) -> TrainGPTPlan:
         condition_tokenizer_sha256=codes.conditions[columns[0]].tokenizer_sha256 if columns else None,
         condition_tokenizer_uri=codes.conditions[columns[0]].tokenizer_uri if columns else None,
         condition_params=code_shards.condition_params(m, columns[0]) if columns else None,
+        objective=cfg.objective,
     )
+    masked = cfg.objective == "masked"
+    if masked and (cfg.attention != "full" or cfg.condition == "coord"):
+        raise config_lib.ConfigError(
+            "train_gpt.objective=masked takes full attention and a class, unconditional or spatial "
+            f"condition (not attention={cfg.attention}, condition={cfg.condition})"
+        )
+    if masked:
+        vocab += 1  # the [MASK] token, the vocabulary's last id
     if cfg.vocab_size is not None and cfg.vocab_size < vocab:
         raise InputError(
             f"train_gpt.vocab_size={cfg.vocab_size} is below what the codes need: codebook of {k} codes + "
-            f"{vocab - k} condition tokens = {vocab}"
+            f"{vocab - k} condition{' and mask' if masked else ''} tokens = {vocab}"
         )
     if cfg.block_size is not None and cfg.block_size < spec.block_size:
         raise InputError(
             f"train_gpt.block_size={cfg.block_size} is too short for a {grid[0]}x{grid[1]} grid: {prefix} "
-            f"condition tokens + {grid[0] * grid[1]} image tokens - 1 = {spec.block_size}"
+            f"condition tokens + {grid[0] * grid[1]} image tokens{'' if masked else ' - 1'} = "
+            f"{spec.block_size}"
         )
     base = PRESETS[cfg.preset]
     window = {}
@@ -241,6 +261,7 @@ def plan(cfg: TrainGPTConfig) -> TrainGPTPlan:
             embd_pdrop=cfg.dropout,
             resid_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,
+            bidirectional=masked,
             **window,
         )
     except ValueError as e:  # a window that does not tile the code grid
@@ -257,6 +278,20 @@ def plan(cfg: TrainGPTConfig) -> TrainGPTPlan:
     recipe = dataclasses.replace(cfg.recipe, lr=cfg.recipe.peak_lr(gpt.n_embd))
     inputs = (InputRef.output("codes", m),)
     return TrainGPTPlan(inputs, codes, spec, gpt, recipe, raw, columns, keep, n_train)
+
+
+MASK_RATIO = 0.5  # a masked prior's validation figure: bits per masked code, half of every row masked
+
+
+def val_bits(model, spec: GeneratorSpec, prefix, codes, autocast=None) -> float:
+    """The validation figure: bits per image code given the condition and the codes before it
+    (raster), or bits per masked code with half of every row masked, the same masks every time
+    (masked: a masked prior has no exact likelihood; the two figures are not comparable)."""
+    from models.gpt_training import bits_per_token, masked_bits
+
+    if spec.objective == "masked":
+        return masked_bits(model, prefix, codes, spec.codebook_size, MASK_RATIO, autocast_dtype=autocast)
+    return bits_per_token(model, prefix, codes, autocast_dtype=autocast)
 
 
 def held_out(cfg: TrainGPTConfig, p: TrainGPTPlan) -> tuple[Any, Any, str]:
@@ -279,7 +314,7 @@ def sample_grid(cfg: TrainGPTConfig, model, spec, raw_held, tokenizer, seed: int
     import torch
 
     from infra.imaging import to_uint8_images
-    from models.sampling import SamplerOptions, decode_tiles, generate_codes, sample_uniforms
+    from models.sampling import SamplerOptions, decode_tiles, generate_codes, sample_uniforms, uniforms_needed
 
     n, cond, (h, w) = cfg.samples_per_condition, spec.condition, spec.grid
     if cond.mode == "class":
@@ -288,8 +323,9 @@ def sample_grid(cfg: TrainGPTConfig, model, spec, raw_held, tokenizer, seed: int
         raw = torch.zeros(n * n, dtype=torch.long)
     else:
         raw = raw_held[: min(previews.MAX_GRID_ROWS, len(raw_held))].repeat_interleave(n, 0)
-    u = sample_uniforms(seed, range(len(raw)), h * w)
-    codes = generate_codes(model, spec, raw, u, SamplerOptions())
+    options = SamplerOptions()
+    u = sample_uniforms(seed, range(len(raw)), uniforms_needed(spec, options))
+    codes = generate_codes(model, spec, raw, u, options)
     x = decode_tiles(tokenizer.to(next(model.parameters()).device), codes.reshape(-1, h, w))
     images = to_uint8_images(x)
     groups = {r: images[r * n : (r + 1) * n] for r in range(len(images) // n)}
@@ -303,7 +339,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from models.gpt import GPT
-    from models.gpt_training import GPTTrainer, bits_per_token, step_generator
+    from models.gpt_training import GPTTrainer, step_generator
     from models.net2net import condition_prefix, drop_condition
 
     cfg: TrainGPTConfig = config["cfg"]
@@ -312,7 +348,9 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # same init everywhere
     autocast = session.place.dtype if session.place.dtype != torch.float32 else None
     model = GPT(p.gpt).to(session.device)
-    trainer = GPTTrainer(model, p.recipe, p.spec.codebook_size, cfg.steps, autocast_dtype=autocast)
+    trainer = GPTTrainer(
+        model, p.recipe, p.spec.codebook_size, cfg.steps, autocast_dtype=autocast, objective=cfg.objective
+    )
     if (state := session.restore()) is not None:
         trainer.load_state_dict(state)
     gen = torch.Generator()
@@ -335,7 +373,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 if session.is_chief:
                     held = held or held_out(cfg, p)
                     prefix = condition_prefix(cond, held[0])
-                    bits = bits_per_token(trainer.eval_model(), prefix, held[1], autocast_dtype=autocast)
+                    bits = val_bits(trainer.eval_model(), p.spec, prefix, held[1], autocast)
                     session.log_metrics({"val/bits_per_token": bits}, step=step)
                     if best is None or bits < best["bits"]:
                         weights = {
@@ -376,7 +414,6 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
     import torch
 
     from models.gpt import GPT, num_params
-    from models.gpt_training import bits_per_token
     from models.net2net import condition_prefix
 
     p = plan(cfg)
@@ -386,7 +423,13 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
     log.info("train_gpt: %s", p.summary(cfg))
     stage.read_manifest(cfg.codes_uri).verify("train")  # what Ray Data reads next, checked first
     with job:
-        tracking.set_tags({"condition": cfg.condition, "tokenizer_sha256": p.spec.tokenizer_sha256 or ""})
+        tracking.set_tags(
+            {
+                "condition": cfg.condition,
+                "objective": cfg.objective,
+                "tokenizer_sha256": p.spec.tokenizer_sha256 or "",
+            }
+        )
         train = code_shards.ray_dataset(
             cfg.codes_uri,
             split="train",
@@ -400,7 +443,7 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
         model = GPT(p.gpt)
         model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
         raw, held_codes, split = held_out(cfg, p)
-        bits = bits_per_token(model.eval(), condition_prefix(p.spec.condition, raw), held_codes)
+        bits = val_bits(model.eval(), p.spec, condition_prefix(p.spec.condition, raw), held_codes)
         final_bits, kept_step, best = bits, int(state["step"]), state.get("best")
         if cfg.keep_best and best is not None and best["bits"] < bits:  # an earlier model validated better
             model.load_state_dict(best["weights"])
@@ -431,6 +474,7 @@ def run(cfg: TrainGPTConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> S
             "val/final_bits_per_token": final_bits,
             "val/kept_step": kept_step,
             "val/unigram_bits_per_token": unigram,
+            **({"val/mask_ratio": MASK_RATIO} if cfg.objective == "masked" else {}),
             "val/rows": int(len(held_codes)),
             "params": num_params(model),
             "train_seconds": train_seconds,

@@ -150,3 +150,20 @@ def test_flatten_and_yaml_roundtrip():
     import yaml
 
     assert C.from_dict(Outer, yaml.safe_load(C.to_yaml(cfg))) == cfg
+
+
+def test_sampler_options_added_later_keep_old_identities():
+    """The masked decoding options left out of an output's identity at their defaults (the metadata
+    key models/ writes out must be infra.config's)."""
+    import dataclasses
+
+    from infra import config
+    from models.sampler_options import SamplerOptions
+
+    assert "steps" not in config.identity_dict(SamplerOptions())
+    assert config.identity_dict(SamplerOptions(steps=12))["steps"] == 12
+    assert all(
+        f.metadata.get(config.OMIT_DEFAULT)
+        for f in dataclasses.fields(SamplerOptions)
+        if f.name in ("steps", "choice_temperature")
+    )
