@@ -128,3 +128,56 @@ def test_the_trainer_takes_the_masked_objective():
             10,
             objective="masked",
         )
+
+
+def test_generate_codes_decodes_a_masked_generator_per_sample():
+    """The sampling entry point every stage uses runs the masked decoding for a masked spec: each
+    row as decode gives it alone, whatever the tile; a larger grid is refused."""
+    from models.net2net import GeneratorSpec, native_condition
+    from models.sampling import SamplerOptions, generate_codes, uniforms_needed
+
+    cond, vocab = native_condition("class", K, 0.1, n_classes=CLASSES)
+    spec = GeneratorSpec(condition=cond, codebook_size=K, grid=(4, 4), prefix_length=1, objective="masked")
+    assert vocab + 1 == K + CLASSES + 2 and spec.block_size == 1 + N
+    model = _model(4).eval()
+    options = SamplerOptions(steps=4, top_k=8, cfg_scale=1.5)
+    labels = torch.tensor([0, 2, 1])
+    u = sample_uniforms(3, range(3), uniforms_needed(spec, options))
+    assert u.shape == (3, 2 * 4 * N)
+    a = generate_codes(model, spec, labels, u, options, tile=2)
+    b = generate_codes(model, spec, labels, u, options, tile=8)
+    null = torch.full((3, 1), cond.null_token)
+    want = maskgit.decode(model, (K + labels)[:, None], N, K, 4, u, top_k=8, cfg_scale=1.5, null_prefix=null)
+    assert torch.equal(a, b) and torch.equal(a, want)
+    with pytest.raises(ValueError, match="training grid"):
+        generate_codes(model, spec, labels, u, options, grid=(4, 8))
+
+
+def test_train_gpt_plans_a_masked_prior(tmp_path):
+    """objective=masked: a bidirectional model with a [MASK] id after the null token, a context of
+    the whole sequence, the objective in the generator spec; local attention refused in one line."""
+    from infra.config import ConfigError
+    from stages import train_gpt
+    from tests.codes import tokenizer_file, write_code_shards
+
+    tok = tokenizer_file(tmp_path, K)
+    codes = write_code_shards(
+        str(tmp_path / "codes"),
+        n_train=64,
+        n_val=8,
+        k=K,
+        grid=(4, 4),
+        classes=CLASSES,
+        tokenizer_uri=tok[0],
+        tokenizer_sha256=tok[1],
+    )
+    base = dict(codes_uri=codes.output_uri, condition="class", batch_size=8, sample_every=0, n_layer=1)
+    p = train_gpt.plan(train_gpt.TrainGPTConfig(**base, objective="masked"))
+    raster = train_gpt.plan(train_gpt.TrainGPTConfig(**base))
+    assert p.gpt.bidirectional and not raster.gpt.bidirectional
+    assert p.gpt.vocab_size == raster.gpt.vocab_size + 1 and p.gpt.block_size == raster.gpt.block_size + 1
+    assert p.spec.objective == "masked" and p.spec.condition.null_token == p.gpt.vocab_size - 2
+    with pytest.raises(ConfigError, match="objective=masked takes full attention"):
+        train_gpt.plan(
+            train_gpt.TrainGPTConfig(**base, objective="masked", attention="local2d", block_h=2, block_w=2)
+        )
