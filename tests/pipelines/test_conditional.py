@@ -4,6 +4,8 @@ split's conditions -> evaluation with the edge-fidelity figures and the diversit
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import yaml
 from PIL import Image, ImageDraw
@@ -43,7 +45,26 @@ VQ = {
 }
 
 
-def test_edges_to_image_in_one_job(stack, tmp_path):
+def _console_tells_the_story(capfd) -> None:
+    """The console, captured as a file would be: no colour codes, none of Ray's lines no user can
+    act on (its C++ error lines, the raylet's worker-count warning, Ray Data's actor-count one),
+    the workers' stage lines there; the run's log file holds them too."""
+    import re
+    import time
+
+    time.sleep(2)  # the workers' last lines reach the driver
+    out, err = capfd.readouterr()
+    text = out + err
+    assert "\x1b[" not in text
+    assert not re.search(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\]", text)  # Ray's C++ error lines
+    assert "PYTHON worker processes have been started" not in text
+    assert "minimum number of concurrent actors" not in text
+    assert re.search(r"train_gpt: step 4/4 \(100%", text)  # a Ray Train worker's line, with progress
+    log_file = Path(re.search(r"^log: +(\S+)$", out, re.M).group(1))
+    assert "train_gpt: step 4/4" in log_file.read_text()  # the workers' lines in the log file too
+
+
+def test_edges_to_image_in_one_job(stack, tmp_path, capfd):
     _shapes(tmp_path / "src")
     cfg = {
         "run": {"name": "e2i", "experiment": "test-conditional", "root_uri": str(tmp_path / "run")},
@@ -81,6 +102,7 @@ def test_edges_to_image_in_one_job(stack, tmp_path):
     }
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     summary = full.main(["--config", str(tmp_path / "p.yaml")])
+    _console_tells_the_story(capfd)
     codes = stage.read_manifest(summary["tokenize_images"]["output_uri"])
     cc = code_shards.describe(codes).conditions["edges_codes"]
     assert cc.grid == (4, 4) and cc.tokenizer_uri == str(tmp_path / "run" / "edges-vqgan")
