@@ -175,6 +175,7 @@ def stage_cli(
     )
     p.add_argument("--config", type=Path, help="YAML file (a pipeline config or this stage's section)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error, not one line")
+    p.add_argument("--json", action="store_true", help="end with the summary as JSON (for scripts)")
     p.add_argument(
         "overrides",
         nargs="*",
