@@ -222,8 +222,9 @@ def test_a_small_set_that_overfits_keeps_the_best_model_stops_early_and_warns(sh
 
 def test_a_masked_prior_trains_and_samples_in_parallel_passes(shards, tmp_path):
     """objective=masked on the same code shards: in 60 steps it beats the unigram entropy on bits per
-    masked code (3.48 vs 3.98 here; tests/models/test_maskgit.py trains longer), its checkpoint carries the objective, and the sample stage decodes it in
-    sampler.steps passes, the same codes whatever the batch and the actors."""
+    masked code (3.48 vs 3.98 here; tests/models/test_maskgit.py trains longer), its checkpoint
+    carries the objective, and the sample stage decodes it in sampler.steps passes, the same codes
+    whatever the batch and the actors."""
     from models.sampling import SamplerOptions
     from stages import sample
     from stages.sample import SampleConfig
