@@ -276,7 +276,7 @@ def test_bad_inputs_fail_before_any_work(gens, tmp_path):
     fails(InputError, "no `depth_codes` column", conditions_uri=no_depth.output_uri, **depth)
     fails(
         InputError,
-        "hold 16 codes, the generator needs 100",
+        "16 condition codes, the generator needs 100",
         conditions_uri=gens["conditions"],
         grid=[10, 10],
         **depth,
