@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +73,36 @@ WORKER_LOG.propagate = False
 def filter_worker_output() -> None:
     """Leave :data:`UNACTIONABLE` lines off the console and copy the rest into the command's log
     file. Ray prints its workers' output on the driver through the ``ray_print_logs`` handler of
-    its stream dispatcher (a Ray 2.x internal): this wraps that handler; where the hook is
-    missing, the console stays unfiltered and the log file holds the driver's lines alone."""
+    its stream dispatcher, and the raylet's warnings through ``print_to_stdstream`` (Ray 2.x
+    internals): this wraps both; where they are missing, the console stays unfiltered and the log
+    file holds the driver's lines alone."""
     try:
+        from ray._private import worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return
-    for name, handle in list(getattr(dispatcher, "handlers", [])):
-        if name != "ray_print_logs" or getattr(handle, "filtered", False):
-            continue
 
-        def filtered(data, _handle=handle):
+    def wrap(handle):
+        def filtered(data, *args, **kwargs):
             lines = [x for x in data.get("lines", []) if not any(p.search(x) for p in UNACTIONABLE)]
             if lines:
-                _handle({**data, "lines": lines})
-                who = " ".join(
-                    str(x) for x in (data.get("actor_name") or data.get("task_name"), data.get("pid")) if x
-                )
+                handle({**data, "lines": lines}, *args, **kwargs)
+                name = data.get("actor_name") or data.get("task_name")
+                who = " ".join(str(x) for x in (name, data.get("pid")) if x)
                 for x in lines:  # the command's log file holds what the console showed
                     WORKER_LOG.info("(%s) %s", who, x)
 
         filtered.filtered = True
-        dispatcher.remove_handler(name)
-        dispatcher.add_handler(name, filtered)
+        return filtered
+
+    for name, handle in list(getattr(dispatcher, "handlers", [])):
+        if name == "ray_print_logs" and not getattr(handle, "filtered", False):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, wrap(handle))
+    # the raylet's warnings come through Ray's error subscriber, which calls this function directly
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is not None and not getattr(printer, "filtered", False):
+        ray_worker.print_to_stdstream = wrap(printer)
 
 
 class RayDataConsoleFilter(logging.Filter):
@@ -196,9 +202,6 @@ def ensure_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> d
     if ray.is_initialized():
         return ray.cluster_resources()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local stack: no token (see shared notes)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # piped to a file: no colour codes
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     env = forwarded_env()

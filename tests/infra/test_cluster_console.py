@@ -11,7 +11,7 @@ E_LINE = (
 W_LINE = "WARNING: 8 PYTHON worker processes have been started on node: fad0 with address: 192.0.2.2, ..."
 
 
-def test_unactionable_lines_are_dropped_and_the_rest_printed_and_logged():
+def test_unactionable_lines_are_dropped_and_the_rest_printed_and_logged(capsys):
     import logging
 
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -36,8 +36,14 @@ def test_unactionable_lines_are_dropped_and_the_rest_printed_and_logged():
             }
         )
         dispatcher.emit({"pid": "raylet", "lines": [W_LINE]})
+        from ray._private import worker as ray_worker
+
+        ray_worker.print_to_stdstream(
+            {"pid": "raylet", "lines": [W_LINE], "is_err": False}, ignore_prefix=False
+        )
     finally:
         dispatcher.remove_handler("ray_print_logs")
         cluster.WORKER_LOG.handlers = []
     assert [d["lines"] for d in got] == [["train_gpt: step 10/20 (50%)  loss 2.1"]]
+    assert "PYTHON worker" not in capsys.readouterr().out  # the raylet's path, through Ray's printer
     assert logged == ["(RayTrainWorker 1) train_gpt: step 10/20 (50%)  loss 2.1"]  # the log file's copy

@@ -56,8 +56,13 @@ def _console_tells_the_story(capfd) -> None:
     out, err = capfd.readouterr()
     text = out + err
     assert "\x1b[" not in text
-    assert not re.search(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\]", text)  # Ray's C++ error lines
-    assert "PYTHON worker processes have been started" not in text
+    ray_e = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\]")  # Ray's C++ error lines
+    assert not [x for x in text.splitlines() if ray_e.search(x)], [
+        x for x in text.splitlines() if ray_e.search(x)
+    ]
+    assert "PYTHON worker processes have been started" not in text, [
+        x for x in text.splitlines() if "PYTHON" in x
+    ]
     assert "minimum number of concurrent actors" not in text
     assert re.search(r"train_gpt: step 4/4 \(100%", text)  # a Ray Train worker's line, with progress
     log_file = Path(re.search(r"^log: +(\S+)$", out, re.M).group(1))
