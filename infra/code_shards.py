@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra import schemas, stage, storage
+from infra import image_shards, schemas, stage, storage
 
 COLUMNS = ["image_id", "aug_id", "label", "split", "grid_h", "grid_w", "codes"]
 # codes of a second tokenizer, the same views: column -> the image-shard column it tokenized
@@ -95,8 +95,6 @@ def condition_params(codes: stage.Manifest, column: str) -> dict | None:
     """The parameters of the annotation a condition code column tokenized (e.g. the ``lowres``
     factor, the ``edges`` thresholds), read from the image shards the codes came from; None when
     that output records none or is gone."""
-    from infra import image_shards
-
     uri = images_uri(codes)
     try:
         annotation = image_shards.describe(uri).annotations.get(CONDITION_SOURCES[column]) if uri else None

@@ -148,11 +148,8 @@ def _write(m, d, files, root: Path, fmt: str, shard_size: int) -> Counter:
     splits = sorted({f.split for f in files})
     counts: Counter = Counter()
     writers: dict[str, Any] = {}
-    labels: set[int | None] = set()
-    # the class folders need every label first: read the label column alone
-    for f in files:
-        labels |= set(stage.read_file(storage.join(m.output_uri, f.path), f, ["label"])["label"].to_pylist())
-    dirs = class_dirs(d.label_names, labels)
+    # a folder per recorded class name (made unique over all of them), the id for unnamed labels
+    named = class_dirs(d.label_names, set(range(len(d.label_names or []))) | {None})
     try:
         for t, pngs in _rows(m, files, generated):
             ids, labs, sps = t["image_id"].to_pylist(), t["label"].to_pylist(), t["split"].to_pylist()
@@ -162,7 +159,8 @@ def _write(m, d, files, root: Path, fmt: str, shard_size: int) -> Counter:
                 key = f"{i:06d}" if i is not None else iid
                 counts[(sp, lab)] += 1
                 if fmt == "imagefolder":
-                    folder = root / sp / dirs[lab] if len(splits) > 1 else root / dirs[lab]
+                    name = named.get(lab, str(lab))
+                    folder = root / sp / name if len(splits) > 1 else root / name
                     folder.mkdir(parents=True, exist_ok=True)
                     (folder / f"{key}.png").write_bytes(png)
                     continue

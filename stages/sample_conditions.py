@@ -94,10 +94,10 @@ def check_length(c: Conditions, spec: GeneratorSpec, grid: tuple[int, int], what
         )
 
 
-def _split_rows(cfg, m: stage.Manifest):
+def _split_files(cfg, m: stage.Manifest) -> tuple[str | None, list[stage.FileEntry]]:
+    """The split ``conditions_split`` names (``held-out``: val, else test) and its data files."""
     split = stage.held_out_split(m) if cfg.conditions_split == "held-out" else cfg.conditions_split
-    files = m.data_files(split)
-    return split, files
+    return split, m.data_files(split)
 
 
 def _codes(cfg, spec: GeneratorSpec, m: stage.Manifest) -> Conditions:
@@ -122,7 +122,7 @@ def _codes(cfg, spec: GeneratorSpec, m: stage.Manifest) -> Conditions:
             f"sha256 {cc.tokenizer_sha256}, the generator was trained on codes of sha256 {want_sha}"
         )
     m.check_sizes()
-    split, files = _split_rows(cfg, m)
+    split, files = _split_files(cfg, m)
     rows = code_shards.unaugmented_rows(m.output_uri, files)
     _some(cfg, rows, split)
     return Conditions(
@@ -196,7 +196,7 @@ def _maps(cfg, spec: GeneratorSpec, m: stage.Manifest) -> tuple[Conditions, Inpu
         )
     grid = _grid_of_maps(cfg, spec, (h // f, w // f), (h, w))
     m.check_sizes()
-    split, files = _split_rows(cfg, m)
+    split, files = _split_files(cfg, m)
     rows = [(fi, r) for fi, entry in enumerate(files) for r in range(entry.rows)]
     _some(cfg, rows, split)
     found = Conditions(
@@ -210,8 +210,7 @@ def _maps(cfg, spec: GeneratorSpec, m: stage.Manifest) -> tuple[Conditions, Inpu
         split,
         Maps(column, source, channels, upscale, (h, w)),
     )
-    refs = InputRef.output("conditions", m)
-    return found, refs, grid
+    return found, InputRef.output("conditions", m), grid
 
 
 def _grid_of_maps(cfg, spec: GeneratorSpec, cond: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
