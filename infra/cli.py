@@ -249,7 +249,9 @@ def result_lines(result: Any, log_file: Path) -> list[str]:
         lines.append(f"  MLflow run {run_id}" + (":" if pictures else ""))
         lines += [f"    {p}" for p in pictures[:4]]
     lines.append(f"  log: {log_file}")
-    return lines
+    from infra.storage import redact
+
+    return [redact(x) for x in lines]  # URIs as printed never carry a credential
 
 
 def stage_main(stage: str, cls: type[T], doc: str | None, run: Callable[[T, str], Any], argv=None) -> Any:
