@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -168,7 +169,13 @@ def register() -> str:
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
             super().__init__(name, features_list)
             vassert(feature_extractor_weights_path is not None, "the TorchScript file's path is needed")
-            self.net = torch.jit.load(feature_extractor_weights_path, map_location="cpu").eval()
+            with warnings.catch_warnings():
+                # torch 2.14 deprecates torch.jit.load in favour of torch.export; the standard FID
+                # network ships only as TorchScript, so the notice is not one a user can act on
+                warnings.filterwarnings(
+                    "ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning
+                )
+                self.net = torch.jit.load(feature_extractor_weights_path, map_location="cpu").eval()
 
         @staticmethod
         def get_provided_features_list():

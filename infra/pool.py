@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,9 @@ def map_items(
         )
         concurrency = resources.workers
         if isinstance(worker, type):
+            # max_restarts below is a plain remote argument, which Ray 2.60 takes (its only way to
+            # set it) with a deprecation warning: kept off the console
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="infra.pool")
             ds = ds.map_batches(
                 worker,
                 fn_constructor_args=args,
@@ -109,6 +113,12 @@ def map_items(
                 compute=ray.data.ActorPoolStrategy(
                     size=min(concurrency or 1, len(pending)), max_tasks_in_flight_per_actor=1
                 ),
+                # Ray Data restarts a dead actor forever by default, from constructor arguments it
+                # keeps in the object store, and Ray's C++ core prints an error line per pool for
+                # that (ray-project/ray#53727). Not restarting costs nothing here: a dead actor fails
+                # the map, the shards done so far stay, and the stage's rerun (the pipeline's
+                # run.stage_retries) does only the rest.
+                max_restarts=0,
                 **options,
             )
         else:

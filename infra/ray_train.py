@@ -281,15 +281,15 @@ class Session:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Rank 0: into the stage's MLflow run, and a progress line on the console
-        (``train_gpt: step 200/400 (50%, 3m10s left)  loss 2.61  tokens_per_s 3.2e+03``) showing
+        (``train_gpt: step 200/400 (50%, 3m10s left)  loss 2.61  tokens_per_s 3.2e+03``), both with
         the terms that are active: a metric that has been 0 at every line so far (a loss term not
-        started yet, a weight of a switched-off term) is left off the console, not MLflow."""
+        started yet, as the adversarial terms before the discriminator starts, or the weight of a
+        switched-off term) is neither printed nor charted until it moves."""
         if self._tracking:
-            tracking.log_metrics(metrics, step=step)
             self._active |= {k for k, v in metrics.items() if v != 0}
-            shown = "  ".join(
-                f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in metrics.items() if k in self._active
-            )
+            active = {k: v for k, v in metrics.items() if k in self._active}
+            tracking.log_metrics(active, step=step)
+            shown = "  ".join(f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in active.items())
             log.info("%s: step %d/%d%s  %s", self.spec.stage, step, self.spec.steps, self._eta(step), shown)
 
     def _eta(self, step: int) -> str:

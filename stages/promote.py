@@ -141,6 +141,8 @@ class PromotePlan:
     already: bool  # the candidate is the champion already (this decision was made before)
 
     def summary(self, cfg: PromoteConfig) -> str:
+        if self.already:
+            return f"{self.name} v{self.candidate} is @{CHAMPION} already: decided before, it stands"
         against = f"champion v{self.champion}" if self.champion else "no champion yet (absolute bounds only)"
         return f"{self.name} v{self.candidate} against {against}; gates {', '.join(cfg.gates.active())}"
 
@@ -322,7 +324,14 @@ def run(cfg: PromoteConfig, experiment: str = tracking.DEFAULT_EXPERIMENT) -> St
         if not p.already:  # the evaluation's own tags too: the champion's evaluation, found by the next run
             tags.update(tracking.evaluation_tags(p.figures, p.protocol, cfg.evaluation_uri))
             tracking.tag_model_version(p.name, p.candidate, tags)
-        if promoted:
+        if p.already:
+            log.info(
+                "promote: %s v%d stays @%s (this evaluation is not judged again)",
+                p.name,
+                p.candidate,
+                CHAMPION,
+            )
+        elif promoted:
             log.info("promote: %s v%d is now @%s%s", p.name, p.candidate, CHAMPION, _was(p))
         else:
             log.warning("promote: %s v%d stays a candidate: %s", p.name, p.candidate, "; ".join(failed))

@@ -121,6 +121,15 @@ def test_the_registry_gate(world):
     again = _promote(world, "better", _evaluate(world, "better", seed=1))
     assert again.cached and _alias("champion") == v["better"] and _alias("previous") == v["good"]
 
+    # the champion's samples under another evaluation (as a rejection-sampling run of the same
+    # version makes): decided before, it stands, the aliases stay
+    evaluation = _evaluate(world, "better", seed=2)
+    planned = promote.plan(PromoteConfig(evaluation_uri=evaluation, output_uri=str(world["root"] / "p2")))
+    assert planned.already and "is @champion already" in planned.summary(PromoteConfig())
+    other = _promote(world, "better", evaluation)
+    assert not other.cached and other.manifest.extra["decision"]["promoted"]
+    assert _alias("champion") == v["better"] and _alias("previous") == v["good"]
+
 
 def test_a_gated_figure_the_evaluation_lacks_refuses(world):
     """The default gates include FID: an evaluation that skipped the Inception cannot promote."""
