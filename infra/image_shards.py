@@ -133,13 +133,20 @@ def column_values(t: pa.Table, column: str) -> list[bytes]:
 
 def rows_by_id(uri: str, ids: Sequence[str], columns: list[str]) -> pa.Table:
     """The rows of ``ids`` (in that order, repeated as they repeat) from a committed image-shard
-    output, ``columns`` of them; :class:`~infra.stage.InputError` names an id it does not hold."""
-    import pyarrow.compute as pc
+    output, ``columns`` of them; :class:`~infra.stage.InputError` names an id it does not hold.
 
-    t = stage.read_committed_table(uri, ["image_id", *[c for c in columns if c != "image_id"]])
-    t = t.filter(pc.is_in(t["image_id"], value_set=pa.array(sorted(set(ids)), pa.string())))
-    where = {v: i for i, v in enumerate(t["image_id"].to_pylist())}
+    Only the ``image_id`` column of every file is read to find the rows; then only the files that
+    hold them, each verified against its manifest entry (:func:`infra.stage.read_rows`)."""
+    files = stage.read_manifest(uri).data_files()
+    found = stage.read_committed_table(uri, ["image_id"], verify=False)["image_id"].to_pylist()
+    wanted, where, k = set(ids), {}, 0
+    for fi, f in enumerate(files):
+        for r, v in enumerate(found[k : k + f.rows]):
+            if v in wanted:
+                where.setdefault(v, (fi, r))
+        k += f.rows
     missing = next((v for v in ids if v not in where), None)
     if missing is not None:
         raise stage.InputError(f"{uri} holds no image {missing}")
-    return t.take(pa.array([where[v] for v in ids], pa.int64()))
+    columns = ["image_id", *[c for c in columns if c != "image_id"]]
+    return stage.read_rows(uri, files, [where[v] for v in ids], columns)

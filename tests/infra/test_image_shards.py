@@ -105,3 +105,38 @@ def test_image_bytes_of_the_image_column():
     col = schemas.image_column([b"png0", b"png1"])
     assert col.type == schemas.IMAGE_TYPE and schemas.image_bytes(col) == [b"png0", b"png1"]
     assert schemas.image_bytes(pa.chunked_array([col])) == [b"png0", b"png1"]
+
+
+def test_rows_by_id_reads_only_the_files_that_hold_them(tmp_path):
+    """Rows in the asked order, repeats kept, an unknown id named; only the files holding the ids
+    are read whole (and verified): a damaged other file is not, while asking a row of it fails."""
+    uri = str(tmp_path / "images")
+    out = stage.StageOutput(uri, "ingest", "id-ingest")
+
+    def shard(i: int, ids: list[str]):
+        t = pa.table({"image_id": ids, "image": [f"png-{v}".encode() for v in ids], "label": [i] * len(ids)})
+        return out.write_shard(i, t, {})
+
+    m, _ = out.commit(
+        config={},
+        config_hash="h",
+        inputs=[],
+        markers=[shard(0, ["a", "b"]), shard(1, ["c", "d", "e"])],
+        counts={},
+        dataset=IMAGES.to_json(),
+    )
+    t = image_shards.rows_by_id(uri, ["d", "a", "d"], ["image"])
+    assert t["image_id"].to_pylist() == ["d", "a", "d"]
+    assert t["image"].to_pylist() == [b"png-d", b"png-a", b"png-d"]
+    with pytest.raises(stage.InputError, match="holds no image z"):
+        image_shards.rows_by_id(uri, ["a", "z"], ["image"])
+    # the second file damaged in a column the lookup does not read (same size, other bytes)
+    path = m.data_uris()[1]
+    data = bytearray(open(path, "rb").read())
+    at = data.find(b"png-e")
+    assert at > 0
+    data[at : at + 5] = b"PNG-E"
+    open(path, "wb").write(bytes(data))
+    assert image_shards.rows_by_id(uri, ["b"], ["label"])["label"].to_pylist() == [0]
+    with pytest.raises(stage.InputError):
+        image_shards.rows_by_id(uri, ["c"], ["image"])
