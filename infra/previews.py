@@ -31,12 +31,13 @@ def framed(
     ncol: int,
     *,
     row_labels: Sequence[str] | None = None,
-    col_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str | tuple[str, int]] | None = None,
     tile: int = TILE,
 ) -> np.ndarray:
     """Cells (uint8 (H, W[, C])) in ``ncol`` columns, each enlarged by a whole factor with nearest
     neighbour (a pixel stays a square pixel) to about ``tile`` px, the rows named on the left and
-    the columns captioned on top (PIL's default font)."""
+    the columns captioned on top (PIL's default font): a caption per column, or ``(caption, n)``
+    centred over the next ``n`` columns."""
     from PIL import Image, ImageDraw, ImageFont
 
     side = max(max(c.shape[:2]) for c in cells)
@@ -59,9 +60,12 @@ def framed(
         draw.text(
             (4, top + pad + r * (cell_h + pad) + cell_h // 2), text, fill="black", font=font, anchor="lm"
         )
-    for c, text in enumerate(col_labels or []):
-        x = left + pad + c * (cell_w + pad) + cell_w // 2
+    c = 0
+    for label in col_labels or []:
+        text, n = label if isinstance(label, tuple) else (label, 1)
+        x = left + pad + c * (cell_w + pad) + (n * cell_w + (n - 1) * pad) // 2
         draw.text((x, top // 2 + 1), text, fill="black", font=font, anchor="mm")
+        c += n
     return np.asarray(canvas)
 
 
@@ -110,9 +114,9 @@ def rows(
             row + [np.zeros_like(ims[0])] * (width - len(row)) + ([after[k]] if after is not None else [])
         )
     width += 1 if after is not None else 0
-    captions = None
+    captions: list[str | tuple[str, int]] | None = None
     if beside is not None or after is not None:
-        captions = (["condition"] if beside is not None else []) + ["samples"] + [""] * (ncol - 1)
+        captions = (["condition"] if beside is not None else []) + [("samples", ncol)]
         captions += ["real"] if after is not None else []
     return framed(cells, width, row_labels=names, col_labels=captions)
 
@@ -171,8 +175,7 @@ def real_beside_generated(
             cells += ims + [np.zeros_like(hwc(x[0]))] * (per - len(ims))
     shown = min(classes, MAX_GRID_ROWS)
     labels = [names[c] if names and c < len(names) else str(c) for c in range(shown)]
-    captions = ["real"] + [""] * (per - 1) + ["generated"] + [""] * (per - 1)
-    return framed(cells, 2 * per, row_labels=labels, col_labels=captions)
+    return framed(cells, 2 * per, row_labels=labels, col_labels=[("real", per), ("generated", per)])
 
 
 def class_scores(per_class: dict[str, dict[str, Any]]) -> np.ndarray:

@@ -31,3 +31,14 @@ def test_reconstructions_and_real_beside_generated_are_captioned():
     y = torch.tensor([0, 1, 0, 1])
     g = previews.real_beside_generated(u8, y, u8, y, 2, per=2, names=["cat", "dog"])
     assert g.shape[0] == 22 + 2 * 96 + 3 * 6 and g.ndim == 3
+
+
+def test_a_caption_spanning_columns_is_centred_over_them():
+    cells = [np.zeros((32, 32), np.uint8)] * 8
+    g = previews.framed(cells, 8, col_labels=[("real", 4), ("generated", 4)])
+    ink = np.flatnonzero((g[:22, :, 0] < 128).any(axis=0))  # caption pixels' columns
+    half = g.shape[1] // 2
+    left, right = ink[ink < half], ink[ink >= half]
+    # each caption's centre within a few px of its half's centre (4 cells of 96 px, 3-px gaps)
+    assert abs((left.min() + left.max()) / 2 - half / 2) < 6
+    assert abs((right.min() + right.max()) / 2 - 3 * half / 2) < 6
