@@ -37,6 +37,9 @@ from infra.devices import Resources
 from infra.stage import FileEntry, Manifest, ShardMarker, StageOutput, read_file
 
 log = logging.getLogger(__name__)
+# map_items passes max_restarts as a plain remote argument, which Ray 2.60 takes (its only way to
+# set it) with a deprecation warning: kept off the console, for this module's calls only
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=__name__)
 ACTORS_START_TIMEOUT_S = 600
 
 
@@ -103,9 +106,6 @@ def map_items(
         )
         concurrency = resources.workers
         if isinstance(worker, type):
-            # max_restarts below is a plain remote argument, which Ray 2.60 takes (its only way to
-            # set it) with a deprecation warning: kept off the console
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="infra.pool")
             ds = ds.map_batches(
                 worker,
                 fn_constructor_args=args,
